@@ -1,0 +1,830 @@
+"""A graph of op nodes, lowered by pure passes into a frozen `Plan` that runs, simulates and draws.
+
+Owns: `Node` (a frozen value with a canonical string), `Graph` (wraps an ``nx.DiGraph``), the
+passes `validate → assign_streams → insert_events → order`, `Plan` (run blocking or under asyncio,
+simulate on a cost model, print, fingerprint, export) and `check_same_order`.
+
+**Nodes.** ``Node(op, microbatch=None, layer=None)``; its canonical string follows the grammar::
+
+    node  := op [ "@mb" INT ] [ ".l" INT ]      e.g.  route   combine_setup@mb1   experts@mb0.l3
+    op    := [A-Za-z_][A-Za-z0-9_]*
+    INT   := "0" | [1-9][0-9]*
+
+and ``Node.parse(str(n)) == n``. A node's *kind* is a graph attribute: ``"compute"``,
+``"comm_issue"`` (a setup: returns at once with a handle) or ``"comm_wait"`` (a teardown: waits for
+the handle and post-processes); by default ``*_setup``/``*_issue`` ops are comm_issue,
+``*_teardown``/``*_wait`` ops comm_wait, everything else compute. Other attributes, under named
+keys: ``fn``, ``cost`` (seconds), ``transfer`` (seconds on the link, comm_issue only),
+``priority`` (ordering hint).
+
+**Calling convention.** A node's ``fn(inputs)`` gets ``inputs: dict[Node, Any]`` mapping each
+predecessor to its result and returns the node's result. A comm_wait receives its setup's
+result (the handle) among its inputs. ``Plan.run`` returns ``{node: result}`` in plan order.
+
+**Streams.** compute → ``"compute"``; comm_issue → ``"comm_setup"``; comm_wait →
+``"comm_teardown"``: a fixed pool of three, whatever the number of layers or microbatches. Setups
+and teardowns are kept apart because a teardown *blocks* until its transfer lands: on one shared
+queue the setup of microbatch i+1 (ready as soon as its compute is) would sit behind the teardown
+of microbatch i, serialising exactly the communication we want in flight. With separate queues a
+setup is never delayed by a teardown; the two are joined only by the events of their edges.
+
+**Passes** (each pure, each returns a new frozen value):
+
+* `validate`: kinds known; no cycle (PlanError naming it); every comm_wait has exactly one
+  comm_issue predecessor (its setup); every comm_issue is torn down by exactly one comm_wait.
+* `assign_streams`: the ``stream`` attribute, from the kind.
+* `insert_events`: transitive reduction; every remaining edge between different streams gets one
+  record/wait pair (an ``event`` edge attribute); same-stream edges get none (stream order covers
+  them), nor does an edge implied by a path (the path's events cover it).
+* `order`: ``nx.lexicographical_topological_sort`` keyed on ``(priority, canonical string)``,
+  priority defaulting to the node's depth (longest path from a source). Depth first interleaves
+  microbatches (route@mb1 comes before experts@mb0), so mb1's compute overlaps mb0's transfers;
+  the string breaks ties, so the same graph always gives the same plan, whatever the insertion
+  order. Events are numbered in order of their record.
+
+**Running** (`Plan.run`, `Plan.run_async`): walk the steps in order; a step waits its events on its
+stream, is submitted to its stream, and records its events. Runs of consecutive steps of one
+stream with no event in between are submitted as one job (no thread handoff between them on
+cpu). On cpu the default streams are three cached worker threads; on npu/cuda torch streams
+(compute on the current stream). Nodes are labelled for ``torch.profiler`` when it is recording.
+
+**Simulation** (`Plan.simulate`): a discrete-event run of the same steps on the same streams, with
+node costs and transfers on one FIFO ``"link"`` resource; a comm_wait ends no earlier than its
+transfer plus its own cost. It returns a `Timeline` like a measured run.
+
+This module must never mutate a graph it was given, never create streams per node or layer, and
+never let the runtime reorder what the plan says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import networkx as nx
+import torch
+
+from . import streams as _streams
+from .errors import CommTimeoutError, DeadlockError, PlanError
+from .timeline import Timeline, _pyplot
+
+__all__ = [
+    "Node",
+    "Graph",
+    "Plan",
+    "Step",
+    "EventSpec",
+    "validate",
+    "assign_streams",
+    "insert_events",
+    "order",
+    "check_same_order",
+    "KINDS",
+    "STREAMS",
+]
+
+KINDS = ("compute", "comm_issue", "comm_wait")
+STREAMS = ("compute", "comm_setup", "comm_teardown")
+STREAM_OF_KIND = {"compute": "compute", "comm_issue": "comm_setup", "comm_wait": "comm_teardown"}
+_STREAM_COLORS = {"compute": "#4c72b0", "comm_setup": "#dd8452", "comm_teardown": "#c44e52"}
+
+_OP = r"[A-Za-z_][A-Za-z0-9_]*"
+_INT = r"0|[1-9][0-9]*"
+_NODE_RE = re.compile(rf"({_OP})(?:@mb({_INT}))?(?:\.l({_INT}))?")
+_OP_RE = re.compile(_OP)
+
+
+# ---- nodes ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Node:
+    """One op of the graph, as a hashable value.
+
+    Args:
+        op: the op name, ``[A-Za-z_][A-Za-z0-9_]*`` (``combine_setup``, ``experts``).
+        microbatch: the microbatch index (>= 0), or None.
+        layer: the layer index (>= 0), or None.
+    """
+
+    op: str
+    microbatch: int | None = None
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.op, str) or not _OP_RE.fullmatch(self.op):
+            raise ValueError(f"op must match [A-Za-z_][A-Za-z0-9_]*, got {self.op!r}")
+        for name in ("microbatch", "layer"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+
+    def __str__(self) -> str:
+        text = self.op
+        if self.microbatch is not None:
+            text += f"@mb{self.microbatch}"
+        if self.layer is not None:
+            text += f".l{self.layer}"
+        return text
+
+    @classmethod
+    def parse(cls, text: str) -> Node:
+        """Parse a canonical string (``"combine_setup@mb1.l3"``) back into a `Node`.
+
+        Raises:
+            TypeError: ``text`` is not a str.
+            ValueError: ``text`` does not follow the grammar (see the module docstring).
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        match = _NODE_RE.fullmatch(text)
+        if match is None:
+            raise ValueError(
+                f"text must look like 'op', 'op@mb<i>' or 'op@mb<i>.l<j>', got {text!r}"
+            )
+        op, mb, layer = match.groups()
+        return cls(op, None if mb is None else int(mb), None if layer is None else int(layer))
+
+    @property
+    def default_kind(self) -> str:
+        """The kind implied by the op name: ``*_setup``/``*_issue`` → comm_issue,
+        ``*_teardown``/``*_wait`` → comm_wait, else compute."""
+        if self.op.endswith(("_setup", "_issue")):
+            return "comm_issue"
+        if self.op.endswith(("_teardown", "_wait")):
+            return "comm_wait"
+        return "compute"
+
+
+def _as_node(value: Node | str, what: str = "node") -> Node:
+    if isinstance(value, Node):
+        return value
+    if isinstance(value, str):
+        return Node.parse(value)
+    raise TypeError(f"{what} must be a Node or its canonical str, got {type(value).__name__}")
+
+
+def _check_seconds(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, got {type(value).__name__}")
+    if not value >= 0:
+        raise ValueError(f"{what} must be >= 0 seconds, got {value}")
+    return float(value)
+
+
+# ---- the graph -----------------------------------------------------------------------------------
+class Graph:
+    """A mutable graph of op nodes; ``plan()`` lowers it to a frozen `Plan`.
+
+    Wraps (does not subclass) an ``nx.DiGraph`` whose nodes are `Node` values with attributes
+    ``kind``, ``fn``, ``cost``, ``transfer`` and ``priority``.
+    """
+
+    def __init__(self) -> None:
+        self._g = nx.DiGraph()
+
+    def add(
+        self,
+        node: Node | str,
+        fn: Callable[[dict[Node, Any]], Any] | None = None,
+        *,
+        after: Iterable[Node | str] = (),
+        kind: str | None = None,
+        cost: float | None = None,
+        transfer: float | None = None,
+        priority: float | None = None,
+    ) -> Node:
+        """Add ``node`` (with edges from each of ``after``) and return it as a `Node`.
+
+        Args:
+            node: the node or its canonical string.
+            fn: ``fn(inputs: dict[Node, Any]) -> result``; None for a node that returns None.
+            after: predecessors (added as bare nodes if new).
+            kind: one of `KINDS`; None: ``node.default_kind``.
+            cost: seconds of work on its stream, for `Plan.simulate` (default 0).
+            transfer: seconds on the link after a comm_issue, for `Plan.simulate`.
+            priority: overrides the node's depth in the ordering key.
+
+        Raises:
+            ValueError: ``kind`` unknown, ``node`` already added, a negative cost or transfer, or
+                a transfer on a node that is not a comm_issue.
+            TypeError: ``fn`` not callable.
+        """
+        node = _as_node(node)
+        kind = node.default_kind if kind is None else kind
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r} for {node}")
+        if fn is not None and not callable(fn):
+            raise TypeError(f"fn must be callable or None, got {type(fn).__name__} for {node}")
+        if self._g.nodes.get(node, {}).get("kind") is not None:
+            raise ValueError(f"node {node} was already added")
+        attrs: dict[str, Any] = {"kind": kind, "fn": fn}
+        if cost is not None:
+            attrs["cost"] = _check_seconds(cost, f"cost of {node}")
+        if transfer is not None:
+            if kind != "comm_issue":
+                raise ValueError(f"transfer is only for comm_issue nodes, got one on {kind} {node}")
+            attrs["transfer"] = _check_seconds(transfer, f"transfer of {node}")
+        if priority is not None:
+            attrs["priority"] = priority
+        self._g.add_node(node, **attrs)
+        for pred in after:
+            self.add_edge(pred, node)
+        return node
+
+    def add_edge(self, src: Node | str, dst: Node | str) -> None:
+        """Make ``dst`` depend on ``src`` (``dst``'s fn receives ``src``'s result)."""
+        self._g.add_edge(_as_node(src, "src"), _as_node(dst, "dst"))
+
+    @property
+    def nx(self) -> nx.DiGraph:
+        """A read-only view of the wrapped ``nx.DiGraph``."""
+        return nx.freeze(self._g.copy(as_view=True))
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._g
+
+    def __len__(self) -> int:
+        return len(self._g)
+
+    def plan(self) -> Plan:
+        """``order(insert_events(assign_streams(validate(self))))``."""
+        return order(insert_events(assign_streams(validate(self))))
+
+
+# ---- passes --------------------------------------------------------------------------------------
+def validate(graph: Graph | nx.DiGraph) -> nx.DiGraph:
+    """Check a graph can become a plan; return a frozen copy with each comm_wait's ``setup``.
+
+    Raises:
+        PlanError: a cycle (named), a node added only as an edge end, a comm_wait without
+            exactly one comm_issue predecessor, or a comm_issue not torn down by exactly one
+            comm_wait.
+    """
+    g = (graph._g if isinstance(graph, Graph) else graph).copy()
+    try:
+        cycle = nx.find_cycle(g)
+    except nx.NetworkXNoCycle:
+        cycle = None
+    if cycle:
+        path = " -> ".join(str(u) for u, _ in cycle) + f" -> {cycle[0][0]}"
+        raise PlanError(f"graph has a cycle: {path}")
+    for node in sorted(g, key=str):
+        attrs = g.nodes[node]
+        if attrs.get("kind") not in KINDS:
+            raise PlanError(f"node {node} was used in an edge but never added (Graph.add)")
+        if attrs["kind"] == "comm_wait":
+            setups = sorted((p for p in g.pred[node] if g.nodes[p]["kind"] == "comm_issue"), key=str)
+            if len(setups) != 1:
+                guess = re.sub(r"_(teardown|wait)$", "_setup", node.op)
+                expected = Node(guess, node.microbatch, node.layer)
+                detail = (f"its setup (e.g. {expected}) is missing" if not setups
+                          else f"it has {len(setups)}: {', '.join(map(str, setups))}")
+                raise PlanError(
+                    f"comm_wait {node} must have exactly one comm_issue predecessor; {detail}"
+                )
+            attrs["setup"] = setups[0]
+        elif attrs["kind"] == "comm_issue":
+            waits = sorted((s for s in g.succ[node] if g.nodes[s]["kind"] == "comm_wait"), key=str)
+            if len(waits) > 1:
+                raise PlanError(
+                    f"comm_issue {node}'s handle is consumed by {len(waits)} comm_waits "
+                    f"({', '.join(map(str, waits))}); a handle is torn down exactly once"
+                )
+            if not waits:
+                raise PlanError(f"comm_issue {node} is never torn down: add its comm_wait")
+    return nx.freeze(g)
+
+
+def assign_streams(g: nx.DiGraph) -> nx.DiGraph:
+    """Return a frozen copy with a ``stream`` attribute on every node (see `STREAM_OF_KIND`)."""
+    g = g.copy()
+    for node, attrs in g.nodes(data=True):
+        attrs["stream"] = STREAM_OF_KIND[attrs["kind"]]
+    return nx.freeze(g)
+
+
+def insert_events(g: nx.DiGraph) -> nx.DiGraph:
+    """Return a frozen copy whose edges carry ``event=True`` exactly on the cross-stream edges of
+    the transitive reduction (one record/wait pair each), ``event=False`` elsewhere."""
+    g = g.copy()
+    reduced = nx.transitive_reduction(g)
+    for u, v, attrs in g.edges(data=True):
+        attrs["event"] = reduced.has_edge(u, v) and g.nodes[u]["stream"] != g.nodes[v]["stream"]
+    return nx.freeze(g)
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """A record/wait pair: recorded on ``src_stream`` after ``src``, waited on ``dst_stream``
+    before ``dst``."""
+
+    index: int
+    src: Node
+    dst: Node
+    src_stream: str
+    dst_stream: str
+
+    def __str__(self) -> str:
+        return f"e{self.index}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a plan: wait ``waits`` on ``stream``, run ``node``, record ``records``."""
+
+    index: int
+    node: Node
+    kind: str
+    stream: str
+    waits: tuple[int, ...] = ()
+    records: tuple[int, ...] = ()
+
+
+def order(g: nx.DiGraph) -> Plan:
+    """Order the nodes deterministically and build the `Plan` (see the module docstring)."""
+    depth: dict[Node, int] = {}
+    for node in nx.topological_sort(g):
+        depth[node] = max((depth[p] + 1 for p in g.pred[node]), default=0)
+    key = {n: (g.nodes[n].get("priority", depth[n]), str(n)) for n in g}
+    nodes = list(nx.lexicographical_topological_sort(g, key=key.__getitem__))
+    position = {n: i for i, n in enumerate(nodes)}
+    edges = sorted(
+        ((u, v) for u, v, ev in g.edges(data="event") if ev),
+        key=lambda e: (position[e[0]], position[e[1]]),
+    )
+    events = tuple(
+        EventSpec(i, u, v, g.nodes[u]["stream"], g.nodes[v]["stream"])
+        for i, (u, v) in enumerate(edges)
+    )
+    waits: dict[Node, list[int]] = {}
+    records: dict[Node, list[int]] = {}
+    for ev in events:
+        records.setdefault(ev.src, []).append(ev.index)
+        waits.setdefault(ev.dst, []).append(ev.index)
+    steps = tuple(
+        Step(i, n, g.nodes[n]["kind"], g.nodes[n]["stream"],
+             tuple(waits.get(n, ())), tuple(records.get(n, ())))
+        for i, n in enumerate(nodes)
+    )
+    used = {s.stream for s in steps}
+    return Plan(
+        streams=tuple(s for s in STREAMS if s in used),
+        steps=steps,
+        events=events,
+        graph=g,
+    )
+
+
+# ---- the plan ------------------------------------------------------------------------------------
+_CPU_STREAMS: dict[str, _streams.Stream] = {}
+
+
+def _default_streams(names: Sequence[str], device: Any) -> dict[str, _streams.Stream]:
+    dev = _streams.resolve_device(device)
+    if dev.type == "cpu":
+        for name in names:
+            if name not in _CPU_STREAMS or _CPU_STREAMS[name]._closed:
+                _CPU_STREAMS[name] = _streams.Stream(dev, name=name)
+        return {name: _CPU_STREAMS[name] for name in names}
+    out = {}
+    for name in names:
+        out[name] = (_streams.current_stream(dev) if name == "compute"
+                     else _streams.Stream(dev, name=name))
+    return out
+
+
+@dataclass(frozen=True)
+class _Job:
+    stream: str
+    steps: tuple[Step, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A frozen, ordered schedule: steps on named streams joined by events.
+
+    Attributes:
+        streams: the stream names used, in `STREAMS` order.
+        steps: the steps in plan order (a topological order).
+        events: the record/wait pairs, numbered in order of their record.
+        graph: the frozen annotated ``nx.DiGraph`` (attributes kind, fn, cost, transfer,
+            stream, setup; edge attribute event).
+
+    Plans compare equal when their `canonical` forms are equal (fns are not compared).
+    """
+
+    streams: tuple[str, ...]
+    steps: tuple[Step, ...]
+    events: tuple[EventSpec, ...]
+    graph: nx.DiGraph = field(repr=False)
+
+    # -- identity --
+    def canonical(self) -> str:
+        """A stable text form: streams, steps with their events, events, data edges."""
+        lines = [f"plan v1 streams={','.join(self.streams)}"]
+        for s in self.steps:
+            lines.append(
+                f"{s.index} {s.stream} {s.node} {s.kind} wait={','.join(f'e{e}' for e in s.waits)}"
+                f" record={','.join(f'e{e}' for e in s.records)}"
+            )
+        lines += [f"e{e.index} {e.src}->{e.dst}" for e in self.events]
+        lines += sorted(f"edge {u}->{v}" for u, v in self.graph.edges)
+        return "\n".join(lines)
+
+    def fingerprint(self) -> str:
+        """A 16-hex-digit hash of `canonical`: equal on every rank that built the same plan."""
+        return hashlib.sha256(self.canonical().encode()).hexdigest()[:16]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and self.canonical() == other.canonical()
+
+    def __hash__(self) -> int:
+        return hash(self.canonical())
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        """Nodes in plan order."""
+        return tuple(s.node for s in self.steps)
+
+    def comm_order(self) -> tuple[Step, ...]:
+        """The comm_issue and comm_wait steps in plan order (what must agree across ranks)."""
+        return tuple(s for s in self.steps if s.kind != "compute")
+
+    # -- text --
+    def to_grid(self, mark: Iterable[int] = ()) -> str:
+        """A text grid: one column per stream, one row per step; ``w:`` events waited before the
+        node, ``r:`` events recorded after it; rows in ``mark`` are flagged ``>>``."""
+        marked = set(mark)
+        cells = []
+        for s in self.steps:
+            text = str(s.node)
+            if s.waits:
+                text = "w:" + ",".join(f"e{e}" for e in s.waits) + " " + text
+            if s.records:
+                text += " r:" + ",".join(f"e{e}" for e in s.records)
+            cells.append(text)
+        width = {st: max([len(st)] + [len(c) for c, s in zip(cells, self.steps) if s.stream == st])
+                 for st in self.streams}
+        num = len(str(max(len(self.steps) - 1, 0)))
+        head = "   " + " " * num + " | " + " | ".join(f"{st:<{width[st]}}" for st in self.streams)
+        rule = "-" * len(head)
+        rows = [head, rule]
+        for cell, s in zip(cells, self.steps):
+            row = " | ".join(f"{cell if st == s.stream else '':<{width[st]}}" for st in self.streams)
+            rows.append(f"{'>>' if s.index in marked else '  '} {s.index:>{num}} | {row}".rstrip())
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.to_grid()
+
+    # -- running --
+    def _jobs(self) -> list[_Job]:
+        """Group consecutive same-stream steps: a job may wait only before its first step and
+        record only after its last."""
+        jobs: list[_Job] = []
+        current: list[Step] = []
+        for s in self.steps:
+            if current and (s.stream != current[-1].stream or s.waits or current[-1].records):
+                jobs.append(_Job(current[0].stream, tuple(current)))
+                current = []
+            current.append(s)
+        if current:
+            jobs.append(_Job(current[0].stream, tuple(current)))
+        return jobs
+
+    def _submit(
+        self,
+        streams: Mapping[str, _streams.Stream] | None,
+        device: Any,
+        timeline: Timeline | None,
+    ) -> tuple[dict[Node, Any], list[tuple[_Job, cf.Future]], dict[str, _streams.Stream]]:
+        resolved = _default_streams(self.streams, device)
+        if streams is not None:
+            missing = [s for s in self.streams if s not in streams]
+            if missing:
+                raise ValueError(f"streams must map every plan stream {self.streams}, missing {missing}")
+            resolved = {name: streams[name] for name in self.streams}
+        dev = next(iter(resolved.values())).device if resolved else _streams.resolve_device(device)
+        events = [_streams.Event(dev, name=f"e{e.index}") for e in self.events]
+        results: dict[Node, Any] = {}
+        g = self.graph
+        preds = {n: tuple(g.pred[n]) for n in g}
+        fns = {n: g.nodes[n]["fn"] for n in g}
+        add = timeline.add if timeline is not None else None
+
+        def make(job: _Job) -> Callable[[], None]:
+            track = job.stream
+            entries = [(s.node, s.kind, fns[s.node], preds[s.node], str(s.node)) for s in job.steps]
+
+            def run_job() -> None:
+                profiling = torch.autograd._profiler_enabled()
+                clock = time.perf_counter
+                for node, kind, fn, ps, label in entries:
+                    inputs = {p: results[p] for p in ps}
+                    start = clock()
+                    if fn is None:
+                        out = None
+                    elif profiling:
+                        with torch.profiler.record_function(label):
+                            out = fn(inputs)
+                    else:
+                        out = fn(inputs)
+                    end = clock()
+                    results[node] = out
+                    if add is not None:
+                        add(track, label, start, end, kind)
+
+            return run_job
+
+        submitted = []
+        # Host streams run their work inside submit: submit worker jobs in plan order, and never
+        # let a host job wait for work that is not yet submitted (plan order guarantees it).
+        for job in self._jobs():
+            stream = resolved[job.stream]
+            for e in job.steps[0].waits:
+                stream.wait_event(events[e])
+            submitted.append((job, stream.submit(make(job))))
+            for e in job.steps[-1].records:
+                stream.record_event(events[e])
+        return results, submitted, resolved
+
+    def _finish(
+        self,
+        results: dict[Node, Any],
+        submitted: list[tuple[_Job, cf.Future]],
+        resolved: dict[str, _streams.Stream],
+    ) -> dict[Node, Any]:
+        error: BaseException | None = None
+        failed_job: _Job | None = None
+        for job, future in submitted:
+            exc = future.exception()
+            if exc is not None and error is None:
+                error, failed_job = exc, job
+        if error is not None:
+            for stream in resolved.values():  # clear the poison so the streams can be reused
+                try:
+                    stream.synchronize()
+                except BaseException:  # noqa: BLE001 - the same error, reported below
+                    pass
+            failed = next((s.node for s in failed_job.steps if s.node not in results),
+                          failed_job.steps[0].node)
+            note = f"(while running plan step {failed} on stream {failed_job.stream!r})"
+            if note not in getattr(error, "__notes__", ()):
+                error.add_note(note)
+            raise error
+        return {s.node: results[s.node] for s in self.steps}
+
+    def run(
+        self,
+        streams: Mapping[str, _streams.Stream] | None = None,
+        *,
+        device: Any = None,
+        timeline: Timeline | None = None,
+        timeout: float | None = None,
+    ) -> dict[Node, Any]:
+        """Run the plan and block until every node has finished.
+
+        Args:
+            streams: a `Stream` per plan stream name; None: the defaults for ``device`` (cpu:
+                three cached worker threads; npu/cuda: compute on the current stream).
+            device: the device when ``streams`` is None (None: ``torch.get_default_device()``).
+            timeline: if given, one interval per node is added (track = stream name, kind =
+                node kind, ``time.perf_counter`` seconds; on npu/cuda these are launch times).
+            timeout: seconds to wait for the whole plan; None waits forever.
+
+        Returns:
+            dict[Node, Any]: every node's result, in plan order.
+
+        Raises:
+            BaseException: the first exception raised by a node (original traceback, with a note
+                naming the step); the streams are clean again afterwards.
+            CommTimeoutError: ``timeout`` passed; the message names the unfinished nodes.
+        """
+        if timeout is not None:
+            _check_seconds(timeout, "timeout")
+        results, submitted, resolved = self._submit(streams, device, timeline)
+        done, pending = cf.wait([f for _, f in submitted], timeout=timeout)
+        if pending:
+            raise CommTimeoutError(self._timeout_message(results, timeout))
+        return self._finish(results, submitted, resolved)
+
+    async def run_async(
+        self,
+        streams: Mapping[str, _streams.Stream] | None = None,
+        *,
+        device: Any = None,
+        timeline: Timeline | None = None,
+        timeout: float | None = None,
+    ) -> dict[Node, Any]:
+        """Like `run`, but ``await``-able: the event loop is never blocked (the steps run on
+        worker streams; this coroutine awaits their futures).
+
+        Raises:
+            ValueError: a stream in ``streams`` is the host stream (it would run on the loop).
+        """
+        if timeout is not None:
+            _check_seconds(timeout, "timeout")
+        if streams is not None:
+            hosts = [name for name, s in streams.items() if s.is_host]
+            if hosts:
+                raise ValueError(f"streams must be worker streams under asyncio, got host for {hosts}")
+        results, submitted, resolved = self._submit(streams, device, timeline)
+        waiters = [asyncio.wrap_future(f) for _, f in submitted]
+        _, pending = await asyncio.wait(waiters, timeout=timeout)
+        if pending:
+            raise CommTimeoutError(self._timeout_message(results, timeout))
+        return self._finish(results, submitted, resolved)
+
+    def _timeout_message(self, results: Mapping[Node, Any], timeout: float | None) -> str:
+        left = [str(s.node) for s in self.steps if s.node not in results]
+        shown = ", ".join(left[:8]) + (" ..." if len(left) > 8 else "")
+        return f"plan did not finish within {timeout} s; {len(left)} nodes unfinished: {shown}"
+
+    # -- simulation --
+    def simulate(
+        self,
+        costs: Mapping[Node | str, float] | None = None,
+        *,
+        transfers: Mapping[Node | str, float] | None = None,
+    ) -> Timeline:
+        """Predict the timeline by a discrete-event simulation of the plan on its streams.
+
+        Each stream runs its steps in plan order; a step starts when its stream is free and its
+        waited events are recorded. A comm_issue's transfer then occupies the FIFO ``"link"``
+        (concurrently with every stream); its comm_wait ends at ``max(start, transfer end) +
+        cost``.
+
+        Args:
+            costs: seconds per node (Node or canonical str); missing nodes use their ``cost``
+                attribute, else 0.
+            transfers: seconds on the link per comm_issue; missing ones use the ``transfer``
+                attribute, else 0 (no link interval).
+
+        Returns:
+            Timeline: ``source="simulated"``, starting at 0; node intervals on stream tracks,
+            transfers (kind ``"comm"``, named after their comm_issue) on track ``"link"``.
+
+        Raises:
+            DeadlockError: no stream can make progress (the grid marks each blocked step).
+            ValueError / TypeError: a negative or non-numeric cost.
+        """
+        g = self.graph
+        cost_of = {n: _check_seconds(g.nodes[n].get("cost", 0.0), f"cost of {n}") for n in g}
+        transfer_of = {n: g.nodes[n].get("transfer", 0.0) for n in g}
+        for table, target, what in ((costs, cost_of, "cost"), (transfers, transfer_of, "transfer")):
+            for key, value in (table or {}).items():
+                node = _as_node(key, f"{what}s key")
+                if node not in g:
+                    raise ValueError(f"{what}s key {node} is not a node of the plan")
+                target[node] = _check_seconds(value, f"{what} of {node}")
+        queues = {st: [s for s in self.steps if s.stream == st] for st in self.streams}
+        head = dict.fromkeys(self.streams, 0)
+        free = dict.fromkeys(self.streams, 0.0)
+        event_time: dict[int, float] = {}
+        transfer_end: dict[Node, float] = {}
+        link_free = 0.0
+        timeline = Timeline(self.streams, source="simulated")
+        remaining = len(self.steps)
+        while remaining:
+            best: tuple[float, int, str] | None = None
+            for rank, st in enumerate(self.streams):
+                if head[st] == len(queues[st]):
+                    continue
+                step = queues[st][head[st]]
+                if all(e in event_time for e in step.waits):
+                    start = max([free[st]] + [event_time[e] for e in step.waits])
+                    if best is None or (start, rank) < best[:2]:
+                        best = (start, rank, st)
+            if best is None:
+                blocked = [queues[st][head[st]].index for st in self.streams
+                           if head[st] < len(queues[st])]
+                raise DeadlockError(
+                    "plan cannot progress: every stream waits for an event not yet recorded\n"
+                    + self.to_grid(mark=blocked)
+                )
+            start, _, st = best
+            step = queues[st][head[st]]
+            node = step.node
+            if step.kind == "comm_wait":
+                end = max(start, transfer_end.get(g.nodes[node]["setup"], start)) + cost_of[node]
+            else:
+                end = start + cost_of[node]
+            if step.kind == "comm_issue":
+                t_start = max(end, link_free)
+                transfer_end[node] = link_free = t_start + transfer_of[node]
+                if transfer_of[node] > 0:
+                    timeline.add("link", str(node), t_start, link_free, "comm")
+            timeline.add(st, str(node), start, end, step.kind)
+            for e in step.records:
+                event_time[e] = end
+            free[st] = end
+            head[st] += 1
+            remaining -= 1
+        return timeline
+
+    # -- drawing --
+    def to_dot(self) -> str:
+        """Graphviz DOT text (no graphviz needed): one cluster per stream, nodes coloured by
+        stream, data edges solid, event edges dashed red and labelled ``e<i>``."""
+        event_of = {(e.src, e.dst): e for e in self.events}
+        lines = ["digraph plan {", "  rankdir=LR;", '  node [shape=box, style="rounded,filled", '
+                 'fontname="Helvetica", fontcolor=white];']
+        for st in self.streams:
+            lines.append(f'  subgraph "cluster_{st}" {{ label="{st}"; color="{_STREAM_COLORS[st]}";')
+            for s in self.steps:
+                if s.stream == st:
+                    lines.append(f'    "{s.node}" [fillcolor="{_STREAM_COLORS[st]}"];')
+            lines.append("  }")
+        position = {s.node: s.index for s in self.steps}
+        for u, v in sorted(self.graph.edges, key=lambda e: (position[e[0]], position[e[1]])):
+            ev = event_of.get((u, v))
+            if ev is None:
+                lines.append(f'  "{u}" -> "{v}";')
+            else:
+                lines.append(f'  "{u}" -> "{v}" [style=dashed, color=red, label="{ev}"];')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def save_png(self, path: str | os.PathLike) -> None:
+        """Draw the plan to PNG (deterministic swim-lane layout: x = step, y = stream).
+
+        Nodes are coloured by stream; data edges solid grey, event edges dashed red.
+
+        Raises:
+            ImportError: matplotlib is not installed (``pip install moe-overlap[viz]``).
+        """
+        plt = _pyplot()
+        from matplotlib.patches import Patch
+
+        lane = {st: len(self.streams) - 1 - i for i, st in enumerate(self.streams)}
+        pos = {s.node: (float(s.index), float(lane[s.stream])) for s in self.steps}
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(self.steps)), 1.2 + 1.3 * len(self.streams)),
+                               dpi=100)
+        g = nx.DiGraph(self.graph.edges)
+        g.add_nodes_from(self.nodes)
+        event_edges = [(e.src, e.dst) for e in self.events]
+        data_edges = [e for e in g.edges if e not in set(event_edges)]
+        nx.draw_networkx_edges(g, pos, edgelist=data_edges, ax=ax, edge_color="#888888",
+                               arrows=True, arrowsize=10, connectionstyle="arc3,rad=0.15",
+                               node_size=900)
+        nx.draw_networkx_edges(g, pos, edgelist=event_edges, ax=ax, edge_color="red",
+                               style="dashed", arrows=True, arrowsize=12, node_size=900)
+        for st in self.streams:
+            members = [s.node for s in self.steps if s.stream == st]
+            nx.draw_networkx_nodes(g, pos, nodelist=members, ax=ax, node_shape="s",
+                                   node_color=_STREAM_COLORS[st], node_size=900)
+        for node, (x, y) in pos.items():
+            ax.text(x, y - 0.32, str(node), ha="center", va="top", fontsize=7, rotation=20)
+        ax.set_yticks([lane[st] for st in self.streams], list(self.streams))
+        ax.set_xlabel("plan step")
+        ax.set_ylim(-0.9, len(self.streams) - 0.5)
+        ax.tick_params(left=True, bottom=True, labelleft=True, labelbottom=True)
+        ax.legend(handles=[Patch(color=_STREAM_COLORS[st], label=st) for st in self.streams]
+                  + [Patch(color="red", label="event (record → wait)")],
+                  loc="upper left", fontsize=7, ncol=4)
+        ax.set_title(f"plan {self.fingerprint()}: {len(self.steps)} steps, {len(self.events)} events")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+def check_same_order(plans: Sequence[Plan]) -> None:
+    """Reject plans (one per rank) whose comm steps come in different orders.
+
+    Raises:
+        TypeError: an element is not a `Plan`.
+        PlanError: names the first plan and comm step that differ from plan 0, with both grids.
+    """
+    plans = list(plans)
+    for i, p in enumerate(plans):
+        if not isinstance(p, Plan):
+            raise TypeError(f"plans[{i}] must be a Plan, got {type(p).__name__}")
+    if not plans:
+        return
+    ref = [(str(s.node), s.kind) for s in plans[0].comm_order()]
+    for k, plan in enumerate(plans[1:], start=1):
+        mine = [(str(s.node), s.kind) for s in plan.comm_order()]
+        if mine == ref:
+            continue
+        i = next((j for j, (a, b) in enumerate(zip(ref, mine)) if a != b), min(len(ref), len(mine)))
+        a = ref[i][0] if i < len(ref) else "<end>"
+        b = mine[i][0] if i < len(mine) else "<end>"
+        step_ref = plans[0].comm_order()[i].index if i < len(ref) else None
+        step_mine = plan.comm_order()[i].index if i < len(mine) else None
+        raise PlanError(
+            f"plan {k} issues communication in a different order than plan 0: comm step {i} is "
+            f"{b} in plan {k} but {a} in plan 0\nplan 0:\n"
+            f"{plans[0].to_grid(mark=[step_ref] if step_ref is not None else [])}\nplan {k}:\n"
+            f"{plan.to_grid(mark=[step_mine] if step_mine is not None else [])}"
+        )

@@ -1,0 +1,303 @@
+"""Timelines of a plan's run, measured or simulated, and what can be read from them.
+
+Owns: `Interval`, `Timeline` (a thread-safe list of intervals on named tracks), `OverlapReport`,
+and the exports: Chrome-trace JSON (Perfetto), a PNG timeline, a text timeline.
+
+Inputs: intervals ``(track, name, start, end, kind)`` in seconds, ``time.perf_counter`` clock for
+measured runs, 0-based for simulated ones. The runtime (`overlap.graph.Plan.run`) adds one interval
+per node on its stream's track with the node's kind (``"compute"``, ``"comm_issue"``,
+``"comm_wait"``); the communication layer, or the simulator, adds transfers with kind ``"comm"``
+(conventionally on track ``"link"``).
+
+The report counts as *communication* the intervals of kind ``"comm"``; when a timeline has none
+(a run whose transport did not report its transfers), it falls back to the ``comm_issue`` and
+``comm_wait`` node intervals, and says so (``comm_source``).
+
+This module must never run or schedule anything, and never import matplotlib unless a picture is
+asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["Interval", "Timeline", "OverlapReport", "union", "total", "intersect"]
+
+KINDS = ("compute", "comm_issue", "comm_wait", "comm")
+_COLORS = {"compute": "#4c72b0", "comm_issue": "#dd8452", "comm_wait": "#c44e52", "comm": "#55a868"}
+
+
+@dataclass(frozen=True, order=True)
+class Interval:
+    """One busy interval: ``name`` ran on ``track`` from ``start`` to ``end`` seconds."""
+
+    start: float
+    end: float
+    track: str
+    name: str
+    kind: str = "compute"
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+# Interval arithmetic on lists of (start, end) pairs.
+def union(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Merge ``spans`` into sorted, disjoint ``(start, end)`` pairs."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            if end > merged[-1][1]:
+                merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def total(spans: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of ``spans``."""
+    return sum(end - start for start, end in union(spans))
+
+
+def intersect(
+    a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]]
+) -> list[tuple[float, float]]:
+    """Intersection of two unions (each merged first), as disjoint pairs."""
+    a, b = union(a), union(b)
+    out: list[tuple[float, float]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if start < end:
+            out.append((start, end))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+@dataclass(frozen=True)
+class OverlapReport:
+    """How much communication a timeline hid behind compute. All times in seconds.
+
+    Attributes:
+        makespan: last end minus first start.
+        compute_busy: length of the union of compute intervals.
+        comm_busy: length of the union of communication intervals.
+        overlap: length of (compute union) ∩ (comm union).
+        hidden_fraction: ``overlap / comm_busy`` (0 when there is no communication).
+        serial_time: the run with nothing overlapped: every node's duration plus every transfer,
+            minus the part of each teardown spent waiting on a transfer (already counted).
+        speedup: ``serial_time / makespan``.
+        comm_source: ``"comm"`` (transfer intervals) or ``"nodes"`` (comm node intervals).
+    """
+
+    makespan: float
+    compute_busy: float
+    comm_busy: float
+    overlap: float
+    hidden_fraction: float
+    serial_time: float
+    speedup: float
+    comm_source: str
+
+    def __str__(self) -> str:
+        def ms(x: float) -> str:
+            return f"{x * 1e3:10.3f} ms"
+
+        rows = [
+            ("makespan", ms(self.makespan)),
+            ("compute busy", ms(self.compute_busy)),
+            (f"comm busy ({self.comm_source})", ms(self.comm_busy)),
+            ("comm hidden by compute", ms(self.overlap)),
+            ("hidden fraction", f"{self.hidden_fraction * 100:10.1f} %"),
+            ("serial time", ms(self.serial_time)),
+            ("speedup over serial", f"{self.speedup:10.2f} x"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+class Timeline:
+    """Intervals on named tracks. Appending is thread-safe; reading returns sorted copies.
+
+    Args:
+        tracks: track names to show first, in this order (a plan passes its streams); other
+            tracks follow in order of first appearance.
+        source: ``"measured"`` or ``"simulated"``, for titles.
+    """
+
+    def __init__(self, tracks: Sequence[str] = (), *, source: str = "measured") -> None:
+        self._lock = threading.Lock()
+        self._intervals: list[Interval] = []
+        self._tracks: list[str] = list(tracks)
+        self.source = source
+
+    def add(self, track: str, name: str, start: float, end: float, kind: str = "compute") -> None:
+        """Add one interval. ``kind`` is one of compute, comm_issue, comm_wait, comm.
+
+        Raises:
+            ValueError: ``end < start`` or an unknown ``kind``.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if end < start:
+            raise ValueError(f"end must be >= start, got start={start}, end={end} for {name!r}")
+        with self._lock:
+            if track not in self._tracks:
+                self._tracks.append(track)
+            self._intervals.append(Interval(start, end, track, name, kind))
+
+    @property
+    def intervals(self) -> tuple[Interval, ...]:
+        """All intervals, sorted by start (then end, track, name)."""
+        with self._lock:
+            return tuple(sorted(self._intervals))
+
+    @property
+    def tracks(self) -> tuple[str, ...]:
+        """Track names in display order."""
+        with self._lock:
+            return tuple(self._tracks)
+
+    def order(self, track: str | None = None) -> list[str]:
+        """Names in start order, on one ``track`` or on all."""
+        return [iv.name for iv in self.intervals if track is None or iv.track == track]
+
+    @property
+    def start(self) -> float:
+        ivs = self.intervals
+        return min(iv.start for iv in ivs) if ivs else 0.0
+
+    @property
+    def makespan(self) -> float:
+        ivs = self.intervals
+        return max(iv.end for iv in ivs) - min(iv.start for iv in ivs) if ivs else 0.0
+
+    def report(self) -> OverlapReport:
+        """The `OverlapReport` of this timeline."""
+        ivs = self.intervals
+        compute = [(iv.start, iv.end) for iv in ivs if iv.kind == "compute"]
+        comm = [(iv.start, iv.end) for iv in ivs if iv.kind == "comm"]
+        source = "comm"
+        if not comm:
+            source = "nodes"
+            comm = [(iv.start, iv.end) for iv in ivs if iv.kind in ("comm_issue", "comm_wait")]
+        comm_union = union(comm)
+        compute_busy, comm_busy = total(compute), total(comm_union)
+        overlap = total(intersect(compute, comm_union))
+        nodes = [iv for iv in ivs if iv.kind != "comm"]
+        serial = sum(iv.duration for iv in nodes)
+        if source == "comm":
+            serial += comm_busy
+            waits = [(iv.start, iv.end) for iv in ivs if iv.kind == "comm_wait"]
+            serial -= sum(total(intersect([w], comm_union)) for w in waits)
+        makespan = self.makespan
+        return OverlapReport(
+            makespan=makespan,
+            compute_busy=compute_busy,
+            comm_busy=comm_busy,
+            overlap=overlap,
+            hidden_fraction=overlap / comm_busy if comm_busy > 0 else 0.0,
+            serial_time=serial,
+            speedup=serial / makespan if makespan > 0 else 1.0,
+            comm_source=source,
+        )
+
+    # ---- exports -------------------------------------------------------------------------------
+    def to_chrome_trace(self) -> dict:
+        """Chrome-trace / Perfetto JSON object: one thread (tid) per track, ``"X"`` events with
+        ``ts``/``dur`` in microseconds from the timeline's start, ``thread_name`` metadata."""
+        t0, tracks = self.start, self.tracks
+        events: list[dict] = [
+            {"ph": "M", "name": "process_name", "pid": 0, "tid": 0,
+             "args": {"name": f"overlap ({self.source})"}},
+        ]
+        for tid, track in enumerate(tracks):
+            events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": tid,
+                           "args": {"name": track}})
+            events.append({"ph": "M", "name": "thread_sort_index", "pid": 0, "tid": tid,
+                           "args": {"sort_index": tid}})
+        for iv in self.intervals:
+            events.append({
+                "ph": "X", "name": iv.name, "cat": iv.kind, "pid": 0,
+                "tid": tracks.index(iv.track),
+                "ts": round((iv.start - t0) * 1e6, 3), "dur": round(iv.duration * 1e6, 3),
+            })
+        return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+    def save_chrome_trace(self, path: str | os.PathLike) -> None:
+        """Write `to_chrome_trace` to ``path`` (open it in https://ui.perfetto.dev)."""
+        with open(path, "w") as f:
+            json.dump(self.to_chrome_trace(), f, indent=1)
+
+    def to_text(self, width: int = 72) -> str:
+        """A terminal Gantt chart: one row per track, ``width`` columns of time.
+
+        Characters: ``#`` compute, ``>`` comm_issue, ``<`` comm_wait, ``=`` comm (transfer).
+        """
+        if not isinstance(width, int) or width < 8:
+            raise ValueError(f"width must be an int >= 8, got {width!r}")
+        t0, span = self.start, self.makespan or 1.0
+        glyph = {"compute": "#", "comm_issue": ">", "comm_wait": "<", "comm": "="}
+        tracks = self.tracks
+        label = max((len(t) for t in tracks), default=0)
+        rows = {t: [" "] * width for t in tracks}
+        for iv in self.intervals:
+            a = int((iv.start - t0) / span * width)
+            b = max(a + 1, int(round((iv.end - t0) / span * width)))
+            for c in range(min(a, width - 1), min(b, width)):
+                rows[iv.track][c] = glyph[iv.kind]
+        head = f"{'':<{label}} |0{'':<{width - 2}}{span * 1e3:.2f} ms"
+        lines = [head] + [f"{t:<{label}} |{''.join(rows[t])}|" for t in tracks]
+        return "\n".join(lines)
+
+    def save_png(self, path: str | os.PathLike, *, title: str | None = None) -> None:
+        """Draw the timeline (one lane per track, bars coloured by kind, names on bars) to PNG.
+
+        Raises:
+            ImportError: matplotlib is not installed.
+        """
+        plt = _pyplot()
+        from matplotlib.patches import Patch
+
+        tracks, t0 = self.tracks, self.start
+        fig, ax = plt.subplots(figsize=(12, 0.8 + 0.7 * max(1, len(tracks))), dpi=100)
+        for iv in self.intervals:
+            y = len(tracks) - 1 - tracks.index(iv.track)
+            left, w = (iv.start - t0) * 1e3, iv.duration * 1e3
+            ax.barh(y, w, left=left, height=0.6, color=_COLORS[iv.kind], edgecolor="black",
+                    linewidth=0.5)
+            ax.text(left + w / 2, y, iv.name, ha="center", va="center", fontsize=6, clip_on=True)
+        ax.set_yticks(range(len(tracks)), list(reversed(tracks)))
+        ax.set_xlabel("time (ms)")
+        rep = self.report()
+        ax.set_title(title or f"{self.source} timeline: makespan {rep.makespan * 1e3:.2f} ms, "
+                     f"hidden {rep.hidden_fraction * 100:.0f} % of comm")
+        ax.legend(handles=[Patch(color=_COLORS[k], label=k) for k in KINDS], loc="upper right",
+                  fontsize=7, ncol=4)
+        ax.set_ylim(-0.6, len(tracks) + 0.2)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+    def __repr__(self) -> str:
+        return f"Timeline(source={self.source!r}, tracks={self.tracks}, n={len(self._intervals)})"
+
+
+def _pyplot():  # noqa: ANN202 - matplotlib's module
+    """Import matplotlib headless, lazily."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("drawing needs matplotlib: pip install moe-overlap[viz]") from exc
+    return plt
