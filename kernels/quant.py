@@ -1,0 +1,69 @@
+"""Per-row dynamic int8 quantisation (dispatch `quant_mode = 2`).
+
+For each row: `xf = float32(row) · smooth` (when smoothing scales are given), `d = 127 / max|xf|`,
+`q = round_half_even(xf · d)` as int8, and the scale travelling with the row is `1 / d`, so that
+`row ≈ q · scale`. A zero row gets scale 0 and q 0 (the hardware kernel divides by zero there).
+
+`pack_quantized` lays a row out as the dispatch staging buffer `y` does for quant_mode 2: the H
+int8 values, then at byte `Align32(H)` the fp32 scale, in rows of `Align512(Align32(H) + 4)` bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .layout import align
+
+
+def quantize_rows(rows: Tensor, smooth: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Quantise rows to int8 with one dynamic scale each.
+
+    Args:
+        rows: `(N, H)` float (fp16/bf16/fp32).
+        smooth: optional `(N, H)` fp32 per-row smoothing factors (already gathered per row).
+
+    Returns:
+        `q`: `(N, H)` int8; `scale`: `(N,)` fp32 with `rows ≈ q · scale[:, None]`.
+    """
+    xf = rows.float()
+    if smooth is not None:
+        xf = xf * smooth
+    amax = xf.abs().amax(dim=-1)
+    is_zero = amax == 0
+    d = torch.where(is_zero, torch.ones_like(amax), 127.0 / amax)
+    q = torch.round(xf * d.unsqueeze(-1)).clamp_(-128, 127).to(torch.int8)
+    scale = torch.where(is_zero, torch.zeros_like(amax), 1.0 / d)
+    return q, scale
+
+
+def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`q · scale`, as `dtype`. `q`: `(N, H)` int8; `scale`: `(N,)` fp32."""
+    return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def quantized_row_bytes(hidden: int) -> int:
+    """Bytes of one quantised staging row: `Align512(Align32(H) + 4)`."""
+    return align(align(hidden, 32) + 4, 512)
+
+
+def pack_quantized(q: Tensor, scale: Tensor, out: Tensor) -> Tensor:
+    """Write int8 values and their fp32 scale into staging rows.
+
+    Args:
+        q: `(N, H)` int8.
+        scale: `(N,)` fp32.
+        out: `(N, quantized_row_bytes(H))` int8, written in place.
+    """
+    hidden = q.shape[1]
+    at = align(hidden, 32)
+    out[:, :hidden] = q
+    out[:, at : at + 4] = scale.contiguous().view(torch.int8).view(-1, 4)
+    return out
+
+
+def unpack_quantized(rows: Tensor, hidden: int) -> tuple[Tensor, Tensor]:
+    """Inverse of `pack_quantized`: `(N, H)` int8 values and `(N,)` fp32 scales."""
+    at = align(hidden, 32)
+    scale = rows[:, at : at + 4].contiguous().view(torch.float32).view(-1)
+    return rows[:, :hidden], scale

@@ -1,0 +1,26 @@
+"""Thread-local naming of the work in progress (which microbatch and layer), so that a transfer's
+errors and timeline entries can say `dispatch@mb1.l3`. Set by the scheduler; read by the ops."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+_local = threading.local()
+
+
+def current_label(op: str) -> str:
+    """`op@<tag>` when a scheduler names the current microbatch, else ``""``."""
+    tag = getattr(_local, "tag", None)
+    return f"{op}@{tag}" if tag else ""
+
+
+@contextlib.contextmanager
+def labelled(tag: str | None) -> Iterator[None]:
+    previous = getattr(_local, "tag", None)
+    _local.tag = tag
+    try:
+        yield
+    finally:
+        _local.tag = previous
