@@ -167,7 +167,7 @@ def dispatch_teardown(
     if total > capacity:
         raise ValueError(f"received {total} rows but A = {capacity}: global_bs = {global_bs} is too small for the "
                          f"largest BS of the group (global_bs must be max_bs * ep_world_size)")
-    order = kernels.block_transpose_index(counts)  # (src, e) blocks -> (e, src) blocks
+    order = kernels.block_transpose_index(counts).to(recv.device)  # (src, e) blocks -> (e, src) blocks
     rows = recv.index_select(0, order)
     dynamic_scales = torch.zeros(capacity, dtype=torch.float32, device=x.device)
     if quant_mode == 2:

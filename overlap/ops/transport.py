@@ -214,7 +214,8 @@ class Transfer:
     _done: threading.Event = field(default_factory=threading.Event)
     _result: tuple[Tensor, Tensor] | None = None
     _error: BaseException | None = None
-    _consumed: bool = False
+    ready_event: object | None = None  # CUDA: recorded on the setup's stream after staging
+    done_event: object | None = None  # CUDA: recorded on the comm stream when the rows landed
 
     @property
     def is_complete(self) -> bool:
@@ -242,6 +243,8 @@ class Transfer:
     def take(self, timeout_s: float | None = None) -> tuple[Tensor, Tensor]:
         """Wait, then hand over `(recv rows (M, row_bytes) uint8, recv counts (W, L_max) int64)`."""
         self.wait(timeout_s)
+        if self.done_event is not None:  # later work on the caller's stream sees the landed rows
+            torch.cuda.current_stream(self.send_buf.device).wait_event(self.done_event)
         assert self._result is not None  # internal invariant: set with _done and no error
         return self._result
 
@@ -306,6 +309,7 @@ class _GroupWorker:
         self.broken: BaseException | None = None
         self.queue: queue.SimpleQueue[Transfer | None] = queue.SimpleQueue()
         self.link_free_at = 0.0
+        self.side_stream: torch.cuda.Stream | None = None
         self.thread = threading.Thread(target=self._loop, name=f"overlap-comm-{group_name}", daemon=True)
         self.thread.start()
 
@@ -318,7 +322,7 @@ class _GroupWorker:
             try:
                 if self.broken is not None:
                     raise CommError(f"group {self.group_name!r} is unusable after an earlier failure: {self.broken}")
-                transfer._result = self._exchange(transfer)
+                transfer._result = self._run_on_device(transfer)
             except _ParameterMismatch as exc:
                 transfer._error = exc  # every rank stopped after the headers: the group stays usable
             except (CommError, CommTimeoutError) as exc:
@@ -329,6 +333,20 @@ class _GroupWorker:
                 transfer._error = self.broken = error
             transfer.finished_at = time.perf_counter()
             transfer._done.set()
+
+    def _run_on_device(self, transfer: Transfer) -> tuple[Tensor, Tensor]:
+        """CPU: exchange on this thread. CUDA: on a side stream that first waits for the setup's
+        staging (`ready_event`), then records `done_event` for the teardown's stream to wait on."""
+        if transfer.ready_event is None:
+            return self._exchange(transfer)
+        if self.side_stream is None:
+            self.side_stream = torch.cuda.Stream(device=transfer.send_buf.device)
+        with torch.cuda.stream(self.side_stream):
+            self.side_stream.wait_event(transfer.ready_event)
+            result = self._exchange(transfer)
+            transfer.done_event = torch.cuda.Event()
+            transfer.done_event.record(self.side_stream)
+        return result
 
     # -- phases --
 
@@ -358,6 +376,7 @@ class _GroupWorker:
     def _exchange(self, transfer: Transfer) -> tuple[Tensor, Tensor]:
         deadline = time.perf_counter() + transfer.timeout_s
         me, world = self.rank, self.world
+        device = transfer.send_buf.device
         lmax = transfer.block_counts.shape[1]
         row_bytes = transfer.send_buf.shape[1]
         offsets = list(itertools.accumulate([0, *transfer.send_rows]))
@@ -371,8 +390,12 @@ class _GroupWorker:
             h[_H_ROWS] = transfer.send_rows[r]
             headers_out[r] = h
             headers_in[r] = torch.empty(HEADER_LEN, dtype=torch.int64)
+        if device.type != "cpu":  # NCCL moves device tensors only
+            headers_out = {r: h.to(device) for r, h in headers_out.items()}
+            headers_in = {r: h.to(device) for r, h in headers_in.items()}
         transfer.delivered = {me}
         self._p2p(headers_out, headers_in, transfer, deadline)
+        headers_in = {r: h.cpu() for r, h in headers_in.items()}
         _check_headers(transfer, headers_in, me)
         transfer.delivered = {me}
 
@@ -383,9 +406,10 @@ class _GroupWorker:
             if r == me:
                 continue
             rows = transfer.send_buf[offsets[r] : offsets[r + 1]]
-            counts = transfer.block_counts[r].contiguous().view(torch.uint8)
+            counts = transfer.block_counts[r].contiguous().view(torch.uint8).to(device)
             sends[r] = torch.cat([counts, rows.reshape(-1)])
-            recvs[r] = torch.empty(count_bytes + int(headers_in[r][_H_ROWS]) * row_bytes, dtype=torch.uint8)
+            recvs[r] = torch.empty(count_bytes + int(headers_in[r][_H_ROWS]) * row_bytes, dtype=torch.uint8,
+                                   device=device)
         self._p2p(sends, recvs, transfer, deadline)
 
         recv_counts = torch.empty(world, lmax, dtype=torch.int64)
@@ -396,7 +420,7 @@ class _GroupWorker:
                 chunks.append(transfer.send_buf[offsets[r] : offsets[r + 1]])
             else:
                 buf = recvs[r]
-                recv_counts[r] = buf[:count_bytes].view(torch.int64)
+                recv_counts[r] = buf[:count_bytes].cpu().view(torch.int64)
                 chunks.append(buf[count_bytes:].view(-1, row_bytes))
         recv_rows = torch.cat(chunks) if chunks else transfer.send_buf[:0]
 
@@ -519,6 +543,9 @@ def start(
     transfer = Transfer(ticket=next(_ticket_counter), op=op, group_name=group_name, seq=seq, header=header,
                         send_buf=send_buf, send_rows=send_rows, block_counts=block_counts.to("cpu", torch.int64),
                         label=label, timeout_s=current_timeout())
+    if send_buf.device.type == "cuda":
+        transfer.ready_event = torch.cuda.Event()
+        transfer.ready_event.record(torch.cuda.current_stream(send_buf.device))
     with _registry_lock:
         _registry[transfer.ticket] = transfer
     worker.submit(transfer)
