@@ -154,6 +154,11 @@ class Timeline:
                 self._tracks.append(track)
             self._intervals.append(Interval(start, end, track, name, kind))
 
+    def add_tracks(self, tracks: Sequence[str]) -> None:
+        """Make sure ``tracks`` exist (in this order, after those already present)."""
+        with self._lock:
+            self._tracks += [t for t in tracks if t not in self._tracks]
+
     @property
     def intervals(self) -> tuple[Interval, ...]:
         """All intervals, sorted by start (then end, track, name)."""
