@@ -31,9 +31,10 @@ def quantize_rows(rows: Tensor, smooth: Tensor | None = None) -> tuple[Tensor, T
         xf = xf * smooth
     amax = xf.abs().amax(dim=-1)
     is_zero = amax == 0
-    d = torch.where(is_zero, torch.ones_like(amax), 127.0 / amax)
+    # A true division: `127.0 / amax` would run as `amax.reciprocal() * 127`, one rounding more.
+    d = torch.where(is_zero, torch.ones_like(amax), torch.full_like(amax, 127.0).div(amax))
     q = torch.round(xf * d.unsqueeze(-1)).clamp_(-128, 127).to(torch.int8)
-    scale = torch.where(is_zero, torch.zeros_like(amax), 1.0 / d)
+    scale = torch.where(is_zero, torch.zeros_like(amax), torch.ones_like(d).div(d))
     return q, scale
 
 

@@ -91,7 +91,8 @@ class RankPool:
             except queue.Empty:
                 self.close()
                 missing = sorted(set(range(self.world)) - set(outcomes))
-                raise TimeoutError(f"ranks {missing} did not finish {fn.__name__} within {timeout_s} s") from None
+                errors = "".join(f"\nrank {r} raised {v[0]}: {v[1]}\n{v[2]}" for r, (ok, v) in outcomes.items() if not ok)
+                raise TimeoutError(f"ranks {missing} did not finish {fn.__name__} within {timeout_s} s{errors}") from None
             outcomes[rank] = (ok, value)
         return [outcomes[r] for r in range(self.world)]
 

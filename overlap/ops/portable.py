@@ -44,7 +44,7 @@ def _header(op: str, params: MoeCommParams, batch: int, hidden: int, row_bytes: 
 
 def _as_bytes(rows: Tensor) -> Tensor:
     """`(N, C)` contiguous rows viewed as `(N, C·itemsize)` uint8."""
-    return rows.contiguous().view(torch.uint8).view(rows.shape[0], -1)
+    return rows.contiguous().view(torch.uint8).view(rows.shape[0], rows.shape[1] * rows.element_size())
 
 
 def _label(op: str) -> str:
