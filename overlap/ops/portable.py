@@ -274,6 +274,9 @@ def combine_teardown(
 ) -> Tensor:
     params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type,
                            shared_expert_num, shared_expert_rank_num, global_bs, 0, comm_quant_mode, comm_type, comm_alg)
+    if shared_expert_x is not None and shared_expert_rank_num != 0:
+        raise ValueError(f"shared_expert_x must be None when shared_expert_rank_num > 0 (shared experts live on "
+                         f"their own ranks), got shared_expert_rank_num = {shared_expert_rank_num}")
     expand_x, batch, top_k, capacity = _check_expand_x(params, expand_x, expert_ids)
     hidden = expand_x.shape[1]
     check_tensor("quant_expand_x", quant_expand_x, shape=_quant_expand_x_shape(capacity, hidden), dtypes=(torch.int8,))
@@ -283,9 +286,6 @@ def combine_teardown(
     num_active = params.check_active_mask(x_active_mask, batch)
     params.check_expert_ids(expert_ids, batch, num_active)
     if shared_expert_x is not None:
-        if shared_expert_rank_num != 0:
-            raise ValueError(f"shared_expert_x must be None when shared_expert_rank_num > 0 (shared experts live on "
-                             f"their own ranks), got shared_expert_rank_num = {shared_expert_rank_num}")
         check_tensor("shared_expert_x", shared_expert_x, shape=(batch, hidden), dtypes=(expand_x.dtype,))
 
     handle = transport.claim(comm_cmd_info, "combine")
