@@ -550,3 +550,10 @@ def start(
         _registry[transfer.ticket] = transfer
     worker.submit(transfer)
     return transfer
+
+
+def transfer_of(comm_cmd_info: Tensor) -> Transfer | None:
+    """The in-flight transfer a setup's `comm_cmd_info` names, without claiming it (None if none)."""
+    ticket = getattr(comm_cmd_info, "_overlap_ticket", None)
+    with _registry_lock:
+        return _registry.get(ticket) if ticket is not None else None

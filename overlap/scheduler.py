@@ -1,0 +1,242 @@
+"""The scheduler context: run an MoE layer with its batch split into pipelined microbatches.
+
+Owns: turning one forward of a protocol layer (see `overlap.moe`) into a graph of op nodes,
+planning it (`overlap.graph`), running it on the compute / comm_setup / comm_teardown streams,
+recording what ran (node intervals plus the link's transfer intervals), and checking on exit that
+no setup was left in flight. Never changes what the layer computes: the output equals the
+unwrapped layer's.
+
+    with overlap.scheduler(group, microbatches=2) as s:
+        out = layer(x)
+    print(s.report()); s.plan.save_png("plan.png"); s.timeline.save_chrome_trace("trace.json")
+
+The interleaving (the strategy is data: one list of stages per step, fed to one executor)::
+
+    step s:  route@mb s, dispatch_setup@mb s                     (start mb s's dispatch)
+             dispatch_teardown@mb s-1, experts@mb s-1, combine_setup@mb s-1
+             shared@mb s-2, combine_teardown@mb s-2             (shared experts hide the combine)
+
+so microbatch i's dispatch travels while microbatch i-1's experts compute, and its combine while
+microbatch i+1's experts (and the shared experts) compute. At most two exchanges of each kind are
+ever in flight (explicit edges `dispatch_teardown@mb i → dispatch_setup@mb i+2`, likewise for
+combine): the transport's double buffer.
+
+Splitting rule (the same on every rank, from the group's largest batch T, one all-reduce):
+`count = max(ceil(T / 512), min(microbatches, T // min_tokens))`, at least 1 — a batch with fewer
+than `min_tokens` (default 32) tokens per microbatch is not split further, because below that the
+fixed cost of an exchange outweighs what overlap can hide. Every microbatch has the same padded
+size on every rank; padding rows are inactive (`x_active_mask`) and never sent.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import _context, ops
+from .errors import HandleError
+from .graph import Graph, Node, Plan
+from .moe import MAX_TOKENS_PER_CALL, max_tokens, pad_chunk
+from .ops import transport
+from .timeline import OverlapReport, Timeline
+
+_current: contextvars.ContextVar[Scheduler | None] = contextvars.ContextVar("overlap_scheduler", default=None)
+
+STAGES = ("route", "dispatch_setup", "dispatch_teardown", "experts", "combine_setup", "shared", "combine_teardown")
+# Which stages a pipeline step runs, as (stage, microbatch offset): the overlap strategy as data.
+PIPELINE_STEP = (
+    ("route", 0), ("dispatch_setup", 0),
+    ("dispatch_teardown", 1), ("experts", 1), ("combine_setup", 1),
+    ("shared", 2), ("combine_teardown", 2),
+)
+
+
+def current_scheduler() -> Scheduler | None:
+    """The innermost active `scheduler` context, or None."""
+    return _current.get()
+
+
+def microbatch_count(num_tokens: int, microbatches: int, min_tokens: int) -> int:
+    """The splitting rule (module docstring)."""
+    by_size = min(microbatches, num_tokens // min_tokens) if min_tokens > 0 else microbatches
+    return max(-(-num_tokens // MAX_TOKENS_PER_CALL), by_size, 1)
+
+
+@dataclass
+class Scheduler:
+    """State of one `scheduler(...)` context: the plans it ran and their timeline."""
+
+    group: dist.ProcessGroup | None = None
+    microbatches: int = 2
+    min_tokens: int = 32
+    plans: list[Plan] = field(default_factory=list)
+    timeline: Timeline = field(default_factory=Timeline)
+    _layer_index: int = 0
+    _token: Any = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int) or self.microbatches < 1:
+            raise ValueError(f"microbatches must be an int >= 1, got {self.microbatches!r}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+
+    @property
+    def plan(self) -> Plan:
+        """The plan of the last layer run in this context."""
+        if not self.plans:
+            raise HandleError("no layer has run inside this scheduler context yet")
+        return self.plans[-1]
+
+    def report(self) -> OverlapReport:
+        """Measured overlap of everything that ran in the context (link intervals are the comm)."""
+        return self.timeline.report()
+
+    def __enter__(self) -> Scheduler:
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        _current.reset(self._token)
+        group_name = None if self.group is None else self.group.group_name
+        left = ops.in_flight(group_name)
+        if left:
+            names = [t.label or f"{t.op}#{t.ticket}" for t in left]
+            message = f"scheduler exited with {len(left)} setups never torn down: {names}"
+            if exc_type is None:
+                raise HandleError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    # -- building and running one layer --
+
+    def run_layer(self, layer: Any, x: Tensor) -> Tensor:
+        """Run a protocol layer's forward on `x` `(T, H)` pipelined; returns `(T, H)`."""
+        kw = layer.moe_comm_kwargs()
+        head = {k: kw.pop(k) for k in ("group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num")}
+        quant_mode = kw.pop("quant_mode", 0)
+        group = self.group or dist.distributed_c10d._resolve_process_group(head["group_ep"])
+        total = max_tokens(x.shape[0], group)
+        count = microbatch_count(total, self.microbatches, self.min_tokens)
+        size = max(-(-total // count), 1)
+        layer_index = self._layer_index
+        self._layer_index += 1
+        graph, outputs = self._build(layer, x, count, size, layer_index, head, kw, quant_mode)
+        plan = graph.plan()
+        self.plans.append(plan)
+        results = plan.run(timeline=self.timeline)
+        for transfer in results.get(_TRANSFERS, []):
+            if transfer.started_at is not None and transfer.finished_at is not None:
+                self.timeline.add("link", transfer.label or transfer.op, transfer.started_at, transfer.finished_at,
+                                  kind="comm")
+        return torch.cat([results[n] for n in outputs])[: x.shape[0]]
+
+    def _build(self, layer: Any, x: Tensor, count: int, size: int, layer_index: int, head: dict, kw: dict,
+               quant_mode: int) -> tuple[Graph, list[Node]]:
+        g = Graph()
+        a = (head["group_ep"], head["ep_world_size"], head["ep_rank_id"], head["moe_expert_num"])
+        transfers: list[transport.Transfer] = []
+        node = {(st, i): Node(st, microbatch=i, layer=layer_index) for st in STAGES for i in range(count)}
+        chunks = [pad_chunk(x, i * size, size) for i in range(count)]
+
+        def labelled(i: int, fn):
+            def run(inputs: dict[Node, Any]) -> Any:
+                with _context.labelled(f"mb{i}.l{layer_index}"):
+                    return fn(inputs)
+            return run
+
+        def get(inputs: dict[Node, Any], stage: str, i: int) -> Any:
+            return inputs[node[stage, i]]
+
+        for i in range(count):
+            chunk, mask = chunks[i]
+
+            def route(inputs, chunk=chunk):
+                return layer.moe_route(chunk)
+
+            def dispatch_setup(inputs, i=i, chunk=chunk, mask=mask):
+                ids, _ = get(inputs, "route", i)
+                out = ops.dispatch_setup(chunk, ids, *a, x_active_mask=mask, quant_mode=quant_mode, **kw)
+                t = transport.transfer_of(out[2])
+                if t is not None:
+                    transfers.append(t)
+                return out
+
+            def dispatch_teardown(inputs, i=i, chunk=chunk):
+                ids, _ = get(inputs, "route", i)
+                y, expand_idx, cmd = get(inputs, "dispatch_setup", i)
+                # expand_idx rides along: a comm_wait is the only consumer of its comm_issue.
+                return (*ops.dispatch_teardown(chunk, y, ids, cmd, *a, quant_mode=quant_mode, **kw), expand_idx)
+
+            def experts(inputs, i=i):
+                expand_x, scales, _, nums, _ = get(inputs, "dispatch_teardown", i)
+                return layer.moe_experts(expand_x, scales, nums)
+
+            def combine_setup(inputs, i=i):
+                ids, _ = get(inputs, "route", i)
+                assist = get(inputs, "dispatch_teardown", i)[2]
+                out = get(inputs, "experts", i)
+                result = ops.combine_setup(out, ids, assist, *a, **kw)
+                t = transport.transfer_of(result[1])
+                if t is not None:
+                    transfers.append(t)
+                return result
+
+            def shared(inputs, chunk=chunk):
+                return layer.moe_shared(chunk)
+
+            def combine_teardown(inputs, i=i, mask=mask):
+                ids, w = get(inputs, "route", i)
+                expand_idx = get(inputs, "dispatch_teardown", i)[4]
+                qx, cmd = get(inputs, "combine_setup", i)
+                out = get(inputs, "experts", i)
+                return ops.combine_teardown(out, qx, ids, expand_idx, w, cmd, *a, x_active_mask=mask,
+                                            shared_expert_x=get(inputs, "shared", i), **kw)
+
+            fns = dict(route=route, dispatch_setup=dispatch_setup, dispatch_teardown=dispatch_teardown,
+                       experts=experts, combine_setup=combine_setup, shared=shared,
+                       combine_teardown=combine_teardown)
+            deps = {
+                "route": [], "dispatch_setup": ["route"], "dispatch_teardown": ["route", "dispatch_setup"],
+                "experts": ["dispatch_teardown"], "combine_setup": ["route", "dispatch_teardown", "experts"],
+                "shared": [], "combine_teardown": ["route", "dispatch_teardown", "combine_setup", "experts", "shared"],
+            }
+            for stage in STAGES:
+                after = [node[d, i] for d in deps[stage]]
+                if stage in ("dispatch_setup", "combine_setup") and i >= 2:  # the double buffer
+                    after.append(node[stage.replace("setup", "teardown"), i - 2])
+                g.add(node[stage, i], labelled(i, fns[stage]), after=after,
+                      kind={"dispatch_setup": "comm_issue", "combine_setup": "comm_issue",
+                            "dispatch_teardown": "comm_wait", "combine_teardown": "comm_wait"}.get(stage, "compute"),
+                      priority=_priority(stage, i))
+        # A sink that hands over the transfers (for the link track) once everything has run.
+        last = [node["combine_teardown", i] for i in range(count)]
+        g.add(_TRANSFERS, lambda inputs: list(transfers), after=last, kind="compute", priority=10 ** 9)
+        return g, last
+
+
+_TRANSFERS = Node("transfers")
+
+
+def _priority(stage: str, microbatch: int) -> float:
+    """Position of (stage, microbatch) in the pipeline order of `PIPELINE_STEP`."""
+    width = len(PIPELINE_STEP)
+    for slot, (name, offset) in enumerate(PIPELINE_STEP):
+        if name == stage:
+            return (microbatch + offset) * width + slot
+    raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+
+
+def scheduler(group: dist.ProcessGroup | None = None, microbatches: int = 2, *, min_tokens: int = 32) -> Scheduler:
+    """Context manager: protocol MoE layers called inside run pipelined over `microbatches`.
+
+    Args:
+        group: the EP process group (None: the layer's own `group_ep`).
+        microbatches: how many microbatches to split a batch into (see the splitting rule).
+        min_tokens: smallest microbatch worth splitting off (0: always split).
+    """
+    return Scheduler(group=group, microbatches=microbatches, min_tokens=min_tokens)
