@@ -67,6 +67,7 @@ __all__ = [
     "Recorder",
     "Step",
     "microbatch_rows",
+    "microbatches",
     "num_microbatches",
     "pipeline_schedule",
     "record",
@@ -105,6 +106,33 @@ def microbatch_rows(max_tokens: int) -> int:
     """Rows of every microbatch (padded) for `max_tokens`: ``ceil(max_tokens / M)``, at most 512."""
     num = num_microbatches(max_tokens)
     return math.ceil(max_tokens / num) if num else 0
+
+
+_forced_num: contextvars.ContextVar[int | None] = contextvars.ContextVar("overlap_hf_microbatches", default=None)
+
+
+@contextlib.contextmanager
+def microbatches(num: int | None) -> Iterator[None]:
+    """Force `num` microbatches per call inside the block (None: the rule of `num_microbatches`),
+    raised where needed so that none exceeds 512 tokens. Every rank must use the same `num`: the
+    ops' headers refuse (on every rank, no hang) exchanges whose `global_bs` differ. For
+    measurements (one microbatch vs pipelined), not needed in normal use."""
+    if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
+        raise ValueError(f"num must be None or an int >= 1, got {num!r}")
+    token = _forced_num.set(num)
+    try:
+        yield
+    finally:
+        _forced_num.reset(token)
+
+
+def _plan(max_tokens: int) -> tuple[int, int]:
+    """(microbatches, rows per microbatch) for a call whose largest rank holds `max_tokens`."""
+    forced = _forced_num.get()
+    if forced is None or max_tokens == 0:
+        return num_microbatches(max_tokens), microbatch_rows(max_tokens)
+    num = min(max(forced, math.ceil(max_tokens / MAX_MICROBATCH_TOKENS)), max_tokens)
+    return num, math.ceil(max_tokens / num)
 
 
 OPS = ("dispatch_setup", "dispatch_teardown", "experts", "combine_setup", "combine_teardown")
@@ -316,10 +344,9 @@ class OverlapEP(EPImplementation):
 
     def _exchange(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, max_tokens: int) -> Tensor:
         """This rank's `(n, H)` tokens through the pipeline; `max_tokens` is the group's largest n."""
-        num = num_microbatches(max_tokens)
+        num, rows = _plan(max_tokens)
         if num == 0:
             return x.new_zeros(0, x.shape[1])
-        rows = microbatch_rows(max_tokens)
         mbs = [self._microbatch(x, top_k_index, top_k_weights, i * rows, rows) for i in range(num)]
         _Call(self, mbs, rows * self.ep_size, _recorder.get()).run(pipeline_schedule(num))
         return torch.cat([mb.state["x_out"][: mb.num_real] for mb in mbs])
