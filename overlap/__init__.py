@@ -1,1 +1,43 @@
+"""overlap: hide MoE expert-parallel communication behind computation.
 
+The four split ops (`overlap.ops`: torch_npu's signatures; torch_npu on Ascend, portable over
+torch.distributed elsewhere), a stream/event abstraction (`overlap.streams`), a dependency-graph
+scheduler (`overlap.graph`), and the layer-level scheduler context with microbatch pipelining::
+
+    import overlap
+    with overlap.scheduler(microbatches=2) as s:
+        out = moe_layer(x)
+    print(s.report())
+"""
+
+from __future__ import annotations
+
+from . import ops
+from .errors import CapacityError, CommError, CommTimeoutError, HandleError, OverlapError, PlanError
+from .graph import Graph, Node, Plan
+from .moe import MoELayer
+from .scheduler import Scheduler, scheduler
+from .streams import Event, Stream
+from .timeline import OverlapReport, Timeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CapacityError",
+    "CommError",
+    "CommTimeoutError",
+    "Event",
+    "Graph",
+    "HandleError",
+    "MoELayer",
+    "Node",
+    "OverlapError",
+    "OverlapReport",
+    "Plan",
+    "PlanError",
+    "Scheduler",
+    "Stream",
+    "Timeline",
+    "ops",
+    "scheduler",
+]

@@ -16,7 +16,8 @@ The interleaving (the strategy is data: one list of stages per step, fed to one 
              dispatch_teardown@mb s-1, experts@mb s-1, combine_setup@mb s-1
              shared@mb s-2, combine_teardown@mb s-2             (shared experts hide the combine)
 
-so microbatch i's dispatch travels while microbatch i-1's experts compute, and its combine while
+except that mb 0's shared experts run right after its dispatch_setup (they hide the first dispatch),
+and microbatch i's dispatch travels while microbatch i-1's experts compute, and its combine while
 microbatch i+1's experts (and the shared experts) compute. At most two exchanges of each kind are
 ever in flight (explicit edges `dispatch_teardown@mb i → dispatch_setup@mb i+2`, likewise for
 combine): the transport's double buffer.
@@ -223,8 +224,12 @@ _TRANSFERS = Node("transfers")
 
 
 def _priority(stage: str, microbatch: int) -> float:
-    """Position of (stage, microbatch) in the pipeline order of `PIPELINE_STEP`."""
+    """Position of (stage, microbatch) in the pipeline order of `PIPELINE_STEP`. The first
+    microbatch's shared experts run right after its dispatch_setup instead: nothing else could
+    hide the first dispatch."""
     width = len(PIPELINE_STEP)
+    if stage == "shared" and microbatch == 0:
+        return 1.5
     for slot, (name, offset) in enumerate(PIPELINE_STEP):
         if name == stage:
             return (microbatch + offset) * width + slot

@@ -357,19 +357,26 @@ class _GroupWorker:
             return
         works = dist.batch_isend_irecv(ops)
         recv_peers = list(recvs)
+        send_peers = list(sends)
+        where = f" ({transfer.label})" if transfer.label else ""
         for i, work in enumerate(works):
             remaining = deadline - time.perf_counter()
             peer = recv_peers[i] if i < len(recv_peers) else None
+            missing = sorted(set(recv_peers) - transfer.delivered)
             try:
                 ok = work.wait(timedelta(seconds=max(remaining, 0.001)))
             except Exception as exc:
-                who = f"rank {peer}" if peer is not None else "a peer"
-                raise CommError(f"{transfer.op} exchange on group {self.group_name!r}: receiving from {who} "
-                                f"failed ({exc}); ranks {sorted(set(recv_peers) - transfer.delivered)} have not "
-                                f"delivered") from exc
+                if time.perf_counter() >= deadline:  # gloo raises when its wait times out
+                    raise CommTimeoutError(
+                        f"{transfer.op} exchange{where} on group {self.group_name!r} timed out after "
+                        f"{transfer.timeout_s:g} s: ranks {missing} have not delivered ({exc})") from exc
+                who = f"receiving from rank {peer}" if peer is not None else \
+                    f"sending to rank {send_peers[i - len(recv_peers)]}"
+                raise CommError(f"{transfer.op} exchange{where} on group {self.group_name!r}: {who} failed ({exc}); "
+                                f"ranks {missing} have not delivered") from exc
             if ok is False:
-                raise CommTimeoutError(f"{transfer.op} exchange on group {self.group_name!r} timed out: ranks "
-                                       f"{sorted(set(recv_peers) - transfer.delivered)} have not delivered")
+                raise CommTimeoutError(f"{transfer.op} exchange{where} on group {self.group_name!r} timed out after "
+                                       f"{transfer.timeout_s:g} s: ranks {missing} have not delivered")
             if peer is not None:
                 transfer.delivered.add(peer)
 
