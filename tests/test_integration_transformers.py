@@ -96,7 +96,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"max": float(d.max()), "mean": float(d.mean()), "scale": float(b.float().abs().max())}
 
 
-def forward_case(path: str, layout: str, lengths: tuple[int, ...], batch: int = 1) -> dict:
+def forward_case(path: str, layout: str, lengths: tuple[int, ...], batch: int = 1, forced: int | None = None) -> dict:
     world = dist.get_world_size()
     ids = _prompt(layout, lengths, batch)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
@@ -104,7 +104,7 @@ def forward_case(path: str, layout: str, lengths: tuple[int, ...], batch: int = 
     theirs = _load(path, layout, "all_to_all", world)
     with torch.no_grad():
         expected = ref(ids).logits
-        with ohf.record(ours) as rec:
+        with ohf.record(ours) as rec, ohf.microbatches(forced):
             got = ours(ids).logits
         a2a = theirs(ids).logits
     names = rec.timeline.order()
@@ -218,6 +218,18 @@ def test_mixtral_shared_batch_over_512_per_slice(rank_pools, models):
     for r in rank_pools(2).run(forward_case, models["mixtral"], "tp", (1100,)):
         _check(r)
         assert r["microbatches"] == ["mb0", "mb1"]  # slices of 550 tokens: 2 microbatches of 275
+
+
+def test_forced_microbatches_give_the_same_logits(rank_pools, models):
+    for r in rank_pools(2).run(forward_case, models["qwen3_1l"], "dp", (40, 7), forced=3):
+        _check(r)
+        assert r["microbatches"] == ["mb0", "mb1", "mb2"]  # rank 1's last two are all padding
+
+
+def test_microbatches_refuses_bad_values():
+    with pytest.raises(ValueError, match="num must be None or an int >= 1, got 0"):
+        with ohf.microbatches(0):
+            pass
 
 
 @pytest.mark.parametrize("name, layout", [("qwen3", "dp"), ("mixtral", "tp")])
