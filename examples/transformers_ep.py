@@ -25,7 +25,9 @@ from transformers.distributed import DistributedConfig
 
 import overlap.integrations.transformers as overlap_hf  # registers ep_implementation="overlap"
 
-TOLERANCE = 0.25  # max |Δ logit|: bf16 rounding of the combine (fp32 sum vs transformers' bf16 adds)
+# bf16 rounding: overlap's combine sums a token's expert outputs in fp32 and rounds once, transformers
+# adds them in bf16; ~1 ulp in the MoE output, magnified by random-weight layers. A wrong route is O(1).
+MAX_TOL, MEAN_TOL = 0.5, 0.01  # on logits of magnitude ~3
 
 
 def build(path: str, layers: int) -> None:
@@ -74,19 +76,21 @@ def main() -> None:
                     logits[implementation] = model(ids).logits.float()
                     times[implementation] = time.perf_counter() - start
 
-        diff = (logits["overlap"] - logits["all_to_all"]).abs().max().item()
-        verdict = "agree" if diff <= TOLERANCE else "DISAGREE"
+        delta = (logits["overlap"] - logits["all_to_all"]).abs()
+        diff, mean = delta.max().item(), delta.mean().item()
+        ok = diff <= MAX_TOL and mean <= MEAN_TOL
+        verdict = "agree" if ok else "DISAGREE"
         for r in range(dist.get_world_size()):
             if r == rank:
-                print(f"rank {rank}: {ids.shape[1]} tokens, logits {verdict} (max |Δ| = {diff:.4f}, tolerance "
-                      f"{TOLERANCE}); all_to_all {times['all_to_all'] * 1e3:.1f} ms, overlap "
+                print(f"rank {rank}: {ids.shape[1]} tokens, logits {verdict} (max |Δ| {diff:.4f} <= {MAX_TOL}, mean "
+                      f"{mean:.5f} <= {MEAN_TOL}); all_to_all {times['all_to_all'] * 1e3:.1f} ms, overlap "
                       f"{times['overlap'] * 1e3:.1f} ms", flush=True)
             dist.barrier()
         if rank == 0:
             print("\noverlap run on rank 0 (experts = compute, link = transfers):")
             print(rec.report())
             print(rec.timeline.to_text(width=96))
-        if diff > TOLERANCE:
+        if not ok:
             raise SystemExit(1)
     finally:
         dist.barrier()
