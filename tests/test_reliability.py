@@ -138,7 +138,7 @@ def _timeout_case(silent_rank: int) -> dict:
     results: dict[str, tuple[str, str, float]] = {}
     if rank == silent_rank:
         g = groups["wrong_world_size"]
-        results["wrong_world_size"] = (*_outcome(ops.dispatch_setup, x, ids, g, world + 1, rank, 6), 0.0)
+        results["wrong_world_size"] = (*_outcome(ops.dispatch_setup, x, ids, g, world + 1, rank, 12), 0.0)
         return results
 
     def attempt(way: str) -> None:
