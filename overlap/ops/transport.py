@@ -366,7 +366,7 @@ class _GroupWorker:
             try:
                 ok = work.wait(timedelta(seconds=max(remaining, 0.001)))
             except Exception as exc:
-                if time.perf_counter() >= deadline:  # gloo raises when its wait times out
+                if time.perf_counter() >= deadline - 0.01:  # gloo raises when its wait times out (ms granularity)
                     raise CommTimeoutError(
                         f"{transfer.op} exchange{where} on group {self.group_name!r} timed out after "
                         f"{transfer.timeout_s:g} s: ranks {missing} have not delivered ({exc})") from exc
