@@ -3,14 +3,16 @@
 `x_out[t] = cast(Σ_k w[t,k] · float32(rows[pos[t,k]]) + Σ_s float32(rows[shared_pos[s,t]])
 + float32(extra[t]))`, accumulated in fp32 in exactly that order (k ascending, then shared experts
 ascending, then `extra`), then one round-half-to-even cast. The fixed order makes the result
-bit-reproducible against any reference that sums the same way. The loop runs over K (≤ 16) and
-the shared experts (≤ 4), never over tokens.
+bit-reproducible against any reference that sums the same way. The loops run over K (≤ 16), the
+shared experts (≤ 4) and cache-sized blocks of tokens, never over single tokens.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+CACHE_ELEMENTS = 1 << 19  # fp32 temporaries per block of tokens: 2 MiB, about one core's L2
 
 
 def weighted_combine(
@@ -35,12 +37,28 @@ def weighted_combine(
     Returns:
         `out`.
     """
-    acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-    for k in range(positions.shape[1]):
-        acc += weights[:, k : k + 1] * rows.index_select(0, positions[:, k]).float()
-    if shared_positions is not None:
-        for s in range(shared_positions.shape[0]):
-            acc += rows.index_select(0, shared_positions[s]).float()
-    if extra is not None:
-        acc += extra.float()
-    return out.copy_(acc)
+    num_tokens, hidden = out.shape
+    top_k = positions.shape[1]
+    num_shared = 0 if shared_positions is None else shared_positions.shape[0]
+    index = positions if shared_positions is None else torch.cat([positions, shared_positions.t().to(positions.dtype)], 1)
+    # Blocks of tokens whose fp32 temporaries (about CACHE_ELEMENTS floats) stay in cache: one pass
+    # over memory per input row instead of one per temporary. The loop runs over blocks, not tokens.
+    block = max(1, min(num_tokens, CACHE_ELEMENTS // ((top_k + num_shared + 1) * hidden)))
+    gathered = torch.empty(block * (top_k + num_shared), hidden, dtype=rows.dtype, device=rows.device)
+    terms = torch.empty(block, top_k + num_shared, hidden, dtype=torch.float32, device=rows.device)
+    acc_block = torch.empty(block, hidden, dtype=torch.float32, device=rows.device)
+    for start in range(0, num_tokens, block):
+        stop = min(start + block, num_tokens)
+        m = stop - start
+        flat = index[start:stop].reshape(-1)
+        g = torch.index_select(rows, 0, flat, out=gathered[: flat.numel()])
+        t = terms[:m]
+        t.copy_(g.view(m, -1, hidden))  # float32(row), (m, K + S, H)
+        t[:, :top_k].mul_(weights[start:stop, :, None])  # w[t,k] · row(t,k); shared rows keep weight 1
+        acc = acc_block[:m].zero_()
+        for j in range(top_k + num_shared):  # k ascending, then shared experts ascending
+            acc.add_(t[:, j])
+        if extra is not None:
+            acc.add_(extra[start:stop].float())
+        out[start:stop].copy_(acc)
+    return out
