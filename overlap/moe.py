@@ -153,12 +153,12 @@ def split_batch(num_tokens: int, microbatches: int) -> tuple[int, int]:
 
 
 def pad_chunk(x: Tensor, start: int, size: int) -> tuple[Tensor, Tensor]:
-    """Rows `[start, start + size)` of x zero-padded to `size`, and the True-prefix active mask."""
+    """Rows `[start, start + size)` of x `(T, C)` zero-padded to `size`, and the True-prefix mask."""
     chunk = x[start : start + size]
     active = chunk.shape[0]
     if active < size:
-        chunk = torch.cat([chunk, chunk.new_zeros(size - active, x.shape[1])])
-    return chunk, torch.arange(size) < active
+        chunk = torch.cat([chunk, chunk.new_zeros(size - active, *x.shape[1:])])
+    return chunk.contiguous(), torch.arange(size, device=x.device) < active
 
 
 def max_tokens(num_tokens: int, group: dist.ProcessGroup) -> int:

@@ -115,8 +115,17 @@ class Scheduler:
 
     # -- building and running one layer --
 
-    def run_layer(self, layer: Any, x: Tensor) -> Tensor:
-        """Run a protocol layer's forward on `x` `(T, H)` pipelined; returns `(T, H)`."""
+    def run_layer(self, layer: Any, x: Tensor, *, routes: tuple[Tensor, Tensor] | None = None,
+                  layer_index: int | None = None) -> Tensor:
+        """Run a protocol layer's forward on `x` `(T, H)` pipelined; returns `(T, H)`.
+
+        Args:
+            layer: implements the MoE protocol (`overlap.moe`).
+            x: `(T, H)` this rank's tokens (T may differ between ranks, and may be 0).
+            routes: optional precomputed `(expert_ids (T, K), expert_scales (T, K))`, for callers
+                that routed already (then `layer.moe_route` is not called).
+            layer_index: the `.l<j>` of the nodes (default: the count of layers run in this context).
+        """
         kw = layer.moe_comm_kwargs()
         head = {k: kw.pop(k) for k in ("group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num")}
         quant_mode = kw.pop("quant_mode", 0)
@@ -124,9 +133,10 @@ class Scheduler:
         total = max_tokens(x.shape[0], group)
         count = microbatch_count(total, self.microbatches, self.min_tokens)
         size = max(-(-total // count), 1)
-        layer_index = self._layer_index
+        if layer_index is None:
+            layer_index = self._layer_index
         self._layer_index += 1
-        graph, outputs = self._build(layer, x, count, size, layer_index, head, kw, quant_mode)
+        graph, outputs = self._build(layer, x, routes, count, size, layer_index, head, kw, quant_mode)
         plan = graph.plan()
         self.plans.append(plan)
         results = plan.run(timeline=self.timeline)
@@ -136,17 +146,22 @@ class Scheduler:
                                   kind="comm")
         return torch.cat([results[n] for n in outputs])[: x.shape[0]]
 
-    def _build(self, layer: Any, x: Tensor, count: int, size: int, layer_index: int, head: dict, kw: dict,
-               quant_mode: int) -> tuple[Graph, list[Node]]:
+    def _build(self, layer: Any, x: Tensor, routes: tuple[Tensor, Tensor] | None, count: int, size: int,
+               layer_index: int, head: dict, kw: dict, quant_mode: int) -> tuple[Graph, list[Node]]:
         g = Graph()
         a = (head["group_ep"], head["ep_world_size"], head["ep_rank_id"], head["moe_expert_num"])
         transfers: list[transport.Transfer] = []
         node = {(st, i): Node(st, microbatch=i, layer=layer_index) for st in STAGES for i in range(count)}
         chunks = [pad_chunk(x, i * size, size) for i in range(count)]
 
+        # Grad and inference mode are thread-local: the nodes run on stream workers, so they take
+        # the caller's modes with them (a no_grad forward must not build autograd graphs there).
+        grad_enabled, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
         def labelled(i: int, fn):
             def run(inputs: dict[Node, Any]) -> Any:
-                with _context.labelled(f"mb{i}.l{layer_index}"):
+                with _context.labelled(f"mb{i}.l{layer_index}"), torch.inference_mode(inference), \
+                        torch.set_grad_enabled(grad_enabled):
                     return fn(inputs)
             return run
 
@@ -156,8 +171,10 @@ class Scheduler:
         for i in range(count):
             chunk, mask = chunks[i]
 
-            def route(inputs, chunk=chunk):
-                return layer.moe_route(chunk)
+            def route(inputs, i=i, chunk=chunk):
+                if routes is None:
+                    return layer.moe_route(chunk)
+                return tuple(pad_chunk(r, i * size, size)[0] for r in routes)
 
             def dispatch_setup(inputs, i=i, chunk=chunk, mask=mask):
                 ids, _ = get(inputs, "route", i)
