@@ -116,7 +116,8 @@ class Scheduler:
     # -- building and running one layer --
 
     def run_layer(self, layer: Any, x: Tensor, *, routes: tuple[Tensor, Tensor] | None = None,
-                  layer_index: int | None = None) -> Tensor:
+                  layer_index: int | None = None, microbatches: int | None = None,
+                  min_tokens: int | None = None) -> Tensor:
         """Run a protocol layer's forward on `x` `(T, H)` pipelined; returns `(T, H)`.
 
         Args:
@@ -125,32 +126,37 @@ class Scheduler:
             routes: optional precomputed `(expert_ids (T, K), expert_scales (T, K))`, for callers
                 that routed already (then `layer.moe_route` is not called).
             layer_index: the `.l<j>` of the nodes (default: the count of layers run in this context).
+            microbatches, min_tokens: override the context's values for this call.
         """
         kw = layer.moe_comm_kwargs()
         head = {k: kw.pop(k) for k in ("group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num")}
         quant_mode = kw.pop("quant_mode", 0)
         group = self.group or dist.distributed_c10d._resolve_process_group(head["group_ep"])
         total = max_tokens(x.shape[0], group)
-        count = microbatch_count(total, self.microbatches, self.min_tokens)
+        if total == 0:  # no rank has a token: no exchange at all (every rank sees the same total)
+            return x[:0]
+        count = microbatch_count(total, microbatches or self.microbatches,
+                                 self.min_tokens if min_tokens is None else min_tokens)
         size = max(-(-total // count), 1)
         if layer_index is None:
             layer_index = self._layer_index
         self._layer_index += 1
-        graph, outputs = self._build(layer, x, routes, count, size, layer_index, head, kw, quant_mode)
+        graph, outputs, transfers = self._build(layer, x, routes, count, size, layer_index, head, kw, quant_mode)
         plan = graph.plan()
         self.plans.append(plan)
         results = plan.run(timeline=self.timeline)
-        for transfer in results.get(_TRANSFERS, []):
+        for transfer in transfers:
             if transfer.started_at is not None and transfer.finished_at is not None:
                 self.timeline.add("link", transfer.label or transfer.op, transfer.started_at, transfer.finished_at,
                                   kind="comm")
         return torch.cat([results[n] for n in outputs])[: x.shape[0]]
 
     def _build(self, layer: Any, x: Tensor, routes: tuple[Tensor, Tensor] | None, count: int, size: int,
-               layer_index: int, head: dict, kw: dict, quant_mode: int) -> tuple[Graph, list[Node]]:
+               layer_index: int, head: dict, kw: dict,
+               quant_mode: int) -> tuple[Graph, list[Node], list[transport.Transfer]]:
         g = Graph()
         a = (head["group_ep"], head["ep_world_size"], head["ep_rank_id"], head["moe_expert_num"])
-        transfers: list[transport.Transfer] = []
+        transfers: list[transport.Transfer] = []  # filled by the setup nodes, read after the run
         node = {(st, i): Node(st, microbatch=i, layer=layer_index) for st in STAGES for i in range(count)}
         chunks = [pad_chunk(x, i * size, size) for i in range(count)]
 
@@ -231,13 +237,7 @@ class Scheduler:
                       kind={"dispatch_setup": "comm_issue", "combine_setup": "comm_issue",
                             "dispatch_teardown": "comm_wait", "combine_teardown": "comm_wait"}.get(stage, "compute"),
                       priority=_priority(stage, i))
-        # A sink that hands over the transfers (for the link track) once everything has run.
-        last = [node["combine_teardown", i] for i in range(count)]
-        g.add(_TRANSFERS, lambda inputs: list(transfers), after=last, kind="compute", priority=10 ** 9)
-        return g, last
-
-
-_TRANSFERS = Node("transfers")
+        return g, [node["combine_teardown", i] for i in range(count)], transfers
 
 
 def _priority(stage: str, microbatch: int) -> float:
