@@ -20,23 +20,21 @@ Usage::
 What one call does (a rank holds ``N`` tokens, `(N, H)` hidden states, `(N, K)` routes)::
 
     if the ranks of a TP group share the batch: keep this rank's slice (as AllToAllEP does)
-    N_max = all_reduce(N, MAX) over the EP group          # skipped when EP == TP (same N everywhere)
-    M = num_microbatches(N_max)                           # 1 if N_max < 64, else max(2, ceil(N_max/512))
-    R = ceil(N_max / M)                                   # rows per microbatch, <= 512, same on all ranks
-    microbatch i = rows [i·R, (i+1)·R) zero-padded to R, x_active_mask = its real rows (a True-prefix)
-    run pipeline_schedule(M):                             # every rank issues the same exchanges in order
-        dispatch_setup@mb0, dispatch_setup@mb1, dispatch_teardown@mb0, experts@mb0, combine_setup@mb0,
-        dispatch_setup@mb2, dispatch_teardown@mb1, experts@mb1, combine_setup@mb1, combine_teardown@mb0, ...
-    out = concat(combine_teardown outputs)[:N]; all-gather the slices over TP
+    out = scheduler.run_layer(self, x, routes=(top_k_index, top_k_weights))
+    all-gather the slices over TP
 
-so microbatch i+1's dispatch travels while microbatch i's experts compute, and microbatch i's
-combine travels while microbatch i+1's experts compute; at most 2 dispatches and 2 combines are in
-flight (the ops' default budget). The experts run top-1 with unit weights on the rows each local
-expert received (`expert_token_nums`); the routing weights are applied by combine_teardown
-(fp32 sum over k, one cast), as `AllToAllEP` applies them after its second exchange.
+`OverlapEP` implements the MoE protocol of `overlap.moe` (`moe_experts` runs transformers'
+`experts_forward`; routing is given; no shared experts), so the *same* executor as any other layer
+pipelines it: `overlap.scheduler`'s graph (one all-reduce of N over the EP group, microbatches of
+equal padded size R ≤ 512 on every rank, `x_active_mask` for the real rows, microbatch i+1's
+dispatch travelling while microbatch i's experts compute, at most 2 exchanges of a kind in flight).
+The rule: 1 microbatch if the largest rank has fewer than 64 tokens, else max(2, ceil(N_max/512)).
+Inside a user's `overlap.scheduler(...)` context (or `record(model)`) the calls run in it and show
+in its plan, timeline and report; otherwise each call runs in a fresh context.
 
-`global_bs` is ``R · W`` (the largest microbatch of the group times the EP size): every rank pads
-to R rows, so the ops' buffers hold A = R·W·min(L, K) rows per call, not 512·W·min(L, K).
+The experts run top-1 with unit weights on the rows each local expert received
+(`expert_token_nums`); the routing weights are applied by combine_teardown (fp32 sum over k, one
+cast), as `AllToAllEP` applies them after its second exchange.
 
 Inference only: a call that needs gradients raises `NotImplementedError` (the split ops have no
 backward; use `ep_implementation="all_to_all"` to train).
@@ -48,16 +46,13 @@ import contextlib
 import contextvars
 import math
 import re
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from transformers.distributed.expert_parallel import EPImplementation, EPImplementationInterface
 
-from .. import _context, ops
+from ..scheduler import Scheduler, current_scheduler, microbatch_count, scheduler
 from ..timeline import OverlapReport, Timeline
 
 __all__ = [
@@ -65,11 +60,9 @@ __all__ = [
     "MIN_SPLIT_TOKENS",
     "OverlapEP",
     "Recorder",
-    "Step",
     "microbatch_rows",
     "microbatches",
     "num_microbatches",
-    "pipeline_schedule",
     "record",
     "register",
 ]
@@ -88,18 +81,13 @@ MAX_EXPERTS = 512
 
 
 def num_microbatches(max_tokens: int) -> int:
-    """Microbatches for a call whose largest rank holds `max_tokens` tokens.
-
-    0 tokens: 0; fewer than `MIN_SPLIT_TOKENS` (64): 1; otherwise the fewest microbatches, at least
-    2, of at most `MAX_MICROBATCH_TOKENS` (512) tokens each.
-    """
+    """Microbatches for a call whose largest rank holds `max_tokens` tokens: the scheduler's rule
+    (`overlap.scheduler.microbatch_count`) with 2 microbatches and 32 tokens at least per
+    microbatch, so 0 tokens: 0; fewer than `MIN_SPLIT_TOKENS` (64): 1; otherwise the fewest
+    microbatches, at least 2, of at most 512 tokens each."""
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-    if max_tokens == 0:
-        return 0
-    if max_tokens < MIN_SPLIT_TOKENS:
-        return 1
-    return max(2, math.ceil(max_tokens / MAX_MICROBATCH_TOKENS))
+    return microbatch_count(max_tokens, 2, MIN_SPLIT_TOKENS // 2) if max_tokens else 0
 
 
 def microbatch_rows(max_tokens: int) -> int:
@@ -126,90 +114,26 @@ def microbatches(num: int | None) -> Iterator[None]:
         _forced_num.reset(token)
 
 
-def _plan(max_tokens: int) -> tuple[int, int]:
-    """(microbatches, rows per microbatch) for a call whose largest rank holds `max_tokens`."""
-    forced = _forced_num.get()
-    if forced is None or max_tokens == 0:
-        return num_microbatches(max_tokens), microbatch_rows(max_tokens)
-    num = min(max(forced, math.ceil(max_tokens / MAX_MICROBATCH_TOKENS)), max_tokens)
-    return num, math.ceil(max_tokens / num)
-
-
-OPS = ("dispatch_setup", "dispatch_teardown", "experts", "combine_setup", "combine_teardown")
-
-
-@dataclass(frozen=True, order=True)
-class Step:
-    """One step of the pipeline: `op` (one of `OPS`) on microbatch `mb`; prints `dispatch_setup@mb1`."""
-
-    op: str
-    mb: int
-
-    def __post_init__(self) -> None:
-        if self.op not in OPS:
-            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
-        if self.mb < 0:
-            raise ValueError(f"mb must be >= 0, got {self.mb}")
-
-    def __str__(self) -> str:
-        return f"{self.op}@mb{self.mb}"
-
-    @classmethod
-    def parse(cls, text: str) -> Step:
-        match = re.fullmatch(r"(\w+)@mb(\d+)", text)
-        if match is None:
-            raise ValueError(f"a step reads '<op>@mb<i>', got {text!r}")
-        return cls(match.group(1), int(match.group(2)))
-
-
-def pipeline_schedule(num: int) -> tuple[Step, ...]:
-    """The order of the steps for `num` microbatches (a value: later a graph can be built from it).
-
-    Dispatch of mb i+1 is set up before mb i's experts; combine of mb i is set up before mb i+1's
-    experts and torn down after them. At most 2 dispatches and 2 combines are in flight.
-    """
-    if num < 0:
-        raise ValueError(f"num must be >= 0, got {num}")
-    steps: list[Step] = [Step("dispatch_setup", 0)] if num else []
-    for i in range(num):
-        if i + 1 < num:
-            steps.append(Step("dispatch_setup", i + 1))
-        steps += [Step("dispatch_teardown", i), Step("experts", i), Step("combine_setup", i)]
-        if i > 0:
-            steps.append(Step("combine_teardown", i - 1))
-    if num:
-        steps.append(Step("combine_teardown", num - 1))
-    return tuple(steps)
-
-
-# --------------------------------------------------------------------------------------------
-# Recording
-# --------------------------------------------------------------------------------------------
-
-_KIND = {"dispatch_setup": "comm_issue", "combine_setup": "comm_issue", "dispatch_teardown": "comm_wait",
-         "combine_teardown": "comm_wait", "experts": "compute"}
-_TRACK = {"comm_issue": "issue", "comm_wait": "wait", "compute": "experts"}
-
-
 class Recorder:
-    """What ran inside `record(...)`: one interval per step (`dispatch_setup@mb1.l3`, on tracks
-    ``issue`` / ``wait`` / ``experts``) and one per transfer (`dispatch@mb1.l3`, kind ``comm`` on
-    track ``link``, from the transport's start and finish times), all on `time.perf_counter`."""
+    """What ran inside `record(...)`: the `overlap.scheduler` context every call ran in. Its
+    timeline holds one interval per node (`dispatch_setup@mb1.l3` on the compute / comm_setup /
+    comm_teardown streams) and one per transfer (`dispatch@mb1.l3`, kind ``comm`` on track ``link``)."""
 
-    def __init__(self) -> None:
-        self.timeline = Timeline(("experts", "issue", "wait", "link"))
-        self.num_calls = 0
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    @property
+    def timeline(self) -> Timeline:
+        return self.scheduler.timeline
+
+    @property
+    def num_calls(self) -> int:
+        """EP calls (one per MoE layer per forward) recorded."""
+        return len(self.scheduler.plans)
 
     def report(self) -> OverlapReport:
-        """Compute busy (experts), comm busy (transfers), their intersection, hidden fraction."""
-        return self.timeline.report()
-
-    def add_transfer(self, name: str, transfer: ops.Transfer | None) -> None:
-        if transfer is not None and transfer.started_at is not None and transfer.finished_at is not None:
-            self.timeline.add("link", name, transfer.started_at, transfer.finished_at, "comm")
-
-
-_recorder: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("overlap_hf_recorder", default=None)
+        """Compute busy, comm busy (transfers), their intersection, hidden fraction."""
+        return self.scheduler.report()
 
 
 @contextlib.contextmanager
@@ -225,13 +149,10 @@ def record(model: torch.nn.Module | None = None) -> Iterator[Recorder]:
             impl = getattr(module, "_overlap_ep", None)
             if impl is not None:
                 numbers = re.findall(r"\.(\d+)(?=\.|$)", name)
-                impl.layer_tag = f"l{numbers[0]}" if numbers else name
-    rec = Recorder()
-    token = _recorder.set(rec)
-    try:
-        yield rec
-    finally:
-        _recorder.reset(token)
+                if numbers:
+                    impl.layer_index = int(numbers[0])
+    with scheduler(microbatches=2, min_tokens=MIN_SPLIT_TOKENS // 2) as s:
+        yield Recorder(s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,18 +162,6 @@ def record(model: torch.nn.Module | None = None) -> Iterator[Recorder]:
 
 def _config_name(config: object, candidates: tuple[str, ...], default: str) -> str:
     return next((c for c in candidates if hasattr(config, c)), default)
-
-
-@dataclass
-class _Microbatch:
-    """One microbatch's inputs (padded to R rows) and what its steps hand each other."""
-
-    x: Tensor  # (R, H) bf16/fp16
-    expert_ids: Tensor  # (R, K) int32
-    expert_scales: Tensor  # (R, K) fp32
-    x_active_mask: Tensor | None  # (R,) bool True-prefix, None when all rows are real
-    num_real: int
-    state: dict
 
 
 class OverlapEP(EPImplementation):
@@ -278,7 +187,7 @@ class OverlapEP(EPImplementation):
         self.ep_rank = ep_mesh.get_local_rank()
         self.moe_expert_num = self.num_local_experts * self.ep_size
         OverlapEP._load_order += 1
-        self.layer_tag = f"l{OverlapEP._load_order - 1}"
+        self.layer_index = OverlapEP._load_order - 1  # `record(model)` sets it from the module name
         experts._overlap_ep = self  # lets `record(model)` name the layer
         if self.config is not None:
             self._check(getattr(self.config, "hidden_size", None),
@@ -328,120 +237,53 @@ class OverlapEP(EPImplementation):
         self._check(hidden_states.shape[-1], top_k_index.shape[-1])
         num_tokens, hidden = hidden_states.shape
         tp_size = self.tp_mesh.size()
-        if self.shares_batch:  # same N on every rank of the group; slices follow torch.chunk: the first is largest
-            max_tokens = math.ceil(num_tokens / tp_size)
         if tp_size > 1:  # the TP group shares this batch: each rank keeps a disjoint slice (no communication)
             hidden_states, top_k_index, top_k_weights = (_tp_slice(t, self.tp_mesh)
                                                           for t in (hidden_states, top_k_index, top_k_weights))
-        if not self.shares_batch:  # ranks hold different batches: agree on the largest (one tiny all-reduce)
-            count = torch.tensor([hidden_states.shape[0]], dtype=torch.int64, device=hidden_states.device)
-            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.ep_mesh.get_group())
-            max_tokens = int(count.item())
-        output = self._exchange(hidden_states, top_k_index, top_k_weights, max_tokens)
+        output = self._exchange(hidden_states, top_k_index, top_k_weights)
         if tp_size == 1:
             return output
         return _tp_gather(output, self.tp_mesh, num_tokens, hidden)
 
-    def _exchange(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, max_tokens: int) -> Tensor:
-        """This rank's `(n, H)` tokens through the pipeline; `max_tokens` is the group's largest n."""
-        num, rows = _plan(max_tokens)
-        if num == 0:
-            return x.new_zeros(0, x.shape[1])
-        mbs = [self._microbatch(x, top_k_index, top_k_weights, i * rows, rows) for i in range(num)]
-        _Call(self, mbs, rows * self.ep_size, _recorder.get()).run(pipeline_schedule(num))
-        return torch.cat([mb.state["x_out"][: mb.num_real] for mb in mbs])
+    # -- the MoE protocol the scheduler drives (overlap.moe) --
 
-    def _microbatch(self, x: Tensor, ids: Tensor, weights: Tensor, start: int, rows: int) -> _Microbatch:
-        num_real = max(0, min(rows, x.shape[0] - start))
-        top_k = ids.shape[1]
-        if num_real == rows:
-            xs, ids_mb = x[start : start + rows], ids[start : start + rows].to(torch.int32)
-            w_mb, mask = weights[start : start + rows].float(), None
-        else:  # zero rows after the real ones; their routes are valid distinct ids, never sent
-            xs = x.new_zeros(rows, x.shape[1])
-            ids_mb = torch.arange(top_k, dtype=torch.int32, device=x.device).expand(rows, top_k).clone()
-            w_mb = torch.zeros(rows, top_k, dtype=torch.float32, device=x.device)
-            xs[:num_real] = x[start : start + num_real]
-            ids_mb[:num_real] = ids[start : start + num_real]
-            w_mb[:num_real] = weights[start : start + num_real]
-            mask = torch.arange(rows, device=x.device) < num_real
-        return _Microbatch(xs.contiguous(), ids_mb.contiguous(), w_mb.contiguous(), mask, num_real, {})
+    def moe_comm_kwargs(self) -> dict:
+        # No shared experts through the ops: a model's shared expert runs in its own MoE block.
+        return dict(group_ep=self.group_ep, ep_world_size=self.ep_size, ep_rank_id=self.ep_rank,
+                    moe_expert_num=self.moe_expert_num, shared_expert_num=0, shared_expert_rank_num=0)
 
+    def moe_route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError("transformers routes before the EP call: the routes are passed to run_layer")
 
-class _Call:
-    """Runs one call's schedule: the handler of each step, with the microbatches' shared state.
-
-    The handlers are the only place the ops are called; the order is `pipeline_schedule`'s.
-    """
-
-    def __init__(self, impl: OverlapEP, mbs: list[_Microbatch], global_bs: int, recorder: Recorder | None) -> None:
-        self.impl, self.mbs, self.recorder = impl, mbs, recorder
-        self.args = (impl.group_ep, impl.ep_size, impl.ep_rank, impl.moe_expert_num)
-        # no shared experts through the ops: a model's shared expert runs in its own MoE block
-        self.common = dict(shared_expert_num=0, shared_expert_rank_num=0, global_bs=global_bs)
-        self.handlers: dict[str, Callable[[_Microbatch], None]] = {
-            "dispatch_setup": self.dispatch_setup, "dispatch_teardown": self.dispatch_teardown,
-            "experts": self.experts, "combine_setup": self.combine_setup, "combine_teardown": self.combine_teardown,
-        }
-
-    def run(self, steps: tuple[Step, ...]) -> None:
-        rec, tag = self.recorder, self.impl.layer_tag
-        if rec is not None:
-            rec.num_calls += 1
-        for step in steps:
-            mb = self.mbs[step.mb]
-            label = f"mb{step.mb}.{tag}"
-            with _context.labelled(label):
-                start = time.perf_counter()
-                self.handlers[step.op](mb)
-                end = time.perf_counter()
-            if rec is not None:
-                kind = _KIND[step.op]
-                rec.timeline.add(_TRACK[kind], f"{step}.{tag}", start, end, kind)
-                if step.op.endswith("_teardown"):
-                    op = step.op.split("_")[0]
-                    rec.add_transfer(f"{op}@{label}", mb.state.pop(f"{op}_transfer", None))
-
-    def _find_transfer(self, comm_cmd_info: Tensor) -> ops.Transfer | None:
-        ticket = getattr(comm_cmd_info, "_overlap_ticket", None)
-        if self.recorder is None or ticket is None:
-            return None
-        return next((t for t in ops.in_flight(self.impl.group_ep) if t.ticket == ticket), None)
-
-    def dispatch_setup(self, mb: _Microbatch) -> None:
-        y, expand_idx, cmd = ops.dispatch_setup(mb.x, mb.expert_ids, *self.args, x_active_mask=mb.x_active_mask,
-                                                **self.common)
-        mb.state.update(y=y, expand_idx=expand_idx, dispatch_cmd=cmd, dispatch_transfer=self._find_transfer(cmd))
-
-    def dispatch_teardown(self, mb: _Microbatch) -> None:
-        s = mb.state
-        expand_x, _, assist, token_nums = ops.dispatch_teardown(mb.x, s.pop("y"), mb.expert_ids, s.pop("dispatch_cmd"),
-                                                                *self.args, expert_token_nums_type=1, **self.common)
-        s.update(expand_x=expand_x, assist=assist, token_nums=token_nums)
-
-    def experts(self, mb: _Microbatch) -> None:
-        """The rank's experts on the rows each local expert received, top-1, unit weights, in place."""
-        s = mb.state
-        expand_x, counts = s["expand_x"], s.pop("token_nums")
-        total = int(counts.sum())
+    def moe_experts(self, expand_x: Tensor, dynamic_scales: Tensor, expert_token_nums: Tensor) -> Tensor:
+        """The rank's experts on the rows each local expert received, top-1 with unit weights (the
+        routing weights are applied by combine_teardown)."""
+        total = int(expert_token_nums.sum())
+        out = torch.zeros_like(expand_x)
         if total == 0:
-            return
-        local_ids = torch.repeat_interleave(torch.arange(counts.numel(), device=expand_x.device),
-                                            counts.to(expand_x.device), output_size=total).unsqueeze(-1)
+            return out
+        local_ids = torch.repeat_interleave(torch.arange(expert_token_nums.numel(), device=expand_x.device),
+                                            expert_token_nums.to(expand_x.device), output_size=total).unsqueeze(-1)
         rows = expand_x[:total]
-        out = self.impl.experts_forward(rows, local_ids, torch.ones(total, 1, dtype=rows.dtype, device=rows.device))
-        expand_x[:total] = out.to(expand_x.dtype)
+        ones = torch.ones(total, 1, dtype=rows.dtype, device=rows.device)
+        out[:total] = self.experts_forward(rows, local_ids, ones).to(out.dtype)
+        return out
 
-    def combine_setup(self, mb: _Microbatch) -> None:
-        s = mb.state
-        quant, cmd = ops.combine_setup(s["expand_x"], mb.expert_ids, s.pop("assist"), *self.args, **self.common)
-        s.update(quant=quant, combine_cmd=cmd, combine_transfer=self._find_transfer(cmd))
+    def moe_shared(self, x: Tensor) -> None:
+        return None
 
-    def combine_teardown(self, mb: _Microbatch) -> None:
-        s = mb.state
-        s["x_out"] = ops.combine_teardown(s.pop("expand_x"), s.pop("quant"), mb.expert_ids, s.pop("expand_idx"),
-                                          mb.expert_scales, s.pop("combine_cmd"), *self.args,
-                                          x_active_mask=mb.x_active_mask, **self.common)
+    def _exchange(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """This rank's `(n, H)` tokens through the scheduler's microbatch pipeline."""
+        forced = _forced_num.get()
+        routes = (top_k_index.to(torch.int32), top_k_weights.float())
+        kwargs = dict(routes=routes, layer_index=self.layer_index)
+        if forced is not None:
+            kwargs.update(microbatches=forced, min_tokens=0)
+        active = current_scheduler()
+        if active is not None:
+            return active.run_layer(self, x, **kwargs)
+        with scheduler(microbatches=2, min_tokens=MIN_SPLIT_TOKENS // 2) as s:
+            return s.run_layer(self, x, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
