@@ -219,6 +219,33 @@ def test_teardown_times_out_naming_op_microbatch_and_silent_peer(scratch_pool):
     assert issubclass(CommTimeoutError, TimeoutError)
 
 
+def _queued_case(silent_rank: int) -> tuple[str, str] | None:
+    """Two dispatches on a fresh group whose `silent_rank` never takes part: the second one's
+    teardown times out while it is still queued behind the first, and says so."""
+    from overlap import ops
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = dist.new_group(list(range(world)), backend="gloo").group_name
+    if rank == silent_rank:
+        return None
+    case = Case(world=world, batches=(4,) * world, experts=6)
+    p = build(case)
+    x, ids = p["x"][rank], p["ids"][rank]
+    with ops.comm_options(timeout_s=3 * SHORT_S):
+        ops.dispatch_setup(x, ids, g, world, rank, 6)  # stuck on the link: the silent rank never answers
+    y, _, cmd = ops.dispatch_setup(x, ids, g, world, rank, 6)
+    with ops.comm_options(timeout_s=SHORT_S / 2):
+        return _outcome(ops.dispatch_teardown, x, y, ids, cmd, g, world, rank, 6)
+
+
+def test_timeout_of_a_queued_exchange_says_it_is_queued(scratch_pool):
+    outcomes = _run_survivors(scratch_pool, _queued_case, 2)
+    for rank in (0, 1):
+        ok, (type_name, message) = outcomes[rank]
+        assert ok and type_name == "CommTimeoutError", (rank, type_name, message)
+        assert "still queued behind an earlier exchange" in message, message
+
+
 # --------------------------------------------------------------------------------------------
 # 2. A rank dies between setup and teardown
 # --------------------------------------------------------------------------------------------

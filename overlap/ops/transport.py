@@ -230,13 +230,17 @@ class Transfer:
         """Block until the exchange lands; raise its error, or `CommTimeoutError` after the timeout."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         if not self._done.wait(timeout):
+            where = f" ({self.label})" if self.label else ""
+            hint = "(set OVERLAP_TIMEOUT_S or comm_options(timeout_s=...) to wait longer)"
+            if self.started_at is None:  # never reached the link: an earlier exchange holds the worker
+                raise CommTimeoutError(
+                    f"{self.op}_teardown{where} on group {self.group_name!r} timed out after {timeout:g} s while "
+                    f"still queued behind an earlier exchange of the group that has not completed {hint}")
             world = self.block_counts.shape[0]
             missing = sorted(set(range(world)) - self.delivered)
-            where = f" ({self.label})" if self.label else ""
             raise CommTimeoutError(
                 f"{self.op}_teardown{where} on group {self.group_name!r} timed out after {timeout:g} s: "
-                f"ranks {missing} have not delivered (set OVERLAP_TIMEOUT_S or comm_options(timeout_s=...) "
-                f"to wait longer)")
+                f"ranks {missing} have not delivered {hint}")
         if self._error is not None:
             raise self._error
 
