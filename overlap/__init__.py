@@ -16,7 +16,7 @@ from . import ops
 from .errors import CapacityError, CommError, CommTimeoutError, HandleError, OverlapError, PlanError
 from .graph import Graph, Node, Plan
 from .moe import MoELayer
-from .scheduler import Scheduler, scheduler
+from .scheduler import Scheduler, scheduler, wrap
 from .streams import Event, Stream
 from .timeline import OverlapReport, Timeline
 
@@ -40,4 +40,5 @@ __all__ = [
     "Timeline",
     "ops",
     "scheduler",
+    "wrap",
 ]

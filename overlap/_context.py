@@ -24,3 +24,21 @@ def labelled(tag: str | None) -> Iterator[None]:
         yield
     finally:
         _local.tag = previous
+
+
+def op_hook():
+    """The op interceptor installed on this thread (the scheduler's microbatch fibers), or None.
+
+    Called by `overlap.ops` as `hook(name, call)` where `call()` runs the op; the hook decides when.
+    """
+    return getattr(_local, "hook", None)
+
+
+@contextlib.contextmanager
+def hooked(hook) -> Iterator[None]:
+    previous = getattr(_local, "hook", None)
+    _local.hook = hook
+    try:
+        yield
+    finally:
+        _local.hook = previous

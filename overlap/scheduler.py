@@ -32,6 +32,8 @@ size on every rank; padding rows are inactive (`x_active_mask`) and never sent.
 from __future__ import annotations
 
 import contextvars
+import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +43,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _context, ops
-from .errors import HandleError
+from .errors import CapacityError, HandleError
 from .graph import Graph, Node, Plan
 from .moe import MAX_TOKENS_PER_CALL, max_tokens, pad_chunk
 from .ops import transport
@@ -112,6 +114,36 @@ class Scheduler:
             if exc_type is None:
                 raise HandleError(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def run(self, module: Any, x: Tensor) -> Tensor:
+        """Run `module(x)` pipelined: a protocol layer through `run_layer`; any other module (one whose
+        forward calls the ops) as cooperative microbatch fibers.
+
+        For an op-calling module, x `(T, ...)` is split along dim 0 into `count` near-equal chunks,
+        `count = max(1, min(microbatches, T_min // min_tokens))` with `T_min` the smallest batch of the
+        group (one all-reduce), so that every chunk has a token on every rank; the module must be
+        token-wise (row i of its output depends on row i of its input only), as MoE layers are.
+        """
+        if _is_protocol_layer(module):
+            return self.run_layer(module, x)
+        group = self.group if self.group is not None else dist.group.WORLD
+        t = torch.tensor([x.shape[0]], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+        smallest = int(t)
+        count = max(1, min(self.microbatches, smallest // self.min_tokens if self.min_tokens else smallest))
+        chunks = list(torch.tensor_split(x, count)) if count > 1 else [x]
+        fibers = _Fibers(self, module, chunks, self._layer_index)
+        outputs = fibers.run()
+        self._layer_index += max((max(c.values(), default=0) for c in fibers.calls), default=0) or 1
+        for node, kind, start, end in fibers.executed:
+            track = {"compute": "compute", "comm_issue": "comm_setup", "comm_wait": "comm_teardown"}[kind]
+            self.timeline.add(track, str(node), start, end, kind=kind)
+        for transfer in fibers.transfers:
+            if transfer.started_at is not None and transfer.finished_at is not None:
+                self.timeline.add("link", transfer.label or transfer.op, transfer.started_at, transfer.finished_at,
+                                  kind="comm")
+        self.plans.append(fibers.graph().plan())
+        return torch.cat(outputs) if count > 1 else outputs[0]
 
     # -- building and running one layer --
 
@@ -262,3 +294,182 @@ def scheduler(group: dist.ProcessGroup | None = None, microbatches: int = 2, *, 
         min_tokens: smallest microbatch worth splitting off (0: always split).
     """
     return Scheduler(group=group, microbatches=microbatches, min_tokens=min_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers that call the ops themselves: cooperative microbatch fibers
+# --------------------------------------------------------------------------------------------
+
+
+class _Abort(BaseException):
+    """Unwinds the other fibers when one of them failed (never escapes `_Fibers.run`)."""
+
+
+class _Fibers:
+    """Runs an unmodified op-calling module once per microbatch, as cooperative threads.
+
+    Exactly one fiber runs at a time (it holds the turn). A fiber hands the turn on, round robin,
+    when it reaches a teardown: the next microbatch computes while this one's transfer travels;
+    when the turn comes back, the fiber waits for its transfer (usually landed by then) and goes
+    on. A setup that would exceed the in-flight budget hands the turn on too, so that an earlier
+    microbatch tears down first. Every decision depends only on the order of op calls, which is
+    the same on every rank, so every rank issues the same exchanges in the same order.
+    """
+
+    def __init__(self, sched: Scheduler, module: Any, chunks: list[Tensor], layer_base: int) -> None:
+        self.sched, self.module, self.chunks = sched, module, chunks
+        self.count = len(chunks)
+        self.cv = threading.Condition()
+        self.turn = 0
+        self.state = ["ready"] * self.count  # ready | running | at_teardown | at_setup | done
+        self.outputs: list[Tensor | None] = [None] * self.count
+        self.error: BaseException | None = None
+        self.in_flight = {"dispatch": 0, "combine": 0}
+        self.calls = [dict() for _ in range(self.count)]  # per fiber: op name -> calls so far
+        self.segment_start = [0.0] * self.count
+        self.segment_index = [0] * self.count
+        self.executed: list[tuple[Node, str, float, float]] = []  # (node, kind, start, end)
+        self.transfers: list[transport.Transfer] = []
+        self.layer_base = layer_base
+        self.grad_enabled, self.inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    # -- the turn --
+
+    def _next(self, i: int) -> int:
+        for step in range(1, self.count + 1):
+            j = (i + step) % self.count
+            if self.state[j] != "done":
+                return j
+        return i
+
+    def _hand_on(self, i: int, state: str) -> None:
+        """Give the turn away (if another fiber can use it) and wait until it comes back."""
+        with self.cv:
+            self.state[i] = state
+            self.turn = self._next(i)
+            self.cv.notify_all()
+            self.cv.wait_for(lambda: self.turn == i or self.error is not None)
+            if self.error is not None:
+                raise _Abort
+            self.state[i] = "running"
+
+    # -- recording --
+
+    def _close_segment(self, i: int, before: str) -> None:
+        """Record the compute since the fiber's last op call (named for the layer of the next op)."""
+        now = time.perf_counter()
+        layer = self.layer_base + max(self.calls[i].get(before, 0) - (before == "end"), 0)
+        k = self.segment_index[i]
+        self.segment_index[i] += 1
+        self.executed.append((Node(f"compute{k}", microbatch=i, layer=layer), "compute", self.segment_start[i], now))
+
+    def _on_op(self, i: int, name: str, call) -> Any:
+        kind, half = name.split("_")
+        self._close_segment(i, name)
+        layer = self.layer_base + self.calls[i].get(name, 0)
+        self.calls[i][name] = self.calls[i].get(name, 0) + 1
+        if half == "setup":
+            while self.in_flight[kind] >= transport._options.max_in_flight:
+                with self.cv:
+                    stuck = all(s in ("done", "at_setup") for j, s in enumerate(self.state) if j != i)
+                if stuck:
+                    raise CapacityError(f"{name}@mb{i}: {self.in_flight[kind]} {kind} exchanges in flight and no "
+                                        f"microbatch can tear one down (max_in_flight = "
+                                        f"{transport._options.max_in_flight})")
+                self._hand_on(i, "at_setup")
+        else:
+            self._hand_on(i, "at_teardown")
+        start = time.perf_counter()
+        with _context.labelled(f"mb{i}.l{layer}"):
+            result = call()
+        end = time.perf_counter()
+        self.in_flight[kind] += 1 if half == "setup" else -1
+        if half == "setup":
+            t = transport.transfer_of(result[-1])
+            if t is not None:
+                self.transfers.append(t)
+        node_kind = "comm_issue" if half == "setup" else "comm_wait"
+        self.executed.append((Node(name, microbatch=i, layer=layer), node_kind, start, end))
+        self.segment_start[i] = time.perf_counter()
+        return result
+
+    # -- running --
+
+    def _fiber(self, i: int) -> None:
+        try:
+            with self.cv:
+                self.cv.wait_for(lambda: self.turn == i or self.error is not None)
+                if self.error is not None:
+                    return
+                self.state[i] = "running"
+            self.segment_start[i] = time.perf_counter()
+            with _context.hooked(lambda name, call: self._on_op(i, name, call)), \
+                    torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad_enabled):
+                self.outputs[i] = self.module(self.chunks[i])
+            self._close_segment(i, "end")
+        except _Abort:
+            pass
+        except BaseException as exc:  # the first failure unwinds every fiber, then is re-raised
+            with self.cv:
+                if self.error is None:
+                    self.error = exc
+                self.cv.notify_all()
+        finally:
+            with self.cv:
+                self.state[i] = "done"
+                self.turn = self._next(i)
+                self.cv.notify_all()
+
+    def run(self) -> list[Tensor]:
+        threads = [threading.Thread(target=self._fiber, args=(i,), name=f"overlap-mb{i}", daemon=True)
+                   for i in range(self.count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if self.error is not None:
+            raise self.error
+        return self.outputs  # type: ignore[return-value]
+
+    def graph(self) -> Graph:
+        """The graph that ran: each microbatch's nodes in program order (compute segments between
+        the op calls), a teardown after its setup; priorities reproduce the executed order."""
+        g = Graph()
+        previous: dict[int, Node] = {}
+        setups: dict[tuple[str, int, int | None], Node] = {}
+        for index, (node, kind, _, _) in enumerate(self.executed):
+            after = [previous[node.microbatch]] if node.microbatch in previous else []
+            if kind == "comm_issue":
+                setups[node.op.split("_")[0], node.microbatch, node.layer] = node
+            elif kind == "comm_wait":
+                setup = setups.get((node.op.split("_")[0], node.microbatch, node.layer))
+                if setup is not None and setup not in after:
+                    after.append(setup)
+            g.add(node, after=after, kind=kind, priority=index)
+            previous[node.microbatch] = node
+        return g
+
+
+def _is_protocol_layer(module: Any) -> bool:
+    return all(hasattr(module, m) for m in ("moe_route", "moe_experts", "moe_shared", "moe_comm_kwargs"))
+
+
+
+
+class Pipelined(torch.nn.Module):
+    """`wrap(module)`: calling it inside `overlap.scheduler(...)` runs `module` pipelined (see
+    `Scheduler.run`); outside a context it is `module` itself."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        sched = current_scheduler()
+        return self.module(x) if sched is None else sched.run(self.module, x)
+
+
+def wrap(module: torch.nn.Module) -> Pipelined:
+    """Wrap an existing MoE module (one that calls the four ops, or implements the MoE protocol) so
+    that inside `overlap.scheduler(...)` its calls are microbatch-pipelined."""
+    return Pipelined(module)
