@@ -17,13 +17,19 @@ def current_label(op: str) -> str:
 
 
 @contextlib.contextmanager
-def labelled(tag: str | None) -> Iterator[None]:
-    previous = getattr(_local, "tag", None)
-    _local.tag = tag
+def thread_value(local: threading.local, name: str, value: object) -> Iterator[None]:
+    """Set `local.<name>` to `value` for the block (this thread only), then restore it."""
+    previous = getattr(local, name, None)
+    setattr(local, name, value)
     try:
         yield
     finally:
-        _local.tag = previous
+        setattr(local, name, previous)
+
+
+def labelled(tag: str | None) -> contextlib.AbstractContextManager[None]:
+    """Name the microbatch (and layer) of the ops called in the block, e.g. ``mb1.l3``."""
+    return thread_value(_local, "tag", tag)
 
 
 def op_hook():
@@ -34,11 +40,6 @@ def op_hook():
     return getattr(_local, "hook", None)
 
 
-@contextlib.contextmanager
-def hooked(hook) -> Iterator[None]:
-    previous = getattr(_local, "hook", None)
-    _local.hook = hook
-    try:
-        yield
-    finally:
-        _local.hook = previous
+def hooked(hook) -> contextlib.AbstractContextManager[None]:
+    """Install an op interceptor for the block (this thread only)."""
+    return thread_value(_local, "hook", hook)

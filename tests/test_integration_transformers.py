@@ -18,7 +18,6 @@ Ranks holding different batches use FSDP2 (`fsdp_size = ep_size`), which refuses
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -81,7 +80,7 @@ def _load(path: str, layout: str, impl: str, world: int):
 
 def _prompt(layout: str, lengths: tuple[int, ...], batch: int = 1) -> torch.Tensor:
     """This rank's input ids: its own length under "dp", the group's shared batch otherwise."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     g = torch.Generator().manual_seed(1234)
     prompts = [torch.randint(0, VOCAB, (batch, n), generator=g) for n in lengths]
     if layout == "dp":

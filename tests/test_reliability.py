@@ -355,7 +355,8 @@ def test_disagreeing_ranks_all_raise_and_the_group_recovers(rank_pools, name):
             assert f"ranks disagree on {name} " in message, message
             mine, theirs = DISAGREEMENTS[name][rank], DISAGREEMENTS[name][other]
             assert f"rank {rank} has" in message and f"rank {other} has" in message, message
-            del mine, theirs
+            mine, theirs = next(iter(mine.values())), next(iter(theirs.values()))
+            assert f"rank {rank} has {mine}" in message and f"rank {other} has {theirs}" in message, message
         assert torch.equal(x_out, reference[rank]), f"rank {rank}: the group does not work after the error"
 
 

@@ -23,7 +23,6 @@ import contextlib
 import functools
 import os
 import threading
-from collections.abc import Iterator
 from typing import Any, Callable
 
 from .. import _context
@@ -35,17 +34,11 @@ _local = threading.local()
 BACKENDS = ("npu", "portable")
 
 
-@contextlib.contextmanager
-def use_backend(name: str | None) -> Iterator[None]:
+def use_backend(name: str | None) -> contextlib.AbstractContextManager[None]:
     """Force `"npu"` or `"portable"` for the calls in the block (None: follow the tensors)."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
-    previous = getattr(_local, "backend", None)
-    _local.backend = name
-    try:
-        yield
-    finally:
-        _local.backend = previous
+    return _context.thread_value(_local, "backend", name)
 
 
 def _backend(first: Any) -> str:

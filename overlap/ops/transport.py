@@ -29,7 +29,6 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -37,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import _context
 from ..errors import CapacityError, CommError, CommTimeoutError, HandleError
 
 MAGIC = 0x4F564C50  # "OVLP": marks a comm_cmd_info written by this transport
@@ -135,17 +135,11 @@ def configure(
         _options.max_in_flight = max_in_flight
 
 
-@contextlib.contextmanager
-def comm_options(*, timeout_s: float | None = None) -> Iterator[None]:
+def comm_options(*, timeout_s: float | None = None) -> contextlib.AbstractContextManager[None]:
     """Override the teardown timeout for the calls made inside the block (this thread only)."""
     if timeout_s is not None and not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    previous = getattr(_local, "timeout_s", None)
-    _local.timeout_s = timeout_s
-    try:
-        yield
-    finally:
-        _local.timeout_s = previous
+    return _context.thread_value(_local, "timeout_s", timeout_s)
 
 
 def current_timeout() -> float:
