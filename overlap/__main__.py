@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--ranks", type=int, default=2)
     b.add_argument("--transport", choices=("gloo", "emulated"), default="emulated")
     b.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4])
+    b.add_argument("--reps", type=int, default=3, help="timed repetitions per case (median reported)")
     b.add_argument("--json", default=None, help="write the rows as JSON to this file")
     return p
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print("wrote: " + ", ".join(result["files"]))
         return 0 if result["outputs_equal"] else 1
     if args.command == "bench":
-        rows = run_ranks(args.ranks, demo.bench_rank, args.transport, tuple(args.microbatches), demo.BENCH_SHAPES)
+        rows = run_ranks(args.ranks, demo.bench_rank, args.transport, tuple(args.microbatches), demo.BENCH_SHAPES,
+                         args.reps)
         print(demo.format_table(rows))
         if args.json:
             demo.dump_json(rows, args.json)

@@ -164,12 +164,13 @@ BENCH_SHAPES = (
 )
 
 
-def bench_rank(transport: str, microbatch_counts: tuple[int, ...], shapes: tuple[Shape, ...]) -> list[dict]:
+def bench_rank(transport: str, microbatch_counts: tuple[int, ...], shapes: tuple[Shape, ...],
+               reps: int = 3) -> list[dict]:
     rows = []
     for shape in shapes:
         for m in microbatch_counts:
             _progress(f"bench {shape} m={m}")
-            row = measure(shape, m, transport)
+            row = measure(shape, m, transport, reps=reps)
             row.pop("_sched")
             rows.append(row)
     return rows
