@@ -147,3 +147,47 @@ def test_setup_returns_before_the_transfer_lands_and_owns_its_buffers(rank_pools
         assert res["setup_s"] < latency
         assert res["remaining"] == 0
         assert torch.equal(res["x_out"], reference[rank])
+
+
+def _await_case(case: Case, latency_s: float) -> dict:
+    """An in-flight transfer is awaitable under asyncio without blocking the event loop."""
+    import asyncio
+
+    from overlap import ops
+
+    ops.configure(link=ops.EmulatedLink(latency_s=latency_s, bandwidth_bytes_per_s=1e12))
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        p = build(case)
+        g = dist.group.WORLD.group_name
+        x, ids = p["x"][rank], p["ids"][rank]
+
+        async def main() -> tuple[int, bool]:
+            ticks = 0
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.01)
+
+            task = asyncio.create_task(ticker())
+            y, _, cmd = ops.dispatch_setup(x, ids, g, world, rank, case.experts)
+            handle = ops.transfer_of(cmd)
+            await handle
+            landed = handle.is_complete
+            task.cancel()
+            ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, case.experts)
+            return ticks, landed
+
+        ticks, landed = asyncio.run(main())
+        return {"ticks": ticks, "landed": landed}
+    finally:
+        ops.configure(link=None)
+
+
+def test_transfer_handles_are_awaitable_without_blocking_the_loop(rank_pools):
+    latency = 0.3
+    for res in rank_pools(2).run(_await_case, Case(world=2, batches=(4, 4)), latency):
+        assert res["landed"]
+        assert res["ticks"] >= 5  # the loop kept running while the transfer was in flight

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from .. import _context
 from . import npu, portable
 from .params import MoeCommParams
-from .transport import EmulatedLink, Transfer, comm_options, configure, in_flight, shutdown
+from .transport import EmulatedLink, Transfer, comm_options, configure, in_flight, shutdown, transfer_of
 
 _local = threading.local()
 BACKENDS = ("npu", "portable")
@@ -125,5 +125,6 @@ __all__ = [
     "dispatch_teardown",
     "in_flight",
     "shutdown",
+    "transfer_of",
     "use_backend",
 ]
