@@ -29,7 +29,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from . import demo
-    from .launch import run_ranks
+    from .launch import run_ranks, under_torchrun
+
+    def is_printer() -> bool:  # under torchrun every process runs main(); rank 0 reports
+        import torch.distributed as dist
+
+        return not under_torchrun() or dist.get_rank() == 0
 
     if args.command in (None, "demo"):
         if args.command is None:
@@ -39,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--microbatches must be >= 1, got {args.microbatches}")
         result = run_ranks(args.ranks, demo.demo_rank, args.microbatches, args.transport, out,
                            demo.Shape(tokens=args.tokens))
+        if not is_printer():
+            return 0 if result["outputs_equal"] else 1
         print(result["grid"])
         print()
         print(result["report"])
@@ -50,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         rows = run_ranks(args.ranks, demo.bench_rank, args.transport, tuple(args.microbatches), demo.BENCH_SHAPES,
                          args.reps)
+        if not is_printer():
+            return 0
         print(demo.format_table(rows))
         if args.json:
             demo.dump_json(rows, args.json)
