@@ -115,16 +115,19 @@ class Scheduler:
                 raise HandleError(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
 
-    def run(self, module: Any, x: Tensor) -> Tensor:
-        """Run `module(x)` pipelined: a protocol layer through `run_layer`; any other module (one whose
-        forward calls the ops) as cooperative microbatch fibers.
+    def run(self, module: Any, x: Tensor, **kwargs: Any) -> Any:
+        """Run `module(x, **kwargs)` pipelined: a protocol layer through `run_layer`; any other module
+        (one whose forward calls the ops, however deep) as cooperative microbatch fibers.
 
         For an op-calling module, x `(T, ...)` is split along dim 0 into `count` near-equal chunks,
         `count = max(1, min(microbatches, T_min // min_tokens))` with `T_min` the smallest batch of the
-        group (one all-reduce), so that every chunk has a token on every rank; the module must be
-        token-wise (row i of its output depends on row i of its input only), as MoE layers are.
+        group (one all-reduce), so that every chunk has a row on every rank; the module must treat
+        rows independently (an MoE layer's tokens; a model's sequences: two-batch overlap, where one
+        microbatch's attention hides the other's dispatch and combine). Outputs are concatenated
+        along dim 0: tensors, and the tensor fields of dicts / dataclass-like outputs (others from
+        the first microbatch).
         """
-        if _is_protocol_layer(module):
+        if _is_protocol_layer(module) and not kwargs:
             return self.run_layer(module, x)
         group = self.group if self.group is not None else dist.group.WORLD
         t = torch.tensor([x.shape[0]], dtype=torch.int64)
@@ -132,7 +135,7 @@ class Scheduler:
         smallest = int(t)
         count = max(1, min(self.microbatches, smallest // self.min_tokens if self.min_tokens else smallest))
         chunks = list(torch.tensor_split(x, count)) if count > 1 else [x]
-        fibers = _Fibers(self, module, chunks, self._layer_index)
+        fibers = _Fibers(self, module, chunks, self._layer_index, kwargs)
         outputs = fibers.run()
         self._layer_index += max((max(c.values(), default=0) for c in fibers.calls), default=0) or 1
         for node, kind, start, end in fibers.executed:
@@ -143,7 +146,7 @@ class Scheduler:
                 self.timeline.add("link", transfer.label or transfer.op, transfer.started_at, transfer.finished_at,
                                   kind="comm")
         self.plans.append(fibers.graph().plan())
-        return torch.cat(outputs) if count > 1 else outputs[0]
+        return _concat(outputs) if count > 1 else outputs[0]
 
     # -- building and running one layer --
 
@@ -316,8 +319,9 @@ class _Fibers:
     the same on every rank, so every rank issues the same exchanges in the same order.
     """
 
-    def __init__(self, sched: Scheduler, module: Any, chunks: list[Tensor], layer_base: int) -> None:
-        self.sched, self.module, self.chunks = sched, module, chunks
+    def __init__(self, sched: Scheduler, module: Any, chunks: list[Tensor], layer_base: int,
+                 kwargs: dict | None = None) -> None:
+        self.sched, self.module, self.chunks, self.kwargs = sched, module, chunks, kwargs or {}
         self.count = len(chunks)
         self.cv = threading.Condition()
         self.turn = 0
@@ -405,7 +409,7 @@ class _Fibers:
             self.segment_start[i] = time.perf_counter()
             with _context.hooked(lambda name, call: self._on_op(i, name, call)), \
                     torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad_enabled):
-                self.outputs[i] = self.module(self.chunks[i])
+                self.outputs[i] = self.module(self.chunks[i], **self.kwargs)
             self._close_segment(i, "end")
         except _Abort:
             pass
@@ -450,6 +454,21 @@ class _Fibers:
         return g
 
 
+def _concat(outputs: list[Any]) -> Any:
+    """Concatenate per-microbatch outputs along dim 0 (tensors, and tensor fields of mappings,
+    rebuilt with their own type; other values come from the first microbatch)."""
+    first = outputs[0]
+    if isinstance(first, Tensor):
+        return torch.cat(outputs)
+    if isinstance(first, dict):
+        fields = {k: (_concat([o[k] for o in outputs]) if isinstance(v, Tensor) else v) for k, v in first.items()}
+        return type(first)(**fields)
+    if isinstance(first, tuple):
+        return type(first)(_concat(list(parts)) for parts in zip(*outputs))
+    raise TypeError(f"outputs of an op-calling module must be tensors, tuples or dicts of tensors, got "
+                    f"{type(first).__name__}")
+
+
 def _is_protocol_layer(module: Any) -> bool:
     return all(hasattr(module, m) for m in ("moe_route", "moe_experts", "moe_shared", "moe_comm_kwargs"))
 
@@ -464,9 +483,9 @@ class Pipelined(torch.nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, **kwargs: Any) -> Any:
         sched = current_scheduler()
-        return self.module(x) if sched is None else sched.run(self.module, x)
+        return self.module(x, **kwargs) if sched is None else sched.run(self.module, x, **kwargs)
 
 
 def wrap(module: torch.nn.Module) -> Pipelined:

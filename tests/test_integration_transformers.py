@@ -257,3 +257,31 @@ def test_refuses_float32_model(rank_pools, models):
 def test_training_raises_a_clear_error(rank_pools, models):
     for message in _errors(rank_pools(2), models["qwen3_1l"], "tp", grad=True):
         assert message.startswith("NotImplementedError") and "inference only" in message and "all_to_all" in message
+
+
+def two_batch_case(path: str) -> dict:
+    """Two-batch overlap over the whole model: the scheduler runs the model once per half of the
+    batch as fibers, so one half's attention hides the other half's dispatch and combine."""
+    import overlap
+
+    world = dist.get_world_size()
+    ids = _prompt("dp", (40, 23), batch=2)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    ours = _load(path, "dp", "overlap", world)
+    with torch.no_grad():
+        expected = ref(ids).logits
+        plain = ours(ids).logits
+        with overlap.scheduler(microbatches=2, min_tokens=1) as s:
+            got = overlap.wrap(ours)(ids, use_cache=False).logits
+    return {"vs_ref": _diff(got, expected), "equal_to_plain": torch.equal(got, plain),
+            "plan": [str(step.node) for step in s.plan.steps], "left": len(ohf.ops.in_flight())}
+
+
+def test_two_batch_overlap_over_the_whole_model(rank_pools, models):
+    for r in rank_pools(2).run(two_batch_case, models["qwen3"]):
+        assert r["vs_ref"]["max"] <= MAX_TOL and r["vs_ref"]["mean"] <= MEAN_TOL, r["vs_ref"]
+        assert r["equal_to_plain"] and r["left"] == 0
+        pos = {name: i for i, name in enumerate(r["plan"])}
+        # mb1 computes (attention, router) and dispatches while mb0's dispatch travels, in every layer.
+        for layer in (0, 1):
+            assert pos[f"dispatch_setup@mb1.l{layer}"] < pos[f"dispatch_teardown@mb0.l{layer}"]
