@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from collections.abc import Callable
 import statistics
 import tempfile
 import time
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 from transformers.distributed import DistributedConfig
 
+import overlap
 import overlap.integrations.transformers as overlap_hf
 import overlap.ops
 
@@ -48,20 +50,43 @@ def load(path: str, implementation: str):
     return AutoModelForCausalLM.from_pretrained(path, distributed_config=config, dtype=torch.bfloat16)
 
 
-def timed(model, ids: torch.Tensor, repeats: int, num_microbatches: int | None = None):
-    """Median seconds per forward (slowest rank) and the last run's overlap report."""
-    times = []
-    with torch.no_grad(), overlap_hf.microbatches(num_microbatches):
-        model(ids)  # warm-up
+def timed_side_by_side(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, object]]:
+    """Median seconds (slowest rank) of each run, the runs alternated within every repetition so a
+    change of machine load hits them alike; with each run's last overlap report (or None)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    reports: dict[str, object] = {}
+    with torch.no_grad():
+        for fn in runs.values():
+            fn()  # warm-up
         for _ in range(repeats):
-            dist.barrier()
-            with overlap_hf.record(model) as rec:
+            for name, fn in runs.items():
+                dist.barrier()
                 start = time.perf_counter()
-                model(ids)
+                reports[name] = fn()
                 elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            times.append(float(elapsed))
-    return statistics.median(times), rec.report()
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                times[name].append(float(elapsed))
+    return {name: (statistics.median(t), reports[name]) for name, t in times.items()}
+
+
+def recorded(model, ids: torch.Tensor, num_microbatches: int | None):
+    def run():
+        with overlap_hf.record(model) as rec, overlap_hf.microbatches(num_microbatches):
+            model(ids)
+        return rec.report()
+    return run
+
+
+def two_batch(model, ids: torch.Tensor):
+    """Two-batch overlap over the whole model: one half of the batch's attention and experts hide
+    the other half's transfers (`overlap.wrap(model)` inside a scheduler context)."""
+    wrapped = overlap.wrap(model)
+
+    def run():
+        with overlap.scheduler(microbatches=2, min_tokens=1) as s:
+            wrapped(ids, use_cache=False)
+        return s.report()
+    return run
 
 
 def main() -> None:
@@ -87,34 +112,40 @@ def main() -> None:
         torch.manual_seed(1 + rank)
         ids = torch.randint(0, 512, (1, args.tokens))
 
-        a2a = load(path, "all_to_all")
-        t_a2a, _ = timed(a2a, ids, args.repeats)
-        del a2a
-        model = load(path, "overlap")
-        t_ov, rep_ov = timed(model, ids, args.repeats, args.pipelined)
+        a2a, model = load(path, "all_to_all"), load(path, "overlap")
+        gloo = timed_side_by_side({"a2a": lambda: a2a(ids), "overlap": recorded(model, ids, args.pipelined)},
+                                  args.repeats)
+        (t_a2a, _), (t_ov, rep_ov) = gloo["a2a"], gloo["overlap"]
         rows += [("gloo  all_to_all (transformers)", t_a2a, None),
                  (f"gloo  overlap, {args.pipelined} microbatches", t_ov, rep_ov)]
 
         link = overlap.ops.EmulatedLink(latency_s=args.latency, bandwidth_bytes_per_s=args.bandwidth)
         overlap.ops.configure(link=link)
-        t_one, rep_one = timed(model, ids, args.repeats, 1)
-        t_pipe, rep_pipe = timed(model, ids, args.repeats, args.pipelined)
+        ids2 = ids.view(2, -1) if args.tokens % 2 == 0 else ids[:, :-1].reshape(2, -1)  # same tokens, 2 sequences
+        emulated = timed_side_by_side({
+            "one": recorded(model, ids, 1), "pipe": recorded(model, ids, args.pipelined),
+            "one2": recorded(model, ids2, 1), "tbo": two_batch(model, ids2)}, args.repeats)
         overlap.ops.configure(link=None)
+        (t_one, rep_one), (t_pipe, rep_pipe) = emulated["one"], emulated["pipe"]
+        (t_one2, rep_one2), (t_tbo, rep_tbo) = emulated["one2"], emulated["tbo"]
         label = f"link {args.bandwidth / 1e6:g} MB/s"
         rows += [(f"{label}  overlap, 1 microbatch", t_one, rep_one),
-                 (f"{label}  overlap, {args.pipelined} microbatches", t_pipe, rep_pipe)]
+                 (f"{label}  overlap, {args.pipelined} microbatches", t_pipe, rep_pipe),
+                 (f"{label}  2 sequences, 1 microbatch", t_one2, rep_one2),
+                 (f"{label}  2 sequences, two-batch overlap", t_tbo, rep_tbo)]
 
         if rank == 0:
             print(f"\n{world} ranks (gloo, CPU), {args.tokens} tokens per rank, {args.layers} layers, hidden 1024, "
                   f"8 experts top-2; median of {args.repeats} forwards, slowest rank\n")
-            print(f"{'run':<44} {'forward ms':>11} {'experts ms':>11} {'comm ms':>9} {'hidden':>8}")
+            print(f"{'run':<44} {'forward ms':>11} {'compute ms':>11} {'comm ms':>9} {'hidden':>8}")
             for name, seconds, rep in rows:
                 extra = ("" if rep is None else
                          f"{rep.compute_busy * 1e3:11.1f} {rep.comm_busy * 1e3:9.1f} {rep.hidden_fraction * 100:7.1f}%")
                 print(f"{name:<44} {seconds * 1e3:11.1f} {extra}")
             print(f"\noverlap / all_to_all on gloo: {t_ov / t_a2a:.2f}x time; "
-                  f"pipelined / 1 microbatch on the emulated link: {t_pipe / t_one:.2f}x time")
-            print("(experts / comm / hidden: rank 0's last run, from overlap_hf.record)")
+                  f"pipelined / 1 microbatch on the emulated link: {t_pipe / t_one:.2f}x time; "
+                  f"two-batch overlap / 1 microbatch: {t_tbo / t_one2:.2f}x time")
+            print("(compute / comm / hidden: rank 0's last run; the two-batch rows count the whole model as compute)")
     finally:
         dist.barrier()
         if rank == 0:
