@@ -16,7 +16,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -193,4 +193,4 @@ def dump_json(rows: list[dict], path: str) -> None:
         json.dump(rows, f, indent=2)
 
 
-__all__ = ["Shape", "BENCH_SHAPES", "asdict", "bench_rank", "demo_rank", "dump_json", "format_table", "measure"]
+__all__ = ["Shape", "BENCH_SHAPES", "bench_rank", "demo_rank", "dump_json", "format_table", "measure"]

@@ -82,6 +82,7 @@ class Scheduler:
     timeline: Timeline = field(default_factory=Timeline)
     _layer_index: int = 0
     _token: Any = None
+    _before: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int) or self.microbatches < 1:
@@ -102,12 +103,13 @@ class Scheduler:
 
     def __enter__(self) -> Scheduler:
         self._token = _current.set(self)
+        self._before = {t.ticket for t in ops.in_flight()}  # only setups made inside count at exit
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         _current.reset(self._token)
         group_name = None if self.group is None else self.group.group_name
-        left = ops.in_flight(group_name)
+        left = [t for t in ops.in_flight(group_name) if t.ticket not in self._before]
         if left:
             names = [t.label or f"{t.op}#{t.ticket}" for t in left]
             message = f"scheduler exited with {len(left)} setups never torn down: {names}"
