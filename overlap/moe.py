@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import _context, ops
 
 MAX_TOKENS_PER_CALL = 512  # the ops' BS limit
 
@@ -173,8 +173,17 @@ def serial_forward(layer, x: Tensor) -> Tensor:
     kw = layer.moe_comm_kwargs()
     group_ep, world, rank, experts = (kw.pop(k) for k in ("group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num"))
     quant_mode = kw.pop("quant_mode", 0)
-    group = dist.distributed_c10d._resolve_process_group(group_ep)
-    count, size = split_batch(max_tokens(x.shape[0], group), 1)
+    if _context.op_hook() is not None:
+        # Inside the scheduler's fibers another microbatch's exchange may be in flight on the group,
+        # so no collective but the ops may run: no agreement on sizes, global_bs = 512 · W instead.
+        if x.shape[0] > MAX_TOKENS_PER_CALL:
+            raise ValueError(f"x must have at most {MAX_TOKENS_PER_CALL} rows per microbatch inside a scheduler's "
+                             f"fibers, got {x.shape[0]}: use more microbatches")
+        kw.setdefault("global_bs", MAX_TOKENS_PER_CALL * world)
+        count, size = 1, max(x.shape[0], 1)
+    else:
+        group = dist.distributed_c10d._resolve_process_group(group_ep)
+        count, size = split_batch(max_tokens(x.shape[0], group), 1)
     outs = []
     for i in range(count):
         chunk, mask = pad_chunk(x, i * size, size)
