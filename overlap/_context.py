@@ -43,3 +43,14 @@ def op_hook():
 def hooked(hook) -> contextlib.AbstractContextManager[None]:
     """Install an op interceptor for the block (this thread only)."""
     return thread_value(_local, "hook", hook)
+
+
+def in_fiber() -> bool:
+    """True on a scheduler fiber thread (another microbatch's exchange may be in flight: run no
+    collective there but the ops)."""
+    return bool(getattr(_local, "fiber", False))
+
+
+def fiber() -> contextlib.AbstractContextManager[None]:
+    """Mark this thread as a scheduler fiber for the block."""
+    return thread_value(_local, "fiber", True)

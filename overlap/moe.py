@@ -173,7 +173,7 @@ def serial_forward(layer, x: Tensor) -> Tensor:
     kw = layer.moe_comm_kwargs()
     group_ep, world, rank, experts = (kw.pop(k) for k in ("group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num"))
     quant_mode = kw.pop("quant_mode", 0)
-    if _context.op_hook() is not None:
+    if _context.in_fiber():
         # Inside the scheduler's fibers another microbatch's exchange may be in flight on the group,
         # so no collective but the ops may run: no agreement on sizes, global_bs = 512 · W instead.
         if x.shape[0] > MAX_TOKENS_PER_CALL:

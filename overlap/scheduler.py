@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _context, ops
-from .errors import CapacityError, HandleError
+from .errors import CapacityError, HandleError, PlanError
 from .graph import Graph, Node, Plan
 from .moe import MAX_TOKENS_PER_CALL, max_tokens, pad_chunk
 from .ops import transport
@@ -90,23 +90,47 @@ class Scheduler:
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
 
+    def _new_host(self) -> _Fibers:
+        host = _Fibers(self, None, [None], self._layer_index)  # one "fiber": the context's own thread
+        host.state[0] = "running"
+        host.segment_start[0] = time.perf_counter()
+        return host
+
+    def _flush_host(self) -> None:
+        """Turn the op calls recorded on the context's own thread since the last flush into a plan."""
+        host = getattr(self, "_host", None)
+        if host is None or not any(kind != "compute" for _, kind, _, _ in host.executed):
+            return
+        host._close_segment(0, "end")
+        host.commit_to(self, allow_incomplete=True)
+        self._host = self._new_host()  # the installed hook looks `_host` up at every call
+
     @property
     def plan(self) -> Plan:
         """The plan of the last layer run in this context."""
+        self._flush_host()
         if not self.plans:
             raise HandleError("no layer has run inside this scheduler context yet")
         return self.plans[-1]
 
     def report(self) -> OverlapReport:
         """Measured overlap of everything that ran in the context (link intervals are the comm)."""
+        self._flush_host()
         return self.timeline.report()
 
     def __enter__(self) -> Scheduler:
         self._token = _current.set(self)
         self._before = {t.ticket for t in ops.in_flight()}  # only setups made inside count at exit
+        # Ops called directly on this thread (an unwrapped op-calling layer) run as they are, in
+        # order, but are recorded: `plan`, `report()` and `timeline` show them too.
+        self._host = self._new_host()
+        self._host_hook = _context.hooked(lambda name, call: self._host._on_op(0, name, call))
+        self._host_hook.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._host_hook.__exit__(exc_type, exc, tb)
+        self._flush_host()
         _current.reset(self._token)
         group_name = None if self.group is None else self.group.group_name
         left = [t for t in ops.in_flight(group_name) if t.ticket not in self._before]
@@ -137,17 +161,10 @@ class Scheduler:
         smallest = int(t)
         count = max(1, min(self.microbatches, smallest // self.min_tokens if self.min_tokens else smallest))
         chunks = list(torch.tensor_split(x, count)) if count > 1 else [x]
+        self._flush_host()
         fibers = _Fibers(self, module, chunks, self._layer_index, kwargs)
         outputs = fibers.run()
-        self._layer_index += max((max(c.values(), default=0) for c in fibers.calls), default=0) or 1
-        for node, kind, start, end in fibers.executed:
-            track = {"compute": "compute", "comm_issue": "comm_setup", "comm_wait": "comm_teardown"}[kind]
-            self.timeline.add(track, str(node), start, end, kind=kind)
-        for transfer in fibers.transfers:
-            if transfer.started_at is not None and transfer.finished_at is not None:
-                self.timeline.add("link", transfer.label or transfer.op, transfer.started_at, transfer.finished_at,
-                                  kind="comm")
-        self.plans.append(fibers.graph().plan())
+        fibers.commit_to(self)
         return _concat(outputs) if count > 1 else outputs[0]
 
     # -- building and running one layer --
@@ -409,7 +426,7 @@ class _Fibers:
                     return
                 self.state[i] = "running"
             self.segment_start[i] = time.perf_counter()
-            with _context.hooked(lambda name, call: self._on_op(i, name, call)), \
+            with _context.hooked(lambda name, call: self._on_op(i, name, call)), _context.fiber(), \
                     torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad_enabled):
                 self.outputs[i] = self.module(self.chunks[i], **self.kwargs)
             self._close_segment(i, "end")
@@ -436,6 +453,23 @@ class _Fibers:
         if self.error is not None:
             raise self.error
         return self.outputs  # type: ignore[return-value]
+
+    def commit_to(self, sched: Scheduler, *, allow_incomplete: bool = False) -> None:
+        """Add what ran to the scheduler: timeline intervals, link transfers, the plan (skipped,
+        with `allow_incomplete`, when a setup was never torn down: the context's exit reports it)."""
+        sched._layer_index += max((max(c.values(), default=0) for c in self.calls), default=0) or 1
+        for node, kind, start, end in self.executed:
+            track = {"compute": "compute", "comm_issue": "comm_setup", "comm_wait": "comm_teardown"}[kind]
+            sched.timeline.add(track, str(node), start, end, kind=kind)
+        for transfer in self.transfers:
+            if transfer.started_at is not None and transfer.finished_at is not None:
+                sched.timeline.add("link", transfer.label or transfer.op, transfer.started_at,
+                                   transfer.finished_at, kind="comm")
+        try:
+            sched.plans.append(self.graph().plan())
+        except PlanError:
+            if not allow_incomplete:
+                raise
 
     def graph(self) -> Graph:
         """The graph that ran: each microbatch's nodes in program order (compute segments between

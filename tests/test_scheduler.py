@@ -193,3 +193,21 @@ def test_module_holding_protocol_layers_runs_as_fibers(rank_pools):
         assert res["equal"]
     pos = {s: i for i, s in enumerate(results[0]["steps"])}
     assert pos["dispatch_setup@mb1.l1"] < pos["dispatch_teardown@mb0.l1"]
+
+
+def _unwrapped_case() -> dict:
+    rank = dist.get_rank()
+    layer = OpCallingLayer()
+    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
+    plain = layer(x)
+    with overlap.scheduler() as s:
+        out = layer(x)  # not wrapped: runs as written, recorded
+    return {"equal": torch.equal(plain, out), "steps": [str(step.node) for step in s.plan.steps],
+            "comm_busy": s.report().comm_busy}
+
+
+def test_unwrapped_op_calls_in_a_context_are_recorded(rank_pools):
+    for res in rank_pools(2).run(_unwrapped_case):
+        assert res["equal"] and res["comm_busy"] > 0
+        ops_run = [s.split("@")[0] for s in res["steps"] if not s.startswith("compute")]
+        assert ops_run == ["dispatch_setup", "dispatch_teardown", "combine_setup", "combine_teardown"]

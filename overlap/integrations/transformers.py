@@ -241,7 +241,7 @@ class OverlapEP(EPImplementation):
         if tp_size > 1:  # the TP group shares this batch: each rank keeps a disjoint slice (no communication)
             hidden_states, top_k_index, top_k_weights = (_tp_slice(t, self.tp_mesh)
                                                           for t in (hidden_states, top_k_index, top_k_weights))
-        if _context.op_hook() is not None:  # inside a scheduler fiber: the fibers do the pipelining
+        if _context.in_fiber():  # inside a scheduler fiber: the fibers do the pipelining
             output = self._exchange_in_fiber(hidden_states, top_k_index, top_k_weights)
         else:
             output = self._exchange(hidden_states, top_k_index, top_k_weights)
