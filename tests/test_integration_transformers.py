@@ -285,3 +285,33 @@ def test_two_batch_overlap_over_the_whole_model(rank_pools, models):
         # mb1 computes (attention, router) and dispatches while mb0's dispatch travels, in every layer.
         for layer in (0, 1):
             assert pos[f"dispatch_setup@mb1.l{layer}"] < pos[f"dispatch_teardown@mb0.l{layer}"]
+
+
+def _family_config(name: str):
+    import transformers
+
+    common = dict(hidden_size=1024, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8,
+                  vocab_size=VOCAB, max_position_embeddings=4096, eos_token_id=None)
+    if name == "olmoe":
+        return transformers.OlmoeConfig(intermediate_size=64, num_experts=4, num_experts_per_tok=2, **common)
+    if name == "qwen2_moe":  # a shared expert inside the model's own MoE block
+        return transformers.Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=64,
+                                           shared_expert_intermediate_size=64, num_experts=4,
+                                           num_experts_per_tok=2, **common)
+    if name == "gpt_oss":  # experts with biases and a clamped activation
+        return transformers.GptOssConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                                         head_dim=64, sliding_window=128, **common)
+    if name == "deepseek_v3":  # grouped routing, shared experts, MLA attention
+        return transformers.DeepseekV3Config(intermediate_size=128, moe_intermediate_size=64, n_routed_experts=4,
+                                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
+                                             n_group=1, topk_group=1, kv_lora_rank=64, q_lora_rank=None,
+                                             qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, **common)
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "gpt_oss", "deepseek_v3"])
+def test_other_model_families(rank_pools, tmp_path, family):
+    path = save_model(_family_config(family), str(tmp_path / family))
+    for r in rank_pools(2).run(forward_case, path, "dp", (40, 23)):
+        _check(r)
+        assert r["vs_a2a"]["max"] <= MAX_TOL
