@@ -31,10 +31,12 @@ size on every rank; padding rows are inactive (`x_active_mask`) and never sent.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,7 +165,8 @@ class Scheduler:
         chunks = list(torch.tensor_split(x, count)) if count > 1 else [x]
         self._flush_host()
         fibers = _Fibers(self, module, chunks, self._layer_index, kwargs)
-        outputs = fibers.run()
+        with _fsdp_gathered(module):
+            outputs = fibers.run()
         fibers.commit_to(self)
         return _concat(outputs) if count > 1 else outputs[0]
 
@@ -488,6 +491,40 @@ class _Fibers:
             g.add(node, after=after, kind=kind, priority=index)
             previous[node.microbatch] = node
         return g
+
+
+@contextlib.contextmanager
+def _fsdp_gathered(module: Any) -> Iterator[None]:
+    """Keep FSDP2-sharded parameters gathered while fibers run `module` re-entrantly.
+
+    FSDP unshards a module before its forward and reshards it after; with several microbatches
+    inside the same module at once, one fiber's reshard would pull the parameters from under
+    another (and its all-gathers would share the group with in-flight exchanges). So: gather
+    everything once up front, with nothing in flight, keep it gathered, and reshard at the end.
+    """
+    fsdp_modules = []
+    if isinstance(module, torch.nn.Module):
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # torch without FSDP2
+            FSDPModule = ()  # noqa: N806
+        fsdp_modules = [m for m in module.modules() if isinstance(m, FSDPModule)] if FSDPModule else []
+    if not fsdp_modules:
+        yield
+        return
+    previous = []
+    for m in fsdp_modules:
+        group = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
+        previous.append(group is None or getattr(group, "post_forward_mesh_info", True) is not None)
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m, reshard_after_forward in zip(fsdp_modules, previous):
+            m.set_reshard_after_forward(reshard_after_forward, recurse=False)
+            if reshard_after_forward:
+                m.reshard()
 
 
 def _concat(outputs: list[Any]) -> Any:

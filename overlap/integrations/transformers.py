@@ -190,6 +190,7 @@ class OverlapEP(EPImplementation):
         OverlapEP._load_order += 1
         self.layer_index = OverlapEP._load_order - 1  # `record(model)` sets it from the module name
         experts._overlap_ep = self  # lets `record(model)` name the layer
+        self._experts_module = experts
         if self.config is not None:
             self._check(getattr(self.config, "hidden_size", None),
                         getattr(self.config, _config_name(self.config, ("num_experts_per_tok", "moe_topk", "top_k"),
@@ -270,7 +271,8 @@ class OverlapEP(EPImplementation):
                                             expert_token_nums.to(expand_x.device), output_size=total).unsqueeze(-1)
         rows = expand_x[:total]
         ones = torch.ones(total, 1, dtype=rows.dtype, device=rows.device)
-        out[:total] = self.experts_forward(rows, local_ids, ones).to(out.dtype)
+        with _local_params(self._experts_module):
+            out[:total] = self.experts_forward(rows, local_ids, ones).to(out.dtype)
         return out
 
     def moe_shared(self, x: Tensor) -> None:
@@ -324,6 +326,28 @@ class OverlapEP(EPImplementation):
 # --------------------------------------------------------------------------------------------
 # TP slicing (the layout where the ranks of a TP group share one batch), as AllToAllEP does it
 # --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _local_params(module: torch.nn.Module) -> Iterator[None]:
+    """The module's DTensor parameters as local tensors for the block.
+
+    transformers swaps them around the whole EP call and swaps back when the call ends. When the
+    scheduler's fibers run several microbatches through the same experts module, one fiber's
+    call can end (restoring the DTensors) while another fiber is still inside its own call. This
+    block is held only while the experts compute, when no other fiber runs, so the swap is always
+    right.
+    """
+    from torch.distributed.tensor import DTensor
+
+    swapped = {name: p for name, p in module.named_parameters(recurse=False) if isinstance(p, DTensor)}
+    for name, p in swapped.items():
+        module._parameters[name] = p.to_local()
+    try:
+        yield
+    finally:
+        for name, p in swapped.items():
+            module._parameters[name] = p
 
 
 def _tp_slice(t: Tensor, tp_mesh) -> Tensor:
