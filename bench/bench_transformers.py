@@ -77,13 +77,13 @@ def recorded(model, ids: torch.Tensor, num_microbatches: int | None):
     return run
 
 
-def two_batch(model, ids: torch.Tensor):
+def two_batch(model, ids: torch.Tensor, fibers: int):
     """Two-batch overlap over the whole model: one half of the batch's attention and experts hide
     the other half's transfers (`overlap.wrap(model)` inside a scheduler context)."""
     wrapped = overlap.wrap(model)
 
     def run():
-        with overlap.scheduler(microbatches=2, min_tokens=1) as s:
+        with overlap.scheduler(microbatches=fibers, min_tokens=1) as s:
             wrapped(ids, use_cache=False)
         return s.report()
     return run
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, default=2e7, help="emulated link, bytes/s")
     parser.add_argument("--latency", type=float, default=50e-6, help="emulated link, seconds")
     parser.add_argument("--pipelined", type=int, default=2, help="microbatches of the pipelined runs")
+    parser.add_argument("--fibers", type=int, default=4, help="sequences (and fibers) of the two-batch overlap runs")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -121,18 +122,19 @@ def main() -> None:
 
         link = overlap.ops.EmulatedLink(latency_s=args.latency, bandwidth_bytes_per_s=args.bandwidth)
         overlap.ops.configure(link=link)
-        ids2 = ids.view(2, -1) if args.tokens % 2 == 0 else ids[:, :-1].reshape(2, -1)  # same tokens, 2 sequences
+        f = args.fibers
+        ids2 = ids[:, : args.tokens - args.tokens % f].reshape(f, -1)  # the same tokens as f sequences
         emulated = timed_side_by_side({
             "one": recorded(model, ids, 1), "pipe": recorded(model, ids, args.pipelined),
-            "one2": recorded(model, ids2, 1), "tbo": two_batch(model, ids2)}, args.repeats)
+            "one2": recorded(model, ids2, 1), "tbo": two_batch(model, ids2, f)}, args.repeats)
         overlap.ops.configure(link=None)
         (t_one, rep_one), (t_pipe, rep_pipe) = emulated["one"], emulated["pipe"]
         (t_one2, rep_one2), (t_tbo, rep_tbo) = emulated["one2"], emulated["tbo"]
         label = f"link {args.bandwidth / 1e6:g} MB/s"
         rows += [(f"{label}  overlap, 1 microbatch", t_one, rep_one),
                  (f"{label}  overlap, {args.pipelined} microbatches", t_pipe, rep_pipe),
-                 (f"{label}  2 sequences, 1 microbatch", t_one2, rep_one2),
-                 (f"{label}  2 sequences, two-batch overlap", t_tbo, rep_tbo)]
+                 (f"{label}  {f} sequences, 1 microbatch", t_one2, rep_one2),
+                 (f"{label}  {f} sequences, {f} fibers", t_tbo, rep_tbo)]
 
         if rank == 0:
             print(f"\n{world} ranks (gloo, CPU), {args.tokens} tokens per rank, {args.layers} layers, hidden 1024, "
@@ -144,7 +146,7 @@ def main() -> None:
                 print(f"{name:<44} {seconds * 1e3:11.1f} {extra}")
             print(f"\noverlap / all_to_all on gloo: {t_ov / t_a2a:.2f}x time; "
                   f"pipelined / 1 microbatch on the emulated link: {t_pipe / t_one:.2f}x time; "
-                  f"two-batch overlap / 1 microbatch: {t_tbo / t_one2:.2f}x time")
+                  f"{f}-fiber batch overlap / 1 microbatch: {t_tbo / t_one2:.2f}x time")
             print("(compute / comm / hidden: rank 0's last run; the two-batch rows count the whole model as compute)")
     finally:
         dist.barrier()
