@@ -168,8 +168,12 @@ def max_tokens(num_tokens: int, group: dist.ProcessGroup) -> int:
     return int(t)
 
 
-def serial_forward(layer, x: Tensor) -> Tensor:
-    """The unpipelined forward of a protocol layer: each ≤512-token chunk in turn, every op waited."""
+def serial_forward(layer, x: Tensor, *, routes: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """The unpipelined forward of a protocol layer: each ≤512-token chunk in turn, every op waited.
+
+    `routes`: optional precomputed `(expert_ids (T, K), expert_scales (T, K))`, for callers that
+    routed already (then `layer.moe_route` is not called), as in `Scheduler.run_layer`.
+    """
     kw = layer.moe_comm_kwargs()
     group_ep, world, rank, experts = (kw.pop(k) for k in ("group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num"))
     quant_mode = kw.pop("quant_mode", 0)
@@ -187,7 +191,10 @@ def serial_forward(layer, x: Tensor) -> Tensor:
     outs = []
     for i in range(count):
         chunk, mask = pad_chunk(x, i * size, size)
-        ids, w = layer.moe_route(chunk)
+        if routes is None:
+            ids, w = layer.moe_route(chunk)
+        else:
+            ids, w = (pad_chunk(r, i * size, size)[0] for r in routes)
         y, expand_idx, cmd = ops.dispatch_setup(chunk, ids, group_ep, world, rank, experts, x_active_mask=mask,
                                                 quant_mode=quant_mode, **kw)
         expand_x, scales, assist, nums = ops.dispatch_teardown(chunk, y, ids, cmd, group_ep, world, rank, experts,

@@ -52,7 +52,8 @@ import torch
 from torch import Tensor
 from transformers.distributed.expert_parallel import EPImplementation, EPImplementationInterface
 
-from .. import _context, ops
+from .. import _context
+from ..moe import serial_forward
 from ..scheduler import Scheduler, current_scheduler, microbatch_count, scheduler
 from ..timeline import OverlapReport, Timeline
 
@@ -280,34 +281,19 @@ class OverlapEP(EPImplementation):
 
     def _exchange_in_fiber(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """One exchange, called on this thread, for a model run by `overlap.scheduler`'s fibers
-        (two-batch overlap: `with overlap.scheduler(min_tokens=1): overlap.wrap(model)(ids)`).
+        (batch overlap: `with overlap.scheduler(min_tokens=1): overlap.wrap(model)(ids)`).
 
-        The fibers hand the turn to the other microbatch at each teardown, so its attention and
-        experts hide this microbatch's transfers. No collective but the ops may run here (another
-        fiber's exchange may be in flight on the group), so the sizes need no agreement:
-        `global_bs = 512 · W` and at most 512 tokens per rank and microbatch.
+        The fibers hand the turn to another microbatch at each teardown, so its attention and
+        experts hide this microbatch's transfers. `overlap.moe.serial_forward` runs the exchange:
+        inside a fiber it runs no collective but the ops (another fiber's exchange may be in
+        flight on the group), so `global_bs = 512 · W` and at most 512 tokens per rank and
+        microbatch.
         """
-        num_tokens, hidden = x.shape
-        if num_tokens > MAX_MICROBATCH_TOKENS:
+        if x.shape[0] > MAX_MICROBATCH_TOKENS:
             raise ValueError(f'{self.model_name}: ep_implementation="overlap" inside a scheduler fiber takes at most '
-                             f"{MAX_MICROBATCH_TOKENS} tokens per rank and microbatch, got {num_tokens}: split the "
+                             f"{MAX_MICROBATCH_TOKENS} tokens per rank and microbatch, got {x.shape[0]}: split the "
                              f"batch into more microbatches")
-        rows = max(num_tokens, 1)  # a rank without tokens still takes part, with an inactive row
-        if rows == num_tokens:
-            xs, ids, w, mask = x.contiguous(), top_k_index.to(torch.int32), top_k_weights.float(), None
-        else:
-            xs = x.new_zeros(rows, hidden)
-            ids = torch.arange(top_k_index.shape[1], dtype=torch.int32, device=x.device).expand(rows, -1).clone()
-            w = torch.zeros(rows, top_k_index.shape[1], dtype=torch.float32, device=x.device)
-            mask = torch.zeros(rows, dtype=torch.bool, device=x.device)
-        args = (self.group_ep, self.ep_size, self.ep_rank, self.moe_expert_num)
-        kw = dict(shared_expert_num=0, shared_expert_rank_num=0, global_bs=MAX_MICROBATCH_TOKENS * self.ep_size)
-        y, expand_idx, cmd = ops.dispatch_setup(xs, ids, *args, x_active_mask=mask, **kw)
-        expand_x, scales, assist, nums = ops.dispatch_teardown(xs, y, ids, cmd, *args, **kw)
-        out = self.moe_experts(expand_x, scales, nums)
-        quant, cmd = ops.combine_setup(out, ids, assist, *args, **kw)
-        x_out = ops.combine_teardown(out, quant, ids, expand_idx, w, cmd, *args, x_active_mask=mask, **kw)
-        return x_out[:num_tokens]
+        return serial_forward(self, x, routes=(top_k_index.to(torch.int32), top_k_weights.float()))
 
     def _exchange(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """This rank's `(n, H)` tokens through the scheduler's microbatch pipeline."""
