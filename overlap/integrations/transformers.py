@@ -192,6 +192,7 @@ class OverlapEP(EPImplementation):
         self.layer_index = OverlapEP._load_order - 1  # `record(model)` sets it from the module name
         experts._overlap_ep = self  # lets `record(model)` name the layer
         self._experts_module = experts
+        self._carried: tuple[int, int] | None = None  # (H, K) while routes travel as columns of x
         if self.config is not None:
             self._check(getattr(self.config, "hidden_size", None),
                         getattr(self.config, _config_name(self.config, ("num_experts_per_tok", "moe_topk", "top_k"),
@@ -243,13 +244,40 @@ class OverlapEP(EPImplementation):
         if tp_size > 1:  # the TP group shares this batch: each rank keeps a disjoint slice (no communication)
             hidden_states, top_k_index, top_k_weights = (_tp_slice(t, self.tp_mesh)
                                                           for t in (hidden_states, top_k_index, top_k_weights))
+        x, routes = self._with_routes(hidden_states, top_k_index, top_k_weights)
         if _context.in_fiber():  # inside a scheduler fiber: the fibers do the pipelining
-            output = self._exchange_in_fiber(hidden_states, top_k_index, top_k_weights)
+            output = self._exchange_in_fiber(x, routes)
         else:
-            output = self._exchange(hidden_states, top_k_index, top_k_weights)
+            output = self._exchange(x, routes)
+        output = output[:, :hidden] if output.shape[1] != hidden else output
         if tp_size == 1:
             return output
         return _tp_gather(output, self.tp_mesh, num_tokens, hidden)
+
+    def _with_routes(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The tokens to dispatch and the `(expert_ids int32, expert_scales fp32)` for the combine.
+
+        transformers weights each expert output in the routing weights' dtype: with bf16 / fp16
+        weights, every product ``out · w`` is rounded to that dtype before the k outputs are added
+        (`AllToAllEP`: ``(outputs * weights).sum(1)``; the single process: bf16 ``index_add_``).
+        combine_teardown instead adds the unrounded products in fp32 (the ops' contract). The two
+        differ by up to 1 ulp of the MoE output, which the next layers can turn into a flipped
+        near-tied route, an O(1) change of that token's logits (GPT-OSS on 4 ranks: 22 % of the
+        logits' max). To round as transformers does, each token's K weights and expert ids travel
+        with it as ``3 K`` extra columns of x `(N, H + 3K)`, exact in bf16 and fp16 (weight, id // 32,
+        id % 32); `moe_experts` weights its rows in the model's dtype and the combine adds them with
+        scale 1. With fp32 weights (e.g. DeepSeek-V3) transformers multiplies and adds in fp32, as
+        the combine does: the tokens travel as they are, with the weights as scales.
+        """
+        ids = top_k_index.to(torch.int32)
+        width = x.shape[1] + 3 * ids.shape[1]
+        if top_k_weights.dtype != x.dtype or width > HIDDEN_RANGE[1]:
+            self._carried = None
+            return x, (ids, top_k_weights.float())
+        self._carried = (x.shape[1], ids.shape[1])
+        cols = torch.cat([top_k_weights, torch.div(ids, 32, rounding_mode="floor").to(x.dtype),
+                          torch.remainder(ids, 32).to(x.dtype)], dim=1)
+        return torch.cat([x, cols], dim=1), (ids, torch.ones(ids.shape, dtype=torch.float32, device=ids.device))
 
     # -- the MoE protocol the scheduler drives (overlap.moe) --
 
@@ -270,16 +298,26 @@ class OverlapEP(EPImplementation):
             return out
         local_ids = torch.repeat_interleave(torch.arange(expert_token_nums.numel(), device=expand_x.device),
                                             expert_token_nums.to(expand_x.device), output_size=total).unsqueeze(-1)
-        rows = expand_x[:total]
+        carried = self._carried
+        rows = expand_x[:total] if carried is None else expand_x[:total, : carried[0]].contiguous()
         ones = torch.ones(total, 1, dtype=rows.dtype, device=rows.device)
         with _local_params(self._experts_module):
-            out[:total] = self.experts_forward(rows, local_ids, ones).to(out.dtype)
+            y = self.experts_forward(rows, local_ids, ones).to(out.dtype)
+        if carried is None:
+            out[:total] = y
+            return out
+        hidden, k = carried  # this row's weight: the one of the token's k whose expert is this rank's local one
+        cols = expand_x[:total, hidden : hidden + 3 * k]
+        ids = cols[:, k : 2 * k].long() * 32 + cols[:, 2 * k :].long()
+        mine = ids == (local_ids + self.ep_rank * self.num_local_experts)
+        weight = (cols[:, :k] * mine).sum(-1, keepdim=True)  # exactly one k matches: exact
+        out[:total, :hidden] = y * weight  # rounded to the model's dtype, as transformers does
         return out
 
     def moe_shared(self, x: Tensor) -> None:
         return None
 
-    def _exchange_in_fiber(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    def _exchange_in_fiber(self, x: Tensor, routes: tuple[Tensor, Tensor]) -> Tensor:
         """One exchange, called on this thread, for a model run by `overlap.scheduler`'s fibers
         (batch overlap: `with overlap.scheduler(min_tokens=1): overlap.wrap(model)(ids)`).
 
@@ -293,12 +331,11 @@ class OverlapEP(EPImplementation):
             raise ValueError(f'{self.model_name}: ep_implementation="overlap" inside a scheduler fiber takes at most '
                              f"{MAX_MICROBATCH_TOKENS} tokens per rank and microbatch, got {x.shape[0]}: split the "
                              f"batch into more microbatches")
-        return serial_forward(self, x, routes=(top_k_index.to(torch.int32), top_k_weights.float()))
+        return serial_forward(self, x, routes=routes)
 
-    def _exchange(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    def _exchange(self, x: Tensor, routes: tuple[Tensor, Tensor]) -> Tensor:
         """This rank's `(n, H)` tokens through the scheduler's microbatch pipeline."""
         forced = _forced_num.get()
-        routes = (top_k_index.to(torch.int32), top_k_weights.float())
         kwargs = dict(routes=routes, layer_index=self.layer_index)
         if forced is not None:
             kwargs.update(microbatches=forced, min_tokens=0)
