@@ -46,7 +46,9 @@ import contextlib
 import contextvars
 import math
 import re
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -60,8 +62,10 @@ from ..timeline import OverlapReport, Timeline
 __all__ = [
     "MAX_MICROBATCH_TOKENS",
     "MIN_SPLIT_TOKENS",
+    "ForwardReport",
     "OverlapEP",
     "Recorder",
+    "generate",
     "microbatch_rows",
     "microbatches",
     "num_microbatches",
@@ -116,6 +120,41 @@ def microbatches(num: int | None) -> Iterator[None]:
         _forced_num.reset(token)
 
 
+@dataclass(frozen=True)
+class ForwardReport(OverlapReport):
+    """`OverlapReport` of a recorded model run, where the makespan is the whole run.
+
+    Attributes (besides `OverlapReport`'s, in seconds):
+        makespan: wall time of the whole `record(...)` block (attention, routers, everything).
+        compute_busy: the recorded compute, which covers only what `compute_covers` says: the
+            experts of the EP calls (``"experts"``), or, under two-batch overlap (`generate`,
+            `overlap.wrap(model)`), everything a microbatch ran between two op calls
+            (``"whole model"``).
+        serial_time: an *estimate*, ``makespan + overlap``: the same run with every hidden
+            transfer exposed instead.
+        speedup: the estimate ``serial_time / makespan`` (>= 1; 1 when nothing was hidden).
+        compute_covers: ``"experts"`` or ``"whole model"``.
+    """
+
+    compute_covers: str = "experts"
+
+    def __str__(self) -> str:
+        def ms(x: float) -> str:
+            return f"{x * 1e3:10.3f} ms"
+
+        rows = [
+            ("forward (makespan, the whole run)", ms(self.makespan)),
+            (f"compute busy ({self.compute_covers})", ms(self.compute_busy)),
+            ("comm busy (transfers)", ms(self.comm_busy)),
+            ("comm hidden by compute", ms(self.overlap)),
+            ("hidden fraction", f"{self.hidden_fraction * 100:10.1f} %"),
+            ("estimated serial time (+ hidden comm)", ms(self.serial_time)),
+            ("estimated speedup over serial", f"{self.speedup:10.2f} x"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 class Recorder:
     """What ran inside `record(...)`: the `overlap.scheduler` context every call ran in. Its
     timeline holds one interval per node (`dispatch_setup@mb1.l3` on the compute / comm_setup /
@@ -123,6 +162,8 @@ class Recorder:
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
+        self.started = time.perf_counter()
+        self.ended: float | None = None
 
     @property
     def timeline(self) -> Timeline:
@@ -133,9 +174,18 @@ class Recorder:
         """EP calls (one per MoE layer per forward) recorded."""
         return len(self.scheduler.plans)
 
-    def report(self) -> OverlapReport:
-        """Compute busy, comm busy (transfers), their intersection, hidden fraction."""
-        return self.scheduler.report()
+    def report(self) -> ForwardReport:
+        """The whole run as the makespan; compute busy (labelled with what it covers), comm busy
+        (transfers), their intersection, hidden fraction, and the estimated serial time."""
+        inner = self.scheduler.report()
+        end = self.ended if self.ended is not None else time.perf_counter()
+        makespan = max(end - self.started, inner.makespan)
+        fibers = any(iv.name.startswith("compute") for iv in self.timeline.intervals)
+        serial = makespan + inner.overlap
+        return ForwardReport(makespan=makespan, compute_busy=inner.compute_busy, comm_busy=inner.comm_busy,
+                             overlap=inner.overlap, hidden_fraction=inner.hidden_fraction, serial_time=serial,
+                             speedup=serial / makespan if makespan > 0 else 1.0, comm_source=inner.comm_source,
+                             compute_covers="whole model" if fibers else "experts")
 
 
 @contextlib.contextmanager
@@ -154,7 +204,72 @@ def record(model: torch.nn.Module | None = None) -> Iterator[Recorder]:
                 if numbers:
                     impl.layer_index = int(numbers[0])
     with scheduler(microbatches=2, min_tokens=MIN_SPLIT_TOKENS // 2) as s:
-        yield Recorder(s)
+        recorder = Recorder(s)
+        try:
+            yield recorder
+        finally:
+            recorder.ended = time.perf_counter()
+
+
+class _Generate(torch.nn.Module):
+    """`model.generate` on one part of the batch, as a module (so the fibers keep its FSDP
+    parameters gathered); returns `(sequences (b, T + n), logits (b, n, V))`."""
+
+    def __init__(self, model: torch.nn.Module, kwargs: dict) -> None:
+        super().__init__()
+        self.model, self.kwargs = model, kwargs
+
+    def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.model.generate(input_ids, return_dict_in_generate=True, output_logits=True, **self.kwargs)
+        return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def generate(model: torch.nn.Module, input_ids: Tensor, *, max_new_tokens: int, parts: int = 2,
+             **kwargs) -> tuple[Tensor, Tensor]:
+    """Two-batch overlap in `generate`: the batch's sequences in `parts` parts, each generated by
+    its own `model.generate` (its own KV cache) as one of the scheduler's fibers, so that one
+    part's attention and experts, in prefill and in every decode step, hide the other parts'
+    dispatch and combine.
+
+    Args:
+        model: a transformers model loaded with ``ep_implementation="overlap"`` and no TP (each rank
+            its own batch: ``fsdp_size = ep_size``; collectives other than the ops cannot run
+            while an exchange is in flight).
+        input_ids: `(B, T)` int64, this rank's prompts (B may differ between ranks; every part
+            gets at least one sequence: ``min(parts, smallest B of the ranks)`` parts).
+        max_new_tokens: tokens generated per sequence, exactly (``min_new_tokens`` is set to it:
+            every part on every rank must run the same number of steps).
+        parts: how many parts (fibers), >= 1.
+        **kwargs: passed to `model.generate` (e.g. ``do_sample=False``); ``synced_gpus`` is off.
+
+    Returns:
+        `(sequences (B, T + max_new_tokens) int64, logits (B, max_new_tokens, V))`, in input order.
+
+    Raises:
+        ValueError: `parts` or `max_new_tokens` < 1, or 3-D / empty `input_ids`, before any
+            communication.
+
+    Inside `record(model)` the run is recorded there; otherwise in a fresh scheduler context.
+    """
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"parts must be an int >= 1, got {parts!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1:
+        raise ValueError(f"input_ids must be (B, T) with B >= 1, got shape {tuple(input_ids.shape)}")
+    kwargs = {**kwargs, "max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "synced_gpus": False}
+    module = _Generate(model, kwargs)
+    active = current_scheduler()
+    if active is None:
+        with scheduler(microbatches=parts, min_tokens=1) as s:
+            return s.run(module, input_ids)
+    # TODO(integrator): the policy module should let a caller ask for `parts` fibers directly.
+    saved = active.microbatches, active.min_tokens
+    active.microbatches, active.min_tokens = parts, 1
+    try:
+        return active.run(module, input_ids)
+    finally:
+        active.microbatches, active.min_tokens = saved
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +369,8 @@ class OverlapEP(EPImplementation):
             return output
         return _tp_gather(output, self.tp_mesh, num_tokens, hidden)
 
-    def _with_routes(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def _with_routes(self, x: Tensor, top_k_index: Tensor,
+                     top_k_weights: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The tokens to dispatch and the `(expert_ids int32, expert_scales fp32)` for the combine.
 
         transformers weights each expert output in the routing weights' dtype: with bf16 / fp16
