@@ -2,25 +2,26 @@
 
 Owns: the `EPImplementation` that transformers (>= 5.23) calls for every `ep_dispatch_experts`
 module, registered as ``"overlap"`` in `EPImplementationInterface` when this module is imported
-(idempotent); the microbatch pipeline it runs; and `record`, a context manager that records what
-ran into an `overlap.timeline.Timeline` and reports the overlap. Never edits transformers' plans,
-never falls back to another implementation: what the ops refuse is raised, naming the model's
-config field.
+(idempotent); the microbatch pipeline it runs; `generate`, two-batch overlap for decoding; and
+`record`, a context manager that records what ran into an `overlap.timeline.Timeline` and reports
+the overlap over the whole run (`ForwardReport`). Never edits transformers' plans, never falls back
+to another implementation: what the ops refuse is raised, naming the model's config field.
 
 Usage::
 
-    import overlap.integrations.transformers  # registers "overlap"
+    import overlap.integrations.transformers as overlap_hf  # registers "overlap"
     from transformers.distributed import DistributedConfig
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
         distributed_config=DistributedConfig(fsdp_size=W, ep_size=W, ep_implementation="overlap"))
-    with torch.inference_mode(), record(model) as rec:
-        out = model.generate(ids, max_new_tokens=8)
+    with torch.no_grad(), overlap_hf.record(model) as rec:
+        sequences, logits = overlap_hf.generate(model, ids, max_new_tokens=8, parts=2)
     print(rec.report())
 
 What one call does (a rank holds ``N`` tokens, `(N, H)` hidden states, `(N, K)` routes)::
 
     if the ranks of a TP group share the batch: keep this rank's slice (as AllToAllEP does)
-    out = scheduler.run_layer(self, x, routes=(top_k_index, top_k_weights))
+    if the routing weights are bf16/fp16: x = [x | weights, ids // 32, ids % 32]   (N, H + 3K)
+    out = scheduler.run_layer(self, x, routes=(top_k_index, weights or ones))[:, :H]
     all-gather the slices over TP
 
 `OverlapEP` implements the MoE protocol of `overlap.moe` (`moe_experts` runs transformers'
@@ -32,9 +33,17 @@ The rule: 1 microbatch if the largest rank has fewer than 64 tokens, else max(2,
 Inside a user's `overlap.scheduler(...)` context (or `record(model)`) the calls run in it and show
 in its plan, timeline and report; otherwise each call runs in a fresh context.
 
-The experts run top-1 with unit weights on the rows each local expert received
-(`expert_token_nums`); the routing weights are applied by combine_teardown (fp32 sum over k, one
-cast), as `AllToAllEP` applies them after its second exchange.
+Rounding as transformers does: the experts run top-1 with unit weights on the rows each local
+expert received (`expert_token_nums`), as in `AllToAllEP`. transformers then rounds each weighted
+output ``out · w`` to the routing weights' dtype before adding the K of them; the combine would add
+unrounded fp32 products. With bf16/fp16 weights, each token's K weights and expert ids therefore
+travel with it as 3K extra columns (exact in bf16 and fp16: ids < 512 as id // 32 and id % 32),
+`moe_experts` applies the row's weight in the model's dtype, and the combine adds with scale 1.
+With fp32 weights (DeepSeek-V3) the combine's fp32 product and sum are already what transformers
+computes. So with the same expert GEMMs the logits are bit-equal to ``"all_to_all"``. (Before, a
+1-ulp difference of the MoE output flipped a near-tied GPT-OSS route on 4 ranks: 22 % of the logits'
+maximum.) The columns cost 3K/H more dispatch bytes (0.6 % at K = 2, H = 1024); where H + 3K would
+exceed 8192 the weights go to the combine as fp32 scales instead (1-ulp differences).
 
 Inference only: a call that needs gradients raises `NotImplementedError` (the split ops have no
 backward; use `ep_implementation="all_to_all"` to train).
