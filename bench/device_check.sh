@@ -16,8 +16,8 @@
 #
 # The image needs torch, networkx, numpy, matplotlib and pytest; not pytest-asyncio, pytest-timeout
 # or the hf extra. Missing packages can travel as wheels in ./.whl (installed into /tmp/site, no
-# network). The project is put on PYTHONPATH from this checkout (no pip install needed): the
-# top-level kernels/ folder ships as overlap.kernels, so a shadow tree maps it there.
+# network). The project runs from a copy of this checkout (no pip install needed): the top-level
+# kernels/ folder ships as overlap.kernels, so the copy puts it there.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -29,12 +29,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# A shadow tree: overlap/ with kernels/ inside it (as installed), tests/, bench/ and pyproject.toml.
+# Every step runs in it, so `overlap` resolves there whatever pytest puts first on sys.path.
 SHADOW=$(mktemp -d /tmp/overlap-src.XXXX)
-mkdir -p "$SHADOW/overlap"
-cp -r "$ROOT/overlap/." "$SHADOW/overlap/"
+cp -r "$ROOT/overlap" "$ROOT/tests" "$ROOT/bench" "$ROOT/pyproject.toml" "$SHADOW/"
 rm -rf "$SHADOW/overlap/kernels"
 cp -r "$ROOT/kernels" "$SHADOW/overlap/kernels"
 export PYTHONPATH=$SHADOW${PYTHONPATH:+:$PYTHONPATH}
+cd "$SHADOW"
 
 python3 - <<'EOF' | tee "$LOG/host.txt"
 import os, torch
@@ -52,7 +54,7 @@ step() {  # step NAME LIMIT_S COMMAND...
     names+=("$name") times+=($((SECONDS - t0)))
     if [ $rc -eq 0 ]; then statuses+=("ok"); elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
         statuses+=("TIMEOUT(${limit}s)"); else statuses+=("FAIL(rc=$rc)"); fi
-    tail -n 4 "$LOG/$name.log"
+    tail -n +2 "$LOG/$name.log" | tail -n 4
 }
 
 # pytest without pytest-asyncio / pytest-timeout: their ini options only warn; no asyncio test is run.
