@@ -19,7 +19,8 @@ from .test_staging import HostReads, run_case_on
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run bash bench/device_check.sh on one)"),
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="needs a CUDA GPU (run bash bench/device_check.sh on one)"),
 ]
 
 

@@ -302,7 +302,8 @@ def _bad_assist_case() -> dict:
 def test_combine_deferred_assist_info_check(rank_pools):
     bad, good = rank_pools(2).run(_bad_assist_case)
     assert bad["reads"] == [] and good["reads"] == []
-    assert bad["error"][2] and "assist_info_for_combine must hold the non-decreasing cumulative counts" in bad["error"][1]
+    assert bad["error"][2]
+    assert "assist_info_for_combine must hold the non-decreasing cumulative counts" in bad["error"][1]
     assert good["error"][0] == "_ParameterMismatch" and "rank 0 gave combine_setup invalid input" in good["error"][1]
 
 

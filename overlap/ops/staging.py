@@ -271,7 +271,8 @@ class Stager:
         pinned.copy_(tensor)
         return pinned.to(device, non_blocking=True)  # the host allocator keeps `pinned` until the copy ran
 
-    def exchange(self, transfer: Transfer, exchange: Callable[[Transfer], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    def exchange(self, transfer: Transfer,
+                 exchange: Callable[[Transfer], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         """Run `exchange` (the transport's) on a host copy of the send rows; return device rows."""
         device = transfer.send_buf.device
         original = transfer.send_buf
