@@ -25,9 +25,11 @@ pytestmark = [
 
 
 def _device() -> str:
-    index = dist.get_rank() % torch.cuda.device_count()
-    torch.cuda.set_device(index)
-    return f"cuda:{index}"
+    from overlap.launch import rank_device
+
+    device = rank_device("cuda", dist.get_rank())  # cuda:(rank % G): the ranks share the GPUs there are
+    torch.cuda.set_device(device)
+    return str(device)
 
 
 def _cuda_case(case: Case) -> dict:

@@ -37,6 +37,7 @@ values on the caller's thread.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 KINDS = ("gloo", "nccl", "gloo-staged")
 INVALID_SLOT = 31  # header entry (of the transport's 32) a rank sets when its deferred check failed
-_local = threading.local()  # .simulate: bool
+_simulate: contextvars.ContextVar[bool] = contextvars.ContextVar("overlap_simulate_device", default=False)
 _kinds: dict[str, str] = {}
 _kinds_lock = threading.Lock()
 
@@ -63,23 +64,23 @@ _kinds_lock = threading.Lock()
 
 @contextlib.contextmanager
 def simulate_device() -> Iterator[None]:
-    """Treat cpu tensors as device tensors in the setups called on this thread, inside the block.
+    """Treat cpu tensors as device tensors in the setups called inside the block (this context: it
+    follows the caller onto the threads the pipeline runs ops on).
 
     The setups then take the device path (no host read of a tensor's values; rows per peer and
     input checks resolved on the transport's thread) and their exchanges are staged (`Stager`, with
     host copies standing in for device copies). For tests on machines without a GPU.
     """
-    previous = getattr(_local, "simulate", False)
-    _local.simulate = True
+    token = _simulate.set(True)
     try:
         yield
     finally:
-        _local.simulate = previous
+        _simulate.reset(token)
 
 
 def is_simulating() -> bool:
-    """True inside `simulate_device()` on this thread."""
-    return bool(getattr(_local, "simulate", False))
+    """True inside `simulate_device()` (in this context)."""
+    return _simulate.get()
 
 
 def defers_host_reads(tensor: Tensor) -> bool:
