@@ -184,6 +184,7 @@ def test_tensors_crossing_streams_survive_allocator_pressure(rank_pools):
 
 def _scheduler_case(microbatches: int) -> dict:
     import overlap
+    from overlap.numerics import compare
 
     dev = _device()
     rank = dist.get_rank()
@@ -192,14 +193,19 @@ def _scheduler_case(microbatches: int) -> dict:
     plain = layer(x)
     with overlap.scheduler(microbatches=microbatches) as s:
         out = layer(x)
-    return {"equal": torch.equal(out, plain), "device": out.device.type, "text": str(s.report())}
+    dense = layer.dense_forward(x, dtype=torch.float32)
+    return {"vs_dense": compare(out.cpu(), dense.cpu()), "plain_vs_dense": compare(plain.cpu(), dense.cpu()),
+            "device": out.device.type, "text": str(s.report())}
 
 
 @pytest.mark.parametrize("microbatches", [1, 2])
 def test_scheduler_equals_the_plain_layer_on_cuda(rank_pools, microbatches):
     for res in rank_pools(2).run(_scheduler_case, microbatches):
         assert res["device"] == "cuda"
-        assert res["equal"]
+        # Split differently (microbatches vs one batch): both within the dtype's tolerance of the
+        # dense fp32 reference (GPU GEMMs round per row count, so never required to be bit-equal).
+        assert res["vs_dense"].ok, str(res["vs_dense"])
+        assert res["plain_vs_dense"].ok, str(res["plain_vs_dense"])
 
 
 def _device_time_case() -> dict:

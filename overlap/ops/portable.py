@@ -190,7 +190,7 @@ def dispatch_teardown(
     else:
         expand_x = torch.zeros(capacity, hidden, dtype=x.dtype, device=x.device)
         expand_x[:total] = rows.view(x.dtype)[:, :hidden]
-    per_expert = counts.t()  # (L, W)
+    per_expert = counts.t().to(x.device)  # (L, W); the counts arrive on the host, the outputs live with x
     assist_info = kernels.assist_info_from_counts(per_expert, capacity)
     expert_token_nums = kernels.expert_token_nums_from_counts(per_expert, expert_token_nums_type)
     return expand_x, dynamic_scales, assist_info, expert_token_nums
