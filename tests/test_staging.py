@@ -304,6 +304,48 @@ def test_deferred_check_raises_value_error_on_the_bad_rank_and_comm_error_on_its
     assert good["after_ok"] and bad["after_ok"]
 
 
+def _same_errors_and_link_case(simulate: bool, latency_s: float) -> dict:
+    """A parameter disagreement, then a good exchange on the emulated link, staged or not."""
+    from overlap import ops
+    from overlap.errors import CommError
+    from overlap.ops import staging
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    case = Case(world=world, batches=(4,) * world)
+    p = build(case)
+    g = dist.group.WORLD.group_name
+    x, ids = p["x"][rank], p["ids"][rank]
+    sim = staging.simulate_device if simulate else _nothing
+    with sim():
+        y, _, cmd = ops.dispatch_setup(x, ids, g, world, rank, case.experts, global_bs=8 * (rank + 1))
+    try:
+        ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, case.experts, global_bs=8 * (rank + 1))
+        mismatch = None
+    except CommError as exc:
+        mismatch = str(exc)
+    ops.configure(link=ops.EmulatedLink(latency_s=latency_s, bandwidth_bytes_per_s=1e12))
+    try:
+        with sim():
+            y, _, cmd = ops.dispatch_setup(x, ids, g, world, rank, case.experts)
+        handle = ops.transfer_of(cmd)
+        ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, case.experts)
+    finally:
+        ops.configure(link=None)
+    return {"mismatch": mismatch, "link_s": handle.finished_at - handle.started_at, "kind": handle.plan.kind}
+
+
+def test_staged_exchange_keeps_the_header_check_and_the_emulated_link(rank_pools):
+    latency_s = 0.2
+    staged = rank_pools(2).run(_same_errors_and_link_case, True, latency_s)
+    plain = rank_pools(2).run(_same_errors_and_link_case, False, latency_s)
+    for s, h in zip(staged, plain):
+        assert s["kind"] == "gloo-staged" and h["kind"] == "gloo"
+        assert s["mismatch"] is not None and s["mismatch"] == h["mismatch"]
+        assert "ranks disagree on global_bs" in s["mismatch"]
+        # The worker sleeps until the modelled completion: never shorter than the latency.
+        assert s["link_s"] >= latency_s and h["link_s"] >= latency_s
+
+
 def _bad_assist_case() -> dict:
     from overlap import ops
     from overlap.ops import staging
