@@ -170,16 +170,18 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 3600.0) -> Any:
-    """Run `fn(*args)` on `world` local gloo ranks (or once under torchrun); rank 0's result.
+def run_ranks(ranks: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 3600.0) -> Any:
+    """Run `fn(*args)` on `ranks` local gloo ranks (or once under torchrun); rank 0's result.
 
     Raises:
-        ValueError: `world` < 2.
+        ValueError: `ranks` < 2.
         RankError: a rank raised (its traceback is in the message).
     """
     if under_torchrun():
         if not dist.is_initialized():
             dist.init_process_group("gloo")
         return fn(*args)
-    with RankPool(world) as pool:
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 2:
+        raise ValueError(f"ranks must be >= 2 (the ops' ep_world_size range is [2, 384]), got {ranks!r}")
+    with RankPool(ranks) as pool:
         return pool.run(fn, *args, timeout_s=timeout_s)[0]
