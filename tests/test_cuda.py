@@ -137,7 +137,7 @@ def _pressure_case(iterations: int) -> dict:
     g = dist.group.WORLD.group_name
     other = torch.cuda.Stream()
     bad = 0
-    for i in range(iterations):
+    for _ in range(iterations):
         x, ids, w = p["x"][rank].to(dev), p["ids"][rank].to(dev), p["weights"][rank].to(dev)
         torch.cuda._sleep(_sleep_cycles(0.002))
         y, expand_idx, cmd = ops.dispatch_setup(x, ids, g, world, rank, case.experts)

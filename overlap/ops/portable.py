@@ -26,6 +26,7 @@ and lay out eagerly, as before.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .. import kernels
@@ -291,7 +292,8 @@ def _dispatch_layout_deferred(ids: Tensor, active: Tensor, params: MoeCommParams
 
 
 def _dispatch_setup_deferred(x: Tensor, expert_ids: Tensor, x_active_mask: Tensor | None, scales: Tensor | None,
-                             params: MoeCommParams, group: object, group_ep: str) -> tuple[Tensor, Tensor, Tensor]:
+                             params: MoeCommParams, group: dist.ProcessGroup,
+                             group_ep: str) -> tuple[Tensor, Tensor, Tensor]:
     """dispatch_setup on a device: no host read of any tensor's values (see the module)."""
     batch, hidden = x.shape
     top_k = expert_ids.shape[1]
@@ -399,7 +401,8 @@ def combine_setup(
     comm_alg: str = "",
 ) -> tuple[Tensor, Tensor]:
     params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type,
-                           shared_expert_num, shared_expert_rank_num, global_bs, 0, comm_quant_mode, comm_type, comm_alg)
+                           shared_expert_num, shared_expert_rank_num, global_bs, 0, comm_quant_mode, comm_type,
+                           comm_alg)
     expand_x, batch, top_k, capacity = _check_expand_x(params, expand_x, expert_ids)
     hidden = expand_x.shape[1]
     check_tensor("assist_info_for_combine", assist_info_for_combine, shape=(capacity * 128,), dtypes=(torch.int32,),
@@ -458,7 +461,8 @@ def combine_teardown(
     comm_alg: str = "",
 ) -> Tensor:
     params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type,
-                           shared_expert_num, shared_expert_rank_num, global_bs, 0, comm_quant_mode, comm_type, comm_alg)
+                           shared_expert_num, shared_expert_rank_num, global_bs, 0, comm_quant_mode, comm_type,
+                           comm_alg)
     if shared_expert_x is not None and shared_expert_rank_num != 0:
         raise ValueError(f"shared_expert_x must be None when shared_expert_rank_num > 0 (shared experts live on "
                          f"their own ranks), got shared_expert_rank_num = {shared_expert_rank_num}")

@@ -231,7 +231,7 @@ def hand_over(transfer: Transfer) -> None:
     if transfer.done_event is None:
         return
     consumer = torch.cuda.current_stream(transfer.send_buf.device)
-    consumer.wait_event(transfer.done_event)
+    consumer.wait_event(transfer.done_event)  # type: ignore[arg-type]  # a torch.cuda.Event when set
     if transfer._result is not None:
         protect(transfer._result, consumer)
 
