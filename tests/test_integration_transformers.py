@@ -227,7 +227,7 @@ def two_batch_generate_case(path: str, new_tokens: int = 3, parts: int = 2) -> d
 
     return {"same_tokens": torch.equal(sequences, plain.sequences),
             "vs_plain": _diff(logits, torch.stack(plain.logits, dim=1)), "vs_ref": _diff(logits, full),
-            "plan": [str(step.node) for step in rec.scheduler.plan.steps], "report": rec.report(),
+            "plan": rec.scheduler.recording.order(), "report": rec.report(),
             "left": len(overlap.ops.in_flight()), "layers": ours.config.num_hidden_layers}
 
 
@@ -449,7 +449,7 @@ def two_batch_case(path: str, fibers: int = 2) -> dict:
         with overlap.scheduler(microbatches=fibers, min_tokens=1) as s:
             got = overlap.wrap(ours)(ids, use_cache=False).logits
     return {"vs_ref": _diff(got, expected), "equal_to_plain": torch.equal(got, plain),
-            "plan": [str(step.node) for step in s.plan.steps], "left": len(overlap.ops.in_flight())}
+            "plan": s.recording.order(), "left": len(overlap.ops.in_flight())}
 
 
 @pytest.mark.parametrize("fibers", [2, 4])
