@@ -58,6 +58,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -228,7 +229,8 @@ class _Generate(torch.nn.Module):
         self.model, self.kwargs = model, kwargs
 
     def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.model.generate(input_ids, return_dict_in_generate=True, output_logits=True, **self.kwargs)
+        model: Any = self.model  # a transformers GenerationMixin
+        out = model.generate(input_ids, return_dict_in_generate=True, output_logits=True, **self.kwargs)
         return out.sequences, torch.stack(out.logits, dim=1)
 
 
@@ -243,8 +245,9 @@ def generate(model: torch.nn.Module, input_ids: Tensor, *, max_new_tokens: int, 
         model: a transformers model loaded with ``ep_implementation="overlap"`` and no TP (each rank
             its own batch: ``fsdp_size = ep_size``; collectives other than the ops cannot run
             while an exchange is in flight).
-        input_ids: `(B, T)` int64, this rank's prompts (B may differ between ranks; every part
-            gets at least one sequence: ``min(parts, smallest B of the ranks)`` parts).
+        input_ids: `(B, T)` int64, this rank's prompts (B may differ between ranks: the parts are
+            cut from the group's largest B by the pipeline's rule; a rank with fewer sequences pads
+            its parts with zero sequences, generated and dropped).
         max_new_tokens: tokens generated per sequence, exactly (``min_new_tokens`` is set to it:
             every part on every rank must run the same number of steps).
         parts: how many parts (fibers), >= 1.
@@ -313,7 +316,7 @@ class OverlapEP(EPImplementation):
         self.moe_expert_num = self.num_local_experts * self.ep_size
         OverlapEP._load_order += 1
         self.layer_index = OverlapEP._load_order - 1  # `record(model)` sets it from the module name
-        experts._overlap_ep = self  # lets `record(model)` name the layer
+        experts.__dict__["_overlap_ep"] = self  # lets `record(model)` name the layer
         self._experts_module = experts
         self._carried: tuple[int, int] | None = None  # (H, K) while routes travel as columns of x
         if self.config is not None:
@@ -441,7 +444,7 @@ class OverlapEP(EPImplementation):
     def _exchange(self, x: Tensor, routes: tuple[Tensor, Tensor]) -> Tensor:
         """This rank's `(n, H)` tokens through the scheduler's microbatch pipeline."""
         forced = _forced_num.get()
-        kwargs = dict(routes=routes, layer_index=self.layer_index)
+        kwargs: dict[str, Any] = dict(routes=routes, layer_index=self.layer_index)
         if forced is not None:
             kwargs.update(microbatches=forced, min_tokens=0)
         # The executor of the context: a scheduler context's graph, or, inside a fiber of
@@ -473,7 +476,7 @@ def _local_params(module: torch.nn.Module) -> Iterator[None]:
 
     swapped = {name: p for name, p in module.named_parameters(recurse=False) if isinstance(p, DTensor)}
     for name, p in swapped.items():
-        module._parameters[name] = p.to_local()
+        module._parameters[name] = p.to_local()  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -492,7 +495,7 @@ def _tp_gather(t: Tensor, tp_mesh, num_tokens: int, hidden: int) -> Tensor:
     """Shard(0) -> Replicate: one all-gather of the (possibly uneven or empty) row slices."""
     from torch.distributed.tensor import DTensor, Shard
 
-    return DTensor.from_local(t.contiguous(), tp_mesh, [Shard(0)], shape=(num_tokens, hidden),
+    return DTensor.from_local(t.contiguous(), tp_mesh, [Shard(0)], shape=torch.Size((num_tokens, hidden)),
                               stride=(hidden, 1)).full_tensor()
 
 
