@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .backend import device_kernels
+
 CACHE_ELEMENTS = 1 << 19  # fp32 temporaries per block of tokens: 2 MiB, about one core's L2
 
 
@@ -37,6 +39,10 @@ def weighted_combine(
     Returns:
         `out`.
     """
+    device = device_kernels(out)
+    if device is not None:
+        return device.weighted_combine(rows, positions, weights, shared_positions=shared_positions, extra=extra,
+                                       out=out)
     num_tokens, hidden = out.shape
     top_k = positions.shape[1]
     num_shared = 0 if shared_positions is None else shared_positions.shape[0]
