@@ -12,6 +12,7 @@ over tokens or experts. Each function states the shapes and dtypes it takes and 
 - `combine`: the weighted sum back per token, in k order, in fp32, then one cast.
 - `backend`: which implementation runs: these torch references (CPU, and anywhere triton is
   missing) or their Triton twins in `triton_kernels` (CUDA tensors; see docs/kernels.md).
+- `cpu_combine`: the combine fused by `torch.compile` for large CPU calls (bit-equal).
 
 Shipped as `overlap.kernels` (the folder sits at the repository root; see DESIGN.md).
 """
