@@ -9,6 +9,7 @@ CUDA events around each call, after a synchronize):
 * ``gather``: `gather_rows` of `(T, H)` tokens into send order `(T·K, H)` (dispatch's permute);
 * ``scatter``: `scatter_rows` of `(T·K, H)` rows back through a permutation (the unpermute);
 * ``combine``: `weighted_combine` of `(T·K, H)` expert outputs into `(T, H)` (K reads, one write);
+  on CPU also ``combine0``, the same call with the compiled path off (the eager reference);
 * ``quantize``: `quantize_packed` of the `(T·K)` send-ordered rows into int8 staging rows;
 * ``layout``: `dispatch_layout` of the `(T, K)` routing (time, not bandwidth).
 
@@ -28,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 from overlap import kernels
-from overlap.kernels import backend
+from overlap.kernels import backend, cpu_combine
 from overlap.kernels.quant import quantized_row_bytes
 
 CPU_SHAPES = [(512, 8, 4096), (256, 8, 7168), (128, 4, 4096), (2048, 2, 2048)]
@@ -106,6 +107,14 @@ def _outputs(value: object) -> list[torch.Tensor]:
                                                  "expert_counts")]
 
 
+def _eager(fn: Callable[[], object]) -> object:
+    saved, cpu_combine._enabled = cpu_combine._enabled, False
+    try:
+        return fn()
+    finally:
+        cpu_combine._enabled = saved
+
+
 def bench_cpu(repeats: int) -> None:
     print(f"{'T x K x H':>18}  {'kernel':>8}  {'GB/s':>7}  {'% copy':>7}")
     for tokens, top_k, hidden in CPU_SHAPES:
@@ -117,7 +126,10 @@ def bench_cpu(repeats: int) -> None:
                                  best_time(lambda: copy_dst.copy_(rows), repeats, "cpu"))
         label = f"{tokens} x {top_k} x {hidden}"
         print(f"{label:>18}  {'copy_':>8}  {copy_rate / 1e9:7.2f}  {100:6.0f}%")
-        for name, fn, nbytes in kernel_cases(inp, tokens, top_k, hidden):
+        cases = kernel_cases(inp, tokens, top_k, hidden)
+        combine = next(case for case in cases if case[0] == "combine")
+        cases.insert(3, ("combine0", lambda: _eager(combine[1]), combine[2]))
+        for name, fn, nbytes in cases:
             seconds = best_time(fn, repeats, "cpu")
             if nbytes:
                 rate = nbytes / seconds
