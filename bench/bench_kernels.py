@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -122,13 +123,13 @@ def bench_cpu(repeats: int) -> None:
         rows = inp["rows"]
         copy_dst = torch.empty_like(rows)
         n_copy = 2 * rows.numel() * rows.element_size()
-        copy_rate = n_copy / min(best_time(lambda: rows.clone(), repeats, "cpu"),
-                                 best_time(lambda: copy_dst.copy_(rows), repeats, "cpu"))
+        copy_rate = n_copy / min(best_time(rows.clone, repeats, "cpu"),
+                                 best_time(partial(copy_dst.copy_, rows), repeats, "cpu"))
         label = f"{tokens} x {top_k} x {hidden}"
         print(f"{label:>18}  {'copy_':>8}  {copy_rate / 1e9:7.2f}  {100:6.0f}%")
         cases = kernel_cases(inp, tokens, top_k, hidden)
         combine = next(case for case in cases if case[0] == "combine")
-        cases.insert(3, ("combine0", lambda: _eager(combine[1]), combine[2]))
+        cases.insert(3, ("combine0", partial(_eager, combine[1]), combine[2]))
         for name, fn, nbytes in cases:
             seconds = best_time(fn, repeats, "cpu")
             if nbytes:
@@ -148,7 +149,7 @@ def bench_cuda(repeats: int) -> None:
         rows = inp["rows"]
         copy_dst = torch.empty_like(rows)
         n_copy = 2 * rows.numel() * rows.element_size()
-        copy_rate = n_copy / best_time(lambda: copy_dst.copy_(rows), repeats, "cuda")
+        copy_rate = n_copy / best_time(partial(copy_dst.copy_, rows), repeats, "cuda")
         label = f"{tokens} x {top_k} x {hidden}"
         print(f"{label:>18}  {'copy_':>8}  {copy_rate / 1e9:9.0f} GB/s  {100:6.0f}%")
         for name, fn, nbytes in kernel_cases(inp, tokens, top_k, hidden):

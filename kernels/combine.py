@@ -54,7 +54,9 @@ def weighted_combine(
     num_tokens, hidden = out.shape
     top_k = positions.shape[1]
     num_shared = 0 if shared_positions is None else shared_positions.shape[0]
-    index = positions if shared_positions is None else torch.cat([positions, shared_positions.t().to(positions.dtype)], 1)
+    index = positions
+    if shared_positions is not None:
+        index = torch.cat([positions, shared_positions.t().to(positions.dtype)], 1)
     # Blocks of tokens whose fp32 temporaries (about CACHE_ELEMENTS floats) stay in cache: one pass
     # over memory per input row instead of one per temporary. The loop runs over blocks, not tokens.
     block = max(1, min(num_tokens, CACHE_ELEMENTS // ((top_k + num_shared + 1) * hidden)))

@@ -69,7 +69,7 @@ def weighted_combine(rows: Tensor, positions: Tensor, weights: Tensor, *, shared
             _compiled = torch.compile(_fused_combine, dynamic=True)
         # Without duck shaping, equal sizes (T·K == H) do not share a symbol, so a new shape
         # reuses the compiled code instead of compiling again.
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
+        with torch.fx.experimental._config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
             _compiled(rows, index, weights, positions.shape[1], extra, out)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back to the reference for good
         _enabled = False

@@ -92,12 +92,12 @@ def quantize_packed(
         `out`.
     """
     if scales is not None and scale_rows is None:
-        raise ValueError("scale_rows must be given with scales: the row of scales each staging row uses")
+        raise ValueError("scale_rows must be given with scales: the row of scales each staging row uses, got None")
     device = device_kernels(x)
     if device is not None:
         return device.quantize_packed(x, index, out, scales=scales, scale_rows=scale_rows)
     rows = x if index is None else x.index_select(0, index)
-    smooth = None if scales is None else scales.index_select(0, scale_rows)
+    smooth = None if scales is None or scale_rows is None else scales.index_select(0, scale_rows)
     q, scale = quantize_rows(rows, smooth)
     return pack_quantized(q, scale, out)
 

@@ -28,9 +28,9 @@ for the final cast there; on a GPU the kernel casts (round to nearest even) itse
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
-import torch
 from torch import Tensor
 
 from .layout import DispatchLayout, align
