@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
+from .launch import rank_device
 from .moe import MoELayer
 from .numerics import compare
 from .ops.params import MAX_EXPERTS, MAX_HIDDEN, MAX_SHARED_EXPERTS, MAX_TOP_K, MAX_WORLD_SIZE, MIN_HIDDEN
@@ -181,15 +182,12 @@ class Progress:
 
 
 def _device_and_group(device: str) -> tuple[torch.device, dist.ProcessGroup]:
-    """This rank's device and the EP group for it: rank r uses cuda:(r % G) (LOCAL_RANK under
-    torchrun); the group is NCCL for cuda, gloo for cpu (a new group when the default differs)."""
-    if device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        index = local % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        dev, backend = torch.device("cuda", index), "nccl"
-    else:
-        dev, backend = torch.device("cpu"), "gloo"
+    """This rank's device and the EP group for it: rank r uses cuda:(r % G) (LOCAL_RANK % G under
+    torchrun); the group is NCCL for cuda and gloo for cpu (a new group where the default differs)."""
+    dev = rank_device(device, int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     group = dist.group.WORLD if dist.get_backend() == backend else dist.new_group(backend=backend)
     return dev, group
 
