@@ -400,7 +400,6 @@ DEFAULT_BENCH_SHAPES = (
     Shape(tokens=256, hidden=2048, experts=8, top_k=2, intermediate=1024, shared=1),
     Shape(tokens=512, hidden=1024, experts=4, top_k=1, intermediate=2048, shared=1),
 )
-BENCH_SHAPES = DEFAULT_BENCH_SHAPES  # the name bench scripts imported
 
 
 def bench_rank(shapes: tuple[Shape, ...], microbatch_counts: tuple[int, ...], link: Link, reps: int,
@@ -472,5 +471,5 @@ def dump_json(rows: list[dict], path: str) -> None:
         json.dump(public_rows(rows), f, indent=2)
 
 
-__all__ = ["BENCH_SHAPES", "DEFAULT_BENCH_SHAPES", "Link", "Progress", "Shape", "bench_rank", "check_args",
+__all__ = ["DEFAULT_BENCH_SHAPES", "Link", "Progress", "Shape", "bench_rank", "check_args",
            "demo_rank", "dump_json", "format_table", "measure", "picture_title", "public_rows"]

@@ -95,6 +95,13 @@ def plan_to_dot(plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plan_title(plan: Plan) -> str:
+    """What the plan picture shows: its layer(s), microbatch count, steps, streams and events."""
+    layers, micro = _shape_of(plan.nodes)
+    return (f"Plan of {_layers_text(layers)} with {micro} microbatch{'es' if micro != 1 else ''}: "
+            f"{len(plan.steps)} steps on {len(plan.streams)} streams, {len(plan.events)} events")
+
+
 def save_plan_png(plan: Plan, path: str | os.PathLike, *, title: str | None = None) -> None:
     """Draw `plan` to PNG: x = the step's place in the plan's order, one lane per stream.
 
@@ -140,9 +147,7 @@ def save_plan_png(plan: Plan, path: str | os.PathLike, *, title: str | None = No
                 Line2D([], [], color=EVENT_COLOR, linestyle="--", label="dependency across streams: one event "
                                                                          "(recorded, then waited)")]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=3, frameon=False)
-    layers, micro = _shape_of(plan.nodes)
-    ax.set_title(title or f"Plan of {_layers_text(layers)} with {micro} microbatch{'es' if micro != 1 else ''}: "
-                 f"{len(plan.steps)} steps on {len(plan.streams)} streams, {len(plan.events)} events")
+    ax.set_title(title or plan_title(plan))
     caption = NAME_CAPTION + f" Plan fingerprint {plan.fingerprint()} (the same on every rank)."
     fig.text(0.5, 0.01, "\n".join(textwrap.wrap(caption, 150)), ha="center", va="bottom", fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
@@ -164,13 +169,27 @@ def timeline_title(timeline: Timeline) -> str:
             "(serial time summed from the steps)")
 
 
-def save_timeline_png(timeline: Timeline, path: str | os.PathLike, *, title: str | None = None) -> None:
+def timeline_legend(timeline: Timeline) -> list[tuple[str, str]]:
+    """`(kind, label)` for every kind drawn: the label names the tracks it sits on and what it is."""
+    intervals = timeline.intervals
+    out = []
+    for k in KIND_COLORS:
+        on = [t for t in timeline.tracks if any(iv.kind == k and iv.track == t for iv in intervals)]
+        if on:
+            out.append((k, f"{' / '.join(on)}: {KIND_MEANING[k]}"))
+    return out
+
+
+def save_timeline_png(timeline: Timeline, path: str | os.PathLike, *, title: str | None = None) -> list[str]:
     """Draw `timeline` to PNG: one lane per track, boxes coloured by kind, a name on every box wide
     enough to hold it (the Chrome trace keeps every name), a legend of exactly the kinds drawn with
     the tracks they sit on, and a caption that reads the names.
 
     Args:
         title: replaces the default `timeline_title` (the demo passes its measured figures).
+
+    Returns:
+        The names written on boxes (the others were too narrow).
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -204,11 +223,7 @@ def save_timeline_png(timeline: Timeline, path: str | os.PathLike, *, title: str
     ax.set_xlim(0, max(timeline.makespan * 1e3, 1e-6))
     ax.set_ylim(-0.6, len(tracks) - 0.4)
     ax.set_title(title or timeline_title(timeline), fontsize=10)
-    kinds = [k for k in KIND_COLORS if any(iv.kind == k for iv in intervals)]
-    handles = []
-    for k in kinds:
-        on = [t for t in tracks if any(iv.kind == k and iv.track == t for iv in intervals)]
-        handles.append(Patch(color=KIND_COLORS[k], label=f"{' / '.join(on)}: {KIND_MEANING[k]}"))
+    handles = [Patch(color=KIND_COLORS[k], label=label) for k, label in timeline_legend(timeline)]
     if hidden_drawn:
         handles.append(Patch(facecolor=KIND_COLORS["comm"], edgecolor="white", hatch="///",
                              label="hatched: link time hidden under compute"))
@@ -219,14 +234,18 @@ def save_timeline_png(timeline: Timeline, path: str | os.PathLike, *, title: str
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     # Names only where they fit: measured against the box in pixels, after the layout is final.
     renderer = fig.canvas.get_renderer()
+    named = []
     for iv, y, left, w in boxes:
         text = ax.text(left + w / 2, y, iv.name, ha="center", va="center", fontsize=7, clip_on=True)
         x0, x1 = ax.transData.transform([(left, y), (left + w, y)])[:, 0]
         if text.get_window_extent(renderer).width > (x1 - x0) - 4:
             text.remove()
+        else:
+            named.append(iv.name)
     fig.savefig(path)
     plt.close(fig)
+    return named
 
 
-__all__ = ["KIND_COLORS", "STREAM_COLORS", "plan_to_dot", "pyplot", "save_plan_png", "save_timeline_png",
-           "timeline_title"]
+__all__ = ["KIND_COLORS", "STREAM_COLORS", "plan_title", "plan_to_dot", "pyplot", "save_plan_png",
+           "save_timeline_png", "timeline_legend", "timeline_title"]
