@@ -427,8 +427,9 @@ def _ms_range(r: dict, key: str) -> str:
 def format_table(rows: list[dict]) -> str:
     """The table (one section per shape) and, once, what every column means."""
     cols = (("m", 3), ("serial ms [min-max]", 24), ("overlapped ms [min-max]", 24), ("compute ms", 11),
-            ("comm ms", 9), ("hidden", 7), ("speedup", 8), ("ideal", 6), ("verdict", 16), ("vs fp32", 9))
-    head = " ".join(f"{name:>{w}}" if i < 9 else name for i, (name, w) in enumerate(cols))
+            ("comm ms", 9), ("ratio", 6), ("hidden", 7), ("speedup", 8), ("ideal", 6), ("verdict", 16),
+            ("vs fp32", 9))
+    head = " ".join(f"{name:>{w}}" if i < len(cols) - 1 else name for i, (name, w) in enumerate(cols))
     lines = [head, "-" * len(head)]
     shape = None
     for r in rows:
@@ -438,7 +439,8 @@ def format_table(rows: list[dict]) -> str:
         check = f"{max(r['worst_ulps_serial'], r['worst_ulps_overlapped']):.1f} ulp"
         speedup = f"{r['speedup']:.2f}x" if r["verdict"] in ("faster", "slower") else f"({r['speedup']:.2f}x)"
         cells = (str(r["microbatches"]), _ms_range(r, "serial"), _ms_range(r, "overlapped"),
-                 f"{r['compute_s'] * 1e3:.1f}", f"{r['comm_s'] * 1e3:.1f}", f"{r['hidden_fraction'] * 100:.0f}%",
+                 f"{r['compute_s'] * 1e3:.1f}", f"{r['comm_s'] * 1e3:.1f}", f"{r['comm_ratio']:.2f}",
+                 f"{r['hidden_fraction'] * 100:.0f}%",
                  speedup, f"{r['ideal_speedup']:.2f}x", r["verdict"], check)
         lines.append(" ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, cols)))
     reps = sorted({r["reps"] for r in rows})
@@ -448,7 +450,10 @@ def format_table(rows: list[dict]) -> str:
         f"m: microbatches that ran{' (fewer than asked: at least 32 tokens each)' if asked else ''}.",
         f"serial, overlapped: wall time of one layer forward, median of {'/'.join(map(str, reps))} reps "
         "[min-max], each rep timed on its slowest rank.",
-        "compute, comm: the serial run's compute and link busy time (its median rep, the rank with the most).",
+        "compute, comm: the serial run's compute and link busy time (its median rep, the rank with the most); "
+        "ratio: comm / compute.",
+        "  (With --comm-ratio the link is scaled in calibration runs before timing; on a busy machine the "
+        "timed ratio differs.)",
         "hidden: share of the overlapped run's link time spent under compute (its median rep, the rank that hid "
         "least).",
         "speedup: serial / overlapped (medians), in parentheses when the min-max ranges overlap; ideal: "
