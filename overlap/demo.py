@@ -323,7 +323,7 @@ def measure(shape: Shape, microbatches: int, link: Link, reps: int, device: str 
     hidden = _max([hidden_here], group, op=dist.ReduceOp.MIN, dev=dev)[0]
 
     with progress.step("checking against the dense fp32 reference"):
-        dense = layer.dense_forward(x.cpu() if dev.type != "cpu" else x, dtype=torch.float32)
+        dense = layer.dense_forward(x, dtype=torch.float32).cpu()
         worst = [compare(out.cpu(), dense).worst_ulps for out in outs]
     worst_serial, worst_overlapped = _max(worst, group, dev=dev)
     tolerance = compare(dense[:0], dense[:0], dtype=torch.bfloat16).max_ulps
