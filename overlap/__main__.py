@@ -154,6 +154,8 @@ def _print_demo(row: dict) -> int:
     print()
     print(demo.format_table([row]))
     print()
+    print(f"transport: {row['transport']} (device {row['device']}; gloo: cpu tensors over gloo, gloo-staged: "
+          "device tensors through pinned host buffers over gloo, nccl: device tensors over NCCL)")
     ok = row["within_tolerance"]
     print(f"serial and overlapped outputs {'within' if ok else 'OUTSIDE'} the tolerance of the dense fp32 "
           f"reference: worst {max(row['worst_ulps_serial'], row['worst_ulps_overlapped']):.2f} bf16 ulp "

@@ -183,11 +183,14 @@ class Progress:
 
 def _device_and_group(device: str) -> tuple[torch.device, dist.ProcessGroup]:
     """This rank's device and the EP group for it: rank r uses cuda:(r % G) (LOCAL_RANK % G under
-    torchrun); the group is NCCL for cuda and gloo for cpu (a new group where the default differs)."""
+    torchrun); the group is NCCL when every rank of this host has its own GPU, else gloo (cpu, or
+    ranks sharing a GPU, whose exchanges are staged through pinned host buffers) — a new group where
+    the default group's backend differs."""
     dev = rank_device(device, int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    backend = ops.staging.backend_for(dev, local_world)
     group = dist.group.WORLD if dist.get_backend() == backend else dist.new_group(backend=backend)
     return dev, group
 
@@ -333,6 +336,7 @@ def measure(shape: Shape, microbatches: int, link: Link, reps: int, device: str 
     row = {
         "shape": str(shape), **{f"shape_{k}": v for k, v in asdict(shape).items()},
         "ranks": dist.get_world_size(group), "device": device, "link": str(link),
+        "transport": ops.transport_kind(group.group_name),
         "microbatches": _microbatches_ran(o_sched), "microbatches_requested": microbatches, "reps": reps,
         "serial_s": serial_s, "serial_min_s": min(serial_t), "serial_max_s": max(serial_t),
         "overlapped_s": overlapped_s, "overlapped_min_s": min(over_t), "overlapped_max_s": max(over_t),
