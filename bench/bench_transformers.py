@@ -9,7 +9,8 @@ seed 0; GPT-OSS is issue 15's 2-layer model), each rank its own batch (fsdp = ep
 repetition so a change of machine load hits them alike; times are the slowest rank's.
 
 1. gloo as is, per family and tokens per rank: "all_to_all" vs "overlap" (its default microbatch
-   rule). On a CPU the transfers run on the same cores as the experts, so this measures overhead.
+   rule) vs "overlap" forced to 1 microbatch. On a CPU the transfers run on the same cores as the
+   experts, so this measures overhead.
 2. The emulated link (`overlap.ops.EmulatedLink`: a transfer completes after latency + bytes /
    bandwidth, sleeping, no core used), first family only:
    - prefill, `--tokens` max: one microbatch vs the pipelined EP calls (compute = the experts) vs
@@ -164,7 +165,7 @@ def main() -> None:
     holder = [tempfile.mkdtemp(prefix="overlap-bench-") if rank == 0 else None]
     dist.broadcast_object_list(holder, src=0)
     root = holder[0]
-    gloo_rows: list[tuple[str, int, float, float]] = []
+    gloo_rows: list[tuple[str, int, float, float, float]] = []
     link_rows: list[tuple[str, float, object]] = []
     try:
         for family in args.families:
@@ -176,9 +177,9 @@ def main() -> None:
             for tokens in args.tokens:
                 torch.manual_seed(1 + rank)
                 ids = torch.randint(0, VOCAB, (1, tokens))
-                timed = timed_side_by_side({"a2a": lambda m=a2a, x=ids: m(x), "overlap": recorded(ours, ids, None)},
-                                           args.repeats)
-                gloo_rows.append((family, tokens, timed["a2a"][0], timed["overlap"][0]))
+                timed = timed_side_by_side({"a2a": lambda m=a2a, x=ids: m(x), "overlap": recorded(ours, ids, None),
+                                            "one": recorded(ours, ids, 1)}, args.repeats)
+                gloo_rows.append((family, tokens, timed["a2a"][0], timed["overlap"][0], timed["one"][0]))
                 if rank == 0:
                     print(f"[bench] {family} {tokens} tokens: done", flush=True)
             if family != args.families[0] or args.skip_link:
@@ -206,9 +207,11 @@ def main() -> None:
 
         if rank == 0:
             print(f"\n{world} ranks (gloo, CPU); median of {args.repeats}, slowest rank; each rank its own batch\n")
-            print(f"{'family':<12} {'tokens/rank':>11} {'all_to_all ms':>14} {'overlap ms':>11} {'overlap/a2a':>12}")
-            for family, tokens, t_a2a, t_ov in gloo_rows:
-                print(f"{family:<12} {tokens:>11} {t_a2a * 1e3:14.1f} {t_ov * 1e3:11.1f} {t_ov / t_a2a:11.2f}x")
+            print(f"{'family':<12} {'tokens/rank':>11} {'all_to_all ms':>14} {'overlap ms':>11} {'overlap/a2a':>12} "
+                  f"{'1 microbatch/a2a':>17}")
+            for family, tokens, t_a2a, t_ov, t_one in gloo_rows:
+                print(f"{family:<12} {tokens:>11} {t_a2a * 1e3:14.1f} {t_ov * 1e3:11.1f} {t_ov / t_a2a:11.2f}x "
+                      f"{t_one / t_a2a:16.2f}x")
             if link_rows:
                 print(f"\nemulated link, {args.families[0]} (compute: experts for EP-call rows, whole model for "
                       "fiber rows)\n")
