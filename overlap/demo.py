@@ -53,7 +53,7 @@ def _calibrate_link(layer: MoELayer, x: torch.Tensor, microbatches: int) -> ops.
     layer.moe_shared(mb)
     t0 = time.perf_counter()
     for _ in range(3):
-        layer.moe_shared(mb) if layer.shared else layer.moe_experts(mb, torch.zeros(mb.shape[0]),
+        layer.moe_shared(mb) if layer.num_shared_experts else layer.moe_experts(mb, torch.zeros(mb.shape[0]),
                                                                     torch.tensor([mb.shape[0]]))
     t = torch.tensor([(time.perf_counter() - t0) / 3])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
