@@ -62,3 +62,41 @@ def test_portable_is_the_default_off_npu(fake_torch_npu):
     with pytest.raises(ValueError, match="ep_world_size must be in"):
         ops.dispatch_setup(x, torch.zeros(2, 1, dtype=torch.int32), "g", 1, 0, 2)
     assert fake_torch_npu == []
+
+
+class _OnNpu:
+    """Stands in for a tensor on an Ascend device: all the dispatch looks at is `.device.type`."""
+
+    device = types.SimpleNamespace(type="npu")
+
+
+def test_backend_follows_the_first_tensors_device(fake_torch_npu, monkeypatch):
+    monkeypatch.delenv("OVERLAP_BACKEND", raising=False)
+    x, ids = _OnNpu(), torch.zeros(2, 1, dtype=torch.int32)
+    assert ops.dispatch_setup(x, ids, "hccl_ep", 16, 3, 16) == "npu:dispatch_setup"
+    assert ops.combine_setup(expand_x=x, expert_ids=ids, assist_info_for_combine=ids, group_ep="g",
+                             ep_world_size=2, ep_rank_id=0, moe_expert_num=2) == "npu:combine_setup"
+    assert [c[0] for c in fake_torch_npu] == ["dispatch_setup", "combine_setup"]
+    assert fake_torch_npu[0][1][0] is x and fake_torch_npu[1][2]["expand_x"] is x
+    # A CPU tensor first: the portable path (its own validation refuses W = 1), torch_npu untouched.
+    with pytest.raises(ValueError, match=r"ep_world_size must be in \[2, 384\], got 1"):
+        ops.dispatch_setup(torch.zeros(2, 1024, dtype=torch.bfloat16), ids, "g", 1, 0, 2)
+    assert len(fake_torch_npu) == 2
+
+
+def test_use_backend_overrides_the_environment(fake_torch_npu, monkeypatch):
+    cpu_x = torch.zeros(2, 1024, dtype=torch.bfloat16)
+    ids = torch.zeros(2, 1, dtype=torch.int32)
+    monkeypatch.setenv("OVERLAP_BACKEND", "portable")
+    with ops.use_backend("npu"):  # the block wins over OVERLAP_BACKEND=portable and over the CPU tensor
+        assert ops.dispatch_setup(cpu_x, ids, "g", 1, 0, 2) == "npu:dispatch_setup"
+    monkeypatch.setenv("OVERLAP_BACKEND", "npu")
+    with ops.use_backend("portable"), pytest.raises(ValueError, match=r"ep_world_size must be in \[2, 384\], got 1"):
+        ops.dispatch_setup(cpu_x, ids, "g", 1, 0, 2)
+    with ops.use_backend("portable"), pytest.raises(TypeError, match=r"x must be a torch.Tensor, got _OnNpu"):
+        ops.dispatch_setup(_OnNpu(), ids, "g", 2, 0, 2)  # forced portable even for a tensor on the npu
+    assert [c[0] for c in fake_torch_npu] == ["dispatch_setup"]
+    with ops.use_backend(None):  # None: back to the environment (npu here)
+        assert ops.combine_setup(cpu_x, ids, ids, "g", 2, 0, 2) == "npu:combine_setup"
+    with pytest.raises(ValueError, match=r"backend must be one of \('npu', 'portable'\) or None, got 'cuda'"):
+        ops.use_backend("cuda")
