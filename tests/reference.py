@@ -248,3 +248,46 @@ def run_dispatch(case: Case) -> dict:
                                                            quant_mode=case.quant,
                                                            expert_token_nums_type=case.token_nums_type, **kw)
     return {"expand_x": expand_x, "dynamic_scales": scales, "assist": assist, "expert_token_nums": nums}
+
+
+# ---- the reference MoELayer, int8 dispatch (quant_mode 2), in one process ----------------------
+
+
+def moe_layer_reference(layer, x: torch.Tensor) -> torch.Tensor:
+    """`overlap.MoELayer`'s output for `x` `(T, H)` from its seed, with every expert in this process:
+    softmax top-K routing with renormalised weights; each routed row quantised per the contract
+    (`quantize`) and dequantised as `bf16(q · scale)` when `layer.quant_mode == 2`; gated MLPs
+    `down(silu(gate x) · up x)`; `Σ_k w · float32(expert row)` in k order, plus the shared experts'
+    fp32 sum cast to the layer's dtype (it travels as `shared_expert_x`), one final cast."""
+    import torch.nn.functional as F
+
+    from overlap.moe import _weights  # the weights from the seed (data, not computation)
+
+    router, experts, shared = _weights(layer.seed, layer.num_experts, layer.num_shared_experts, layer.hidden_size,
+                                       layer.intermediate_size, layer.dtype)
+
+    def mlp(v, w):
+        gate, up, down = w
+        return F.linear(F.silu(F.linear(v, gate)) * F.linear(v, up), down)
+
+    probs = torch.softmax(x.float() @ router.t(), dim=-1)
+    weights, ids = torch.topk(probs, layer.top_k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    inputs = x
+    if layer.quant_mode == 2:
+        rows = []
+        for t in range(x.shape[0]):
+            q, scale = quantize(x[t], None)
+            rows.append((q.float() * scale).to(layer.dtype))
+        inputs = torch.stack(rows) if rows else x
+    acc = torch.zeros(x.shape, dtype=torch.float32)
+    for k in range(layer.top_k):
+        for e in ids[:, k].unique().tolist():
+            rows = (ids[:, k] == e).nonzero().flatten()
+            acc[rows] += weights[rows, k : k + 1] * mlp(inputs[rows], experts[e]).float()
+    if shared:
+        total = torch.zeros(x.shape, dtype=torch.float32)
+        for w in shared:
+            total += mlp(x, w).float()
+        acc += total.to(layer.dtype).float()
+    return acc.to(layer.dtype)
