@@ -36,6 +36,7 @@ class Mutant:
     target: str  # "function_name" or "ClassName.method"
     wrapper: str  # appended to the defining module; `_mutant_original` is the original callable
     tests: tuple[tuple[str, str | None], ...]  # (test file, -k expression)
+    where: str = ""  # when several modules define the target: the one whose path contains this
 
 
 WRAP_FUNCTION = """
@@ -68,7 +69,7 @@ def dispatch_setup(*args, **kwargs):
         handle.wait()
     return result
 ''', (("tests/test_ops.py", "setup_returns or awaitable"), ("tests/test_overlap_deterministic.py", None),
-      ("tests/test_link.py", None))),
+      ("tests/test_link.py", None)), "portable"),
     Mutant("tokens reversed within each (expert, source rank) block", "dispatch_teardown", '''
 import inspect as _inspect
 
@@ -112,7 +113,7 @@ def combine_setup(*args, **kwargs):
     blocks = _mutant_blocks(a["assist_info_for_combine"], _mutant_local(bound), a["ep_world_size"])
     a["expand_x"] = _mutant_reverse(a["expand_x"], blocks)  # restored: the round trip is unchanged
     return _mutant_combine_original(*bound.args, **bound.kwargs)
-''', (("tests/test_layout_ops.py", None), ("tests/test_ops.py", None))),
+''', (("tests/test_layout_ops.py", None), ("tests/test_ops.py", None)), "portable"),
     Mutant("EmulatedLink.duration ignores bandwidth", "EmulatedLink.duration", '''
 def _mutant_duration(self, nbytes):
     return self.latency_s
@@ -136,8 +137,9 @@ def copy_tree(dest: Path) -> None:
         shutil.copytree(dest / "kernels", dest / "overlap" / "kernels")
 
 
-def find_definition(root: Path, target: str) -> Path:
-    """The one module under overlap/ that defines `target` at module level (fail loudly otherwise)."""
+def find_definition(root: Path, target: str, where: str = "") -> Path:
+    """The one module under overlap/ that defines `target` at module level (of those, the ones whose
+    path contains `where` when there are several); fail loudly unless exactly one is left."""
     cls, _, method = target.rpartition(".")
     hits = []
     for path in sorted((root / "overlap").rglob("*.py")):
@@ -148,13 +150,15 @@ def find_definition(root: Path, target: str) -> Path:
                     hits.append(path)
             elif not cls and isinstance(node, ast.FunctionDef) and node.name == method:
                 hits.append(path)
+    if len(hits) > 1 and where:
+        hits = [h for h in hits if where in str(h.relative_to(root))]
     if len(hits) != 1:
         raise SystemExit(f"mutant target {target!r} must be defined exactly once under overlap/, found {hits}")
     return hits[0]
 
 
 def inject(root: Path, mutant: Mutant) -> Path:
-    path = find_definition(root, mutant.target)
+    path = find_definition(root, mutant.target, mutant.where)
     source = path.read_text()
     if "." in mutant.target:
         body = mutant.wrapper
