@@ -64,6 +64,9 @@ class LinkGates:
         for event in self._release.values():
             event.set()
 
+    def is_released(self, index: int) -> bool:
+        return self._release[index].is_set()
+
     def wait_entered(self, index: int) -> bool:
         """Block until exchange `index` is on the link (False after `safety_s`)."""
         return self.entered[index].wait(self.safety_s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from . import reference
 from .reference import Case, build, expected_dispatch, run_dispatch
 
 CASES = [
@@ -53,21 +54,15 @@ def test_dispatch_outputs_match_the_layout_from_the_routing(rank_pools, case):
             f"{where}: dynamic_scales differ at {(got['dynamic_scales'] != want['dynamic_scales']).nonzero().flatten()[:8].tolist()}"
 
 
-def test_reference_layout_on_a_hand_worked_routing():
+def test_reference_layout_on_a_hand_worked_routing(monkeypatch):
     """The reference itself, on a routing small enough to write down: W = 2, E = 4 (L = 2), K = 2."""
     case = Case(world=2, batches=(3, 3), experts=4, top_k=2, seed=0)
     p = build(case)
     p["ids"][0][:] = torch.tensor([[1, 2], [0, 1], [3, 1]], dtype=torch.int32)
     p["ids"][1][:] = torch.tensor([[1, 0], [2, 3], [1, 2]], dtype=torch.int32)
-    import tests.reference as reference
-
-    original = reference.build
-    reference.build = lambda c: p
-    try:
-        rank0 = expected_dispatch(case, 0)
-        rank1 = expected_dispatch(case, 1)
-    finally:
-        reference.build = original
+    monkeypatch.setattr(reference, "build", lambda c: p)
+    rank0 = expected_dispatch(case, 0)
+    rank1 = expected_dispatch(case, 1)
     # rank 0 holds experts 0 and 1: expert 0 gets (r0,t1), (r1,t0); expert 1 gets (r0,t0),(r0,t1),(r0,t2),(r1,t0),(r1,t2)
     assert rank0["rows"] == [(0, 1, 0), (1, 0, 0), (0, 0, 1), (0, 1, 1), (0, 2, 1), (1, 0, 1), (1, 2, 1)]
     assert rank0["assist"][:5].tolist() == [1, 2, 5, 7, 0]

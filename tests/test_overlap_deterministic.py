@@ -45,7 +45,7 @@ class Holds:
         exchange = self.holds.get(n)
         if exchange is not None:
             on_link = self.gates.wait_entered(exchange)
-            self.seen[n] = on_link and not self.gates._release[exchange].is_set()
+            self.seen[n] = on_link and not self.gates.is_released(exchange)
             if not on_link:
                 self.gates.release_all()  # let the run finish; the test fails on `seen`
         try:
@@ -130,7 +130,8 @@ def _planned_case() -> dict:
         layer.holds, holds = None, layer.holds
     tl = s.timeline
     return {
-        "equal": torch.equal(out, plain), "seen": holds.seen, "expired": gates.expired,
+        # Other microbatch compositions reach the expert GEMMs: equal within 2 bf16 ulps at 1.
+        "equal": torch.allclose(out.float(), plain.float(), rtol=1.6e-2, atol=1.6e-2), "seen": holds.seen, "expired": gates.expired,
         "link": [iv.name for iv in tl.intervals if iv.track == "link"],
         "experts0_x_dispatch1": _overlap([_span(tl, "compute", "experts@mb0.l0")], [_span(tl, "link", "dispatch@mb1.l0")]),
         "experts1_x_combine0": _overlap([_span(tl, "compute", "experts@mb1.l0")], [_span(tl, "link", "combine@mb0.l0")]),
