@@ -38,11 +38,16 @@ def test_worker_runs_in_submission_order_and_returns_at_once(pair):
 def test_event_orders_work_across_streams(pair):
     a, b = pair
     seen: list[str] = []
-    a.submit(time.sleep, 0.05)
+    gate = threading.Event()
+    a.submit(gate.wait, 30)
     a.submit(seen.append, "a")
     event = a.record_event()
     b.wait_event(event)
-    b.submit(seen.append, "b").result(timeout=10)
+    after = b.submit(seen.append, "b")
+    b_ran_first = after.done() or seen != []
+    gate.set()
+    after.result(timeout=30)
+    assert not b_ran_first
     assert seen == ["a", "b"]
     assert event.query()
 
@@ -150,15 +155,12 @@ def test_bad_arguments_are_named(pair):
 @pytest.mark.asyncio
 async def test_futures_are_awaitable_without_blocking_the_loop(pair):
     a, _ = pair
-    ticks = 0
+    gate = threading.Event()
+    future = a.submit(lambda: 42 if gate.wait(30) else "the loop never opened the gate")
 
-    async def ticker():
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.002)
+    async def opener():
+        await asyncio.sleep(0)
+        gate.set()  # only possible if awaiting the future left the loop free to run this task
 
-    task = asyncio.create_task(ticker())
-    assert await asyncio.wrap_future(a.submit(lambda: (time.sleep(0.05), 42)[1])) == 42
-    task.cancel()
-    assert ticks >= 3  # the loop kept running while the worker slept
+    result, _ = await asyncio.gather(asyncio.wrap_future(future), opener())
+    assert result == 42
