@@ -1,47 +1,80 @@
-"""A transformers MoE model, expert parallel: transformers' "all_to_all" vs overlap, on CPU ranks.
+"""transformers MoE models, expert parallel on CPU ranks: transformers' "all_to_all" vs overlap.
 
-Run:  torchrun --nproc-per-node 2 bench/bench_transformers.py [--tokens 500] [--bandwidth 2e7]
+Run:  torchrun --nproc-per-node 2 bench/bench_transformers.py [--families olmoe gpt_oss ...]
+          [--tokens 64 256 640] [--repeats 5] [--bandwidth 2e7] [--decode-steps 4]
 
-Same model (Qwen3-MoE from a config: hidden 1024, 2 layers, 8 experts, top-2, random bf16 weights,
-seed 0), same prompt per rank (each rank its own batch: fsdp = ep = world), forward passes under
-`torch.no_grad`, median of `--repeats` after one warm-up. Two comparisons:
+Models: one tiny model per family (hidden 1024, 1 layer, 8 experts, top-2, random bf16 weights,
+seed 0; GPT-OSS is issue 15's 2-layer model), each rank its own batch (fsdp = ep = world), under
+`torch.no_grad`, median of `--repeats` after one warm-up, the compared runs alternated within every
+repetition so a change of machine load hits them alike; times are the slowest rank's.
 
-1. gloo as is: "all_to_all" vs "overlap" (pipelined). On a CPU the transfers run on the same cores
-   as the experts, so this measures overhead, not hiding.
-2. the emulated link (`overlap.ops.EmulatedLink`: a transfer completes after latency + bytes /
-   bandwidth, sleeping, no core used, like an SDMA engine): "overlap" with one microbatch vs
-   pipelined. The bandwidth is chosen so that a layer's dispatch + combine take about as long as
-   its experts; the report's hidden fraction = (transfer time under expert compute) / transfer time.
+1. gloo as is, per family and tokens per rank: "all_to_all" vs "overlap" (its default microbatch
+   rule). On a CPU the transfers run on the same cores as the experts, so this measures overhead.
+2. The emulated link (`overlap.ops.EmulatedLink`: a transfer completes after latency + bytes /
+   bandwidth, sleeping, no core used), first family only:
+   - prefill, `--tokens` max: one microbatch vs the pipelined EP calls (compute = the experts) vs
+     two-batch overlap over the whole model (`--parts` sequences as fibers);
+   - decode with a KV cache: `overlap.integrations.transformers.generate` with 1 part vs `--parts`
+     parts (`--decode-steps` steps, `--parts` sequences of 16 prompt tokens).
+   "hidden" = transfer time under compute / transfer time; "of hideable" divides by
+   min(transfer time, compute time), the most any schedule could hide.
 
-Rank 0 prints a table (times are the slowest rank's).
+Rank 0 prints the tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
-from collections.abc import Callable
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+import transformers
+from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
 import overlap
 import overlap.integrations.transformers as overlap_hf
 import overlap.ops
 
+VOCAB = 512
 
-def build(path: str, layers: int) -> None:
-    config = Qwen3MoeConfig(hidden_size=1024, intermediate_size=256, moe_intermediate_size=128, num_experts=8,
-                            num_experts_per_tok=2, num_hidden_layers=layers, num_attention_heads=8,
-                            num_key_value_heads=2, head_dim=128, vocab_size=512, max_position_embeddings=4096,
-                            eos_token_id=None)
+
+def family_config(name: str):
+    """The bench's model of each family (8 experts, top-2, hidden 1024)."""
+    common = dict(hidden_size=1024, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8,
+                  vocab_size=VOCAB, max_position_embeddings=4096, eos_token_id=None)
+    if name == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(intermediate_size=256, moe_intermediate_size=128, num_experts=8,
+                                           num_experts_per_tok=2, head_dim=128, **common)
+    if name == "olmoe":
+        return transformers.OlmoeConfig(intermediate_size=128, num_experts=8, num_experts_per_tok=2, **common)
+    if name == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(intermediate_size=256, moe_intermediate_size=128,
+                                           shared_expert_intermediate_size=128, num_experts=8,
+                                           num_experts_per_tok=2, **common)
+    if name == "gpt_oss":
+        return transformers.GptOssConfig(hidden_size=1024, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                                         num_local_experts=8, num_experts_per_tok=2, vocab_size=VOCAB)
+    if name == "deepseek_v3":
+        return transformers.DeepseekV3Config(intermediate_size=256, moe_intermediate_size=128, n_routed_experts=8,
+                                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
+                                             n_group=1, topk_group=1, kv_lora_rank=64, q_lora_rank=None,
+                                             qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, **common)
+    raise ValueError(f"family must be one of {FAMILIES}, got {name!r}")
+
+
+FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3")
+
+
+def build(path: str, family: str) -> None:
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    AutoModelForCausalLM.from_config(family_config(family), dtype=torch.bfloat16).save_pretrained(path)
 
 
 def load(path: str, implementation: str):
@@ -51,8 +84,8 @@ def load(path: str, implementation: str):
 
 
 def timed_side_by_side(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, object]]:
-    """Median seconds (slowest rank) of each run, the runs alternated within every repetition so a
-    change of machine load hits them alike; with each run's last overlap report (or None)."""
+    """Median seconds (slowest rank) of each run, alternated within every repetition, with each
+    run's last return value (an overlap report, or None)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     reports: dict[str, object] = {}
     with torch.no_grad():
@@ -77,81 +110,119 @@ def recorded(model, ids: torch.Tensor, num_microbatches: int | None):
     return run
 
 
-def two_batch(model, ids: torch.Tensor, fibers: int):
-    """Two-batch overlap over the whole model: one half of the batch's attention and experts hide
-    the other half's transfers (`overlap.wrap(model)` inside a scheduler context)."""
+def two_batch(model, ids: torch.Tensor, parts: int):
+    """Two-batch overlap over the whole model (`overlap.wrap(model)` in a scheduler context)."""
     wrapped = overlap.wrap(model)
 
     def run():
-        with overlap.scheduler(microbatches=fibers, min_tokens=1) as s:
+        with overlap_hf.record(model) as rec, overlap.scheduler(microbatches=parts, min_tokens=1) as s:
             wrapped(ids, use_cache=False)
-        return s.report()
+        return _with_fibers(rec, s)
     return run
+
+
+def _with_fibers(rec, s):
+    """The recorder's whole-run makespan with the fibers' own timeline (recorded in `s`)."""
+    inner = s.report()
+    outer = rec.report()
+    return overlap_hf.ForwardReport(makespan=outer.makespan, compute_busy=inner.compute_busy,
+                                    comm_busy=inner.comm_busy, overlap=inner.overlap,
+                                    hidden_fraction=inner.hidden_fraction, serial_time=outer.makespan + inner.overlap,
+                                    speedup=(outer.makespan + inner.overlap) / outer.makespan,
+                                    comm_source=inner.comm_source, compute_covers="whole model")
+
+
+def decoding(model, ids: torch.Tensor, parts: int, steps: int):
+    def run():
+        with overlap_hf.record(model) as rec:
+            overlap_hf.generate(model, ids, max_new_tokens=steps, parts=parts, do_sample=False)
+        return rec.report()
+    return run
+
+
+def hideable(rep) -> float:
+    limit = min(rep.comm_busy, rep.compute_busy)
+    return rep.overlap / limit if limit > 0 else 0.0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=500, help="tokens per rank (<= 512: one microbatch fits)")
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--tokens", nargs="+", type=int, default=[64, 256, 640], help="tokens per rank")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bandwidth", type=float, default=2e7, help="emulated link, bytes/s")
     parser.add_argument("--latency", type=float, default=50e-6, help="emulated link, seconds")
-    parser.add_argument("--pipelined", type=int, default=2, help="microbatches of the pipelined runs")
-    parser.add_argument("--fibers", type=int, default=4, help="sequences (and fibers) of the two-batch overlap runs")
+    parser.add_argument("--parts", type=int, default=2, help="sequences (fibers) of the two-batch runs")
+    parser.add_argument("--decode-steps", type=int, default=4)
+    parser.add_argument("--skip-link", action="store_true", help="only the gloo table")
     args = parser.parse_args()
+    if any(t < 1 for t in args.tokens) or args.repeats < 1 or args.parts < 1 or args.decode_steps < 1:
+        parser.error("--tokens, --repeats, --parts and --decode-steps must be >= 1")
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     holder = [tempfile.mkdtemp(prefix="overlap-bench-") if rank == 0 else None]
     dist.broadcast_object_list(holder, src=0)
-    path = holder[0]
-    rows: list[tuple[str, float, object]] = []
+    root = holder[0]
+    gloo_rows: list[tuple[str, int, float, float]] = []
+    link_rows: list[tuple[str, float, object]] = []
     try:
+        for family in args.families:
+            path = f"{root}/{family}"
+            if rank == 0:
+                build(path, family)
+            dist.barrier()
+            a2a, ours = load(path, "all_to_all"), load(path, "overlap")
+            for tokens in args.tokens:
+                torch.manual_seed(1 + rank)
+                ids = torch.randint(0, VOCAB, (1, tokens))
+                timed = timed_side_by_side({"a2a": lambda m=a2a, x=ids: m(x), "overlap": recorded(ours, ids, None)},
+                                           args.repeats)
+                gloo_rows.append((family, tokens, timed["a2a"][0], timed["overlap"][0]))
+                if rank == 0:
+                    print(f"[bench] {family} {tokens} tokens: done", flush=True)
+            if family != args.families[0] or args.skip_link:
+                continue
+            link = overlap.ops.EmulatedLink(latency_s=args.latency, bandwidth_bytes_per_s=args.bandwidth)
+            overlap.ops.configure(link=link)
+            try:
+                n, p = max(args.tokens), args.parts
+                torch.manual_seed(1 + rank)
+                ids = torch.randint(0, VOCAB, (1, n))
+                seqs = ids[:, : n - n % p].reshape(p, -1)  # the same tokens as p sequences
+                prefill = timed_side_by_side({"one": recorded(ours, ids, 1), "pipe": recorded(ours, ids, None),
+                                              "tbo": two_batch(ours, seqs, p)}, args.repeats)
+                prompts = torch.randint(0, VOCAB, (p, 16))
+                decode = timed_side_by_side({"one": decoding(ours, prompts, 1, args.decode_steps),
+                                             "split": decoding(ours, prompts, p, args.decode_steps)}, args.repeats)
+            finally:
+                overlap.ops.configure(link=None)
+            label = f"{args.bandwidth / 1e6:g} MB/s"
+            link_rows += [(f"prefill {n} tok, 1 microbatch ({label})", *prefill["one"]),
+                          (f"prefill {n} tok, pipelined EP calls", *prefill["pipe"]),
+                          (f"prefill {n} tok as {p} seqs, {p} fibers", *prefill["tbo"]),
+                          (f"decode {p} seqs x {args.decode_steps} steps, 1 part", *decode["one"]),
+                          (f"decode {p} seqs x {args.decode_steps} steps, {p} parts", *decode["split"])]
+
         if rank == 0:
-            build(path, args.layers)
-        dist.barrier()
-        torch.manual_seed(1 + rank)
-        ids = torch.randint(0, 512, (1, args.tokens))
-
-        a2a, model = load(path, "all_to_all"), load(path, "overlap")
-        gloo = timed_side_by_side({"a2a": lambda: a2a(ids), "overlap": recorded(model, ids, args.pipelined)},
-                                  args.repeats)
-        (t_a2a, _), (t_ov, rep_ov) = gloo["a2a"], gloo["overlap"]
-        rows += [("gloo  all_to_all (transformers)", t_a2a, None),
-                 (f"gloo  overlap, {args.pipelined} microbatches", t_ov, rep_ov)]
-
-        link = overlap.ops.EmulatedLink(latency_s=args.latency, bandwidth_bytes_per_s=args.bandwidth)
-        overlap.ops.configure(link=link)
-        f = args.fibers
-        ids2 = ids[:, : args.tokens - args.tokens % f].reshape(f, -1)  # the same tokens as f sequences
-        emulated = timed_side_by_side({
-            "one": recorded(model, ids, 1), "pipe": recorded(model, ids, args.pipelined),
-            "one2": recorded(model, ids2, 1), "tbo": two_batch(model, ids2, f)}, args.repeats)
-        overlap.ops.configure(link=None)
-        (t_one, rep_one), (t_pipe, rep_pipe) = emulated["one"], emulated["pipe"]
-        (t_one2, rep_one2), (t_tbo, rep_tbo) = emulated["one2"], emulated["tbo"]
-        label = f"link {args.bandwidth / 1e6:g} MB/s"
-        rows += [(f"{label}  overlap, 1 microbatch", t_one, rep_one),
-                 (f"{label}  overlap, {args.pipelined} microbatches", t_pipe, rep_pipe),
-                 (f"{label}  {f} sequences, 1 microbatch", t_one2, rep_one2),
-                 (f"{label}  {f} sequences, {f} fibers", t_tbo, rep_tbo)]
-
-        if rank == 0:
-            print(f"\n{world} ranks (gloo, CPU), {args.tokens} tokens per rank, {args.layers} layers, hidden 1024, "
-                  f"8 experts top-2; median of {args.repeats} forwards, slowest rank\n")
-            print(f"{'run':<44} {'forward ms':>11} {'compute ms':>11} {'comm ms':>9} {'hidden':>8}")
-            for name, seconds, rep in rows:
-                extra = ("" if rep is None else
-                         f"{rep.compute_busy * 1e3:11.1f} {rep.comm_busy * 1e3:9.1f} {rep.hidden_fraction * 100:7.1f}%")
-                print(f"{name:<44} {seconds * 1e3:11.1f} {extra}")
-            print(f"\noverlap / all_to_all on gloo: {t_ov / t_a2a:.2f}x time; "
-                  f"pipelined / 1 microbatch on the emulated link: {t_pipe / t_one:.2f}x time; "
-                  f"{f}-fiber batch overlap / 1 microbatch: {t_tbo / t_one2:.2f}x time")
-            print("(compute / comm / hidden: rank 0's last run; the two-batch rows count the whole model as compute)")
+            print(f"\n{world} ranks (gloo, CPU); median of {args.repeats}, slowest rank; each rank its own batch\n")
+            print(f"{'family':<12} {'tokens/rank':>11} {'all_to_all ms':>14} {'overlap ms':>11} {'overlap/a2a':>12}")
+            for family, tokens, t_a2a, t_ov in gloo_rows:
+                print(f"{family:<12} {tokens:>11} {t_a2a * 1e3:14.1f} {t_ov * 1e3:11.1f} {t_ov / t_a2a:11.2f}x")
+            if link_rows:
+                print(f"\nemulated link, {args.families[0]} (compute: experts for EP-call rows, whole model for "
+                      "fiber rows)\n")
+                print(f"{'run':<42} {'ms':>8} {'compute ms':>11} {'comm ms':>8} {'hidden':>7} {'of hideable':>12}")
+                for name, seconds, rep in link_rows:
+                    print(f"{name:<42} {seconds * 1e3:8.1f} {rep.compute_busy * 1e3:11.1f} {rep.comm_busy * 1e3:8.1f} "
+                          f"{rep.hidden_fraction * 100:6.1f}% {hideable(rep) * 100:11.1f}%")
+                t = [seconds for _, seconds, _ in link_rows]
+                print(f"\ntime vs 1 microbatch / 1 part: pipelined EP calls {t[1] / t[0]:.2f}x, {args.parts} fibers "
+                      f"{t[2] / t[0]:.2f}x (prefill); {args.parts} parts {t[4] / t[3]:.2f}x (decode)")
     finally:
         dist.barrier()
         if rank == 0:
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
         dist.destroy_process_group()
 
 

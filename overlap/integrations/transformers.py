@@ -2,25 +2,26 @@
 
 Owns: the `EPImplementation` that transformers (>= 5.23) calls for every `ep_dispatch_experts`
 module, registered as ``"overlap"`` in `EPImplementationInterface` when this module is imported
-(idempotent); the microbatch pipeline it runs; and `record`, a context manager that records what
-ran into an `overlap.timeline.Timeline` and reports the overlap. Never edits transformers' plans,
-never falls back to another implementation: what the ops refuse is raised, naming the model's
-config field.
+(idempotent); the microbatch pipeline it runs; `generate`, two-batch overlap for decoding; and
+`record`, a context manager that records what ran into an `overlap.timeline.Timeline` and reports
+the overlap over the whole run (`ForwardReport`). Never edits transformers' plans, never falls back
+to another implementation: what the ops refuse is raised, naming the model's config field.
 
 Usage::
 
-    import overlap.integrations.transformers  # registers "overlap"
+    import overlap.integrations.transformers as overlap_hf  # registers "overlap"
     from transformers.distributed import DistributedConfig
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
         distributed_config=DistributedConfig(fsdp_size=W, ep_size=W, ep_implementation="overlap"))
-    with torch.inference_mode(), record(model) as rec:
-        out = model.generate(ids, max_new_tokens=8)
+    with torch.no_grad(), overlap_hf.record(model) as rec:
+        sequences, logits = overlap_hf.generate(model, ids, max_new_tokens=8, parts=2)
     print(rec.report())
 
 What one call does (a rank holds ``N`` tokens, `(N, H)` hidden states, `(N, K)` routes)::
 
     if the ranks of a TP group share the batch: keep this rank's slice (as AllToAllEP does)
-    out = scheduler.run_layer(self, x, routes=(top_k_index, top_k_weights))
+    if the routing weights are bf16/fp16: x = [x | weights, ids // 32, ids % 32]   (N, H + 3K)
+    out = scheduler.run_layer(self, x, routes=(top_k_index, weights or ones))[:, :H]
     all-gather the slices over TP
 
 `OverlapEP` implements the MoE protocol of `overlap.moe` (`moe_experts` runs transformers'
@@ -32,9 +33,17 @@ The rule: 1 microbatch if the largest rank has fewer than 64 tokens, else max(2,
 Inside a user's `overlap.scheduler(...)` context (or `record(model)`) the calls run in it and show
 in its plan, timeline and report; otherwise each call runs in a fresh context.
 
-The experts run top-1 with unit weights on the rows each local expert received
-(`expert_token_nums`); the routing weights are applied by combine_teardown (fp32 sum over k, one
-cast), as `AllToAllEP` applies them after its second exchange.
+Rounding as transformers does: the experts run top-1 with unit weights on the rows each local
+expert received (`expert_token_nums`), as in `AllToAllEP`. transformers then rounds each weighted
+output ``out · w`` to the routing weights' dtype before adding the K of them; the combine would add
+unrounded fp32 products. With bf16/fp16 weights, each token's K weights and expert ids therefore
+travel with it as 3K extra columns (exact in bf16 and fp16: ids < 512 as id // 32 and id % 32),
+`moe_experts` applies the row's weight in the model's dtype, and the combine adds with scale 1.
+With fp32 weights (DeepSeek-V3) the combine's fp32 product and sum are already what transformers
+computes. So with the same expert GEMMs the logits are bit-equal to ``"all_to_all"``. (Before, a
+1-ulp difference of the MoE output flipped a near-tied GPT-OSS route on 4 ranks: 22 % of the logits'
+maximum.) The columns cost 3K/H more dispatch bytes (0.6 % at K = 2, H = 1024); where H + 3K would
+exceed 8192 the weights go to the combine as fp32 scales instead (1-ulp differences).
 
 Inference only: a call that needs gradients raises `NotImplementedError` (the split ops have no
 backward; use `ep_implementation="all_to_all"` to train).
@@ -46,21 +55,26 @@ import contextlib
 import contextvars
 import math
 import re
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from transformers.distributed.expert_parallel import EPImplementation, EPImplementationInterface
 
-from ..pipeline import Scheduler, policy, scheduler
+from ..pipeline import Scheduler, current_scheduler, policy, scheduler
 from ..pipeline.protocol import active_executor
 from ..timeline import OverlapReport, Timeline
 
 __all__ = [
     "MAX_MICROBATCH_TOKENS",
     "MIN_SPLIT_TOKENS",
+    "ForwardReport",
     "OverlapEP",
     "Recorder",
+    "generate",
     "microbatch_rows",
     "microbatches",
     "num_microbatches",
@@ -115,6 +129,41 @@ def microbatches(num: int | None) -> Iterator[None]:
         _forced_num.reset(token)
 
 
+@dataclass(frozen=True)
+class ForwardReport(OverlapReport):
+    """`OverlapReport` of a recorded model run, where the makespan is the whole run.
+
+    Attributes (besides `OverlapReport`'s, in seconds):
+        makespan: wall time of the whole `record(...)` block (attention, routers, everything).
+        compute_busy: the recorded compute, which covers only what `compute_covers` says: the
+            experts of the EP calls (``"experts"``), or, under two-batch overlap (`generate`,
+            `overlap.wrap(model)`), everything a microbatch ran between two op calls
+            (``"whole model"``).
+        serial_time: an *estimate*, ``makespan + overlap``: the same run with every hidden
+            transfer exposed instead.
+        speedup: the estimate ``serial_time / makespan`` (>= 1; 1 when nothing was hidden).
+        compute_covers: ``"experts"`` or ``"whole model"``.
+    """
+
+    compute_covers: str = "experts"
+
+    def __str__(self) -> str:
+        def ms(x: float) -> str:
+            return f"{x * 1e3:10.3f} ms"
+
+        rows = [
+            ("forward (makespan, the whole run)", ms(self.makespan)),
+            (f"compute busy ({self.compute_covers})", ms(self.compute_busy)),
+            ("comm busy (transfers)", ms(self.comm_busy)),
+            ("comm hidden by compute", ms(self.overlap)),
+            ("hidden fraction", f"{self.hidden_fraction * 100:10.1f} %"),
+            ("estimated serial time (+ hidden comm)", ms(self.serial_time)),
+            ("estimated speedup over serial", f"{self.speedup:10.2f} x"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 class Recorder:
     """What ran inside `record(...)`: the `overlap.scheduler` context every call ran in. Its
     timeline holds one interval per node (`dispatch_setup@mb1.l3` on the compute / comm_setup /
@@ -122,6 +171,8 @@ class Recorder:
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
+        self.started = time.perf_counter()
+        self.ended: float | None = None
 
     @property
     def timeline(self) -> Timeline:
@@ -132,9 +183,18 @@ class Recorder:
         """EP calls (one per MoE layer per forward) recorded."""
         return len(self.scheduler.plans)
 
-    def report(self) -> OverlapReport:
-        """Compute busy, comm busy (transfers), their intersection, hidden fraction."""
-        return self.scheduler.report()
+    def report(self) -> ForwardReport:
+        """The whole run as the makespan; compute busy (labelled with what it covers), comm busy
+        (transfers), their intersection, hidden fraction, and the estimated serial time."""
+        inner = self.scheduler.report()
+        end = self.ended if self.ended is not None else time.perf_counter()
+        makespan = max(end - self.started, inner.makespan)
+        fibers = any(iv.name.startswith("compute") for iv in self.timeline.intervals)
+        serial = makespan + inner.overlap
+        return ForwardReport(makespan=makespan, compute_busy=inner.compute_busy, comm_busy=inner.comm_busy,
+                             overlap=inner.overlap, hidden_fraction=inner.hidden_fraction, serial_time=serial,
+                             speedup=serial / makespan if makespan > 0 else 1.0, comm_source=inner.comm_source,
+                             compute_covers="whole model" if fibers else "experts")
 
 
 @contextlib.contextmanager
@@ -153,7 +213,74 @@ def record(model: torch.nn.Module | None = None) -> Iterator[Recorder]:
                 if numbers:
                     impl.layer_index = int(numbers[0])
     with scheduler(microbatches=2, min_tokens=MIN_SPLIT_TOKENS // 2) as s:
-        yield Recorder(s)
+        recorder = Recorder(s)
+        try:
+            yield recorder
+        finally:
+            recorder.ended = time.perf_counter()
+
+
+class _Generate(torch.nn.Module):
+    """`model.generate` on one part of the batch, as a module (so the fibers keep its FSDP
+    parameters gathered); returns `(sequences (b, T + n), logits (b, n, V))`."""
+
+    def __init__(self, model: torch.nn.Module, kwargs: dict) -> None:
+        super().__init__()
+        self.model, self.kwargs = model, kwargs
+
+    def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        model: Any = self.model  # a transformers GenerationMixin
+        out = model.generate(input_ids, return_dict_in_generate=True, output_logits=True, **self.kwargs)
+        return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def generate(model: torch.nn.Module, input_ids: Tensor, *, max_new_tokens: int, parts: int = 2,
+             **kwargs) -> tuple[Tensor, Tensor]:
+    """Two-batch overlap in `generate`: the batch's sequences in `parts` parts, each generated by
+    its own `model.generate` (its own KV cache) as one of the scheduler's fibers, so that one
+    part's attention and experts, in prefill and in every decode step, hide the other parts'
+    dispatch and combine.
+
+    Args:
+        model: a transformers model loaded with ``ep_implementation="overlap"`` and no TP (each rank
+            its own batch: ``fsdp_size = ep_size``; collectives other than the ops cannot run
+            while an exchange is in flight).
+        input_ids: `(B, T)` int64, this rank's prompts (B may differ between ranks: the parts are
+            cut from the group's largest B by the pipeline's rule; a rank with fewer sequences pads
+            its parts with zero sequences, generated and dropped).
+        max_new_tokens: tokens generated per sequence, exactly (``min_new_tokens`` is set to it:
+            every part on every rank must run the same number of steps).
+        parts: how many parts (fibers), >= 1.
+        **kwargs: passed to `model.generate` (e.g. ``do_sample=False``); ``synced_gpus`` is off.
+
+    Returns:
+        `(sequences (B, T + max_new_tokens) int64, logits (B, max_new_tokens, V))`, in input order.
+
+    Raises:
+        ValueError: `parts` or `max_new_tokens` < 1, or 3-D / empty `input_ids`, before any
+            communication.
+
+    Inside `record(model)` the run is recorded there; otherwise in a fresh scheduler context.
+    """
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"parts must be an int >= 1, got {parts!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1:
+        raise ValueError(f"input_ids must be (B, T) with B >= 1, got shape {tuple(input_ids.shape)}")
+    kwargs = {**kwargs, "max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "synced_gpus": False}
+    module = _Generate(model, kwargs)
+    active = current_scheduler()
+    if active is None:
+        with scheduler(microbatches=parts, min_tokens=1) as s:
+            return s.run_module(module, input_ids)
+    # TODO(integrator): the policy module should let a caller ask for `parts` fibers directly.
+    saved = active.microbatches, active.min_tokens
+    active.microbatches, active.min_tokens = parts, 1
+    try:
+        return active.run_module(module, input_ids)
+    finally:
+        active.microbatches, active.min_tokens = saved
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,8 +316,9 @@ class OverlapEP(EPImplementation):
         self.moe_expert_num = self.num_local_experts * self.ep_size
         OverlapEP._load_order += 1
         self.layer_index = OverlapEP._load_order - 1  # `record(model)` sets it from the module name
-        experts._overlap_ep = self  # lets `record(model)` name the layer
+        experts.__dict__["_overlap_ep"] = self  # lets `record(model)` name the layer
         self._experts_module = experts
+        self._carried: tuple[int, int] | None = None  # (H, K) while routes travel as columns of x
         if self.config is not None:
             self._check(getattr(self.config, "hidden_size", None),
                         getattr(self.config, _config_name(self.config, ("num_experts_per_tok", "moe_topk", "top_k"),
@@ -242,10 +370,38 @@ class OverlapEP(EPImplementation):
         if tp_size > 1:  # the TP group shares this batch: each rank keeps a disjoint slice (no communication)
             hidden_states, top_k_index, top_k_weights = (_tp_slice(t, self.tp_mesh)
                                                           for t in (hidden_states, top_k_index, top_k_weights))
-        output = self._exchange(hidden_states, top_k_index, top_k_weights)
+        x, routes = self._with_routes(hidden_states, top_k_index, top_k_weights)
+        output = self._exchange(x, routes)
+        output = output[:, :hidden] if output.shape[1] != hidden else output
         if tp_size == 1:
             return output
         return _tp_gather(output, self.tp_mesh, num_tokens, hidden)
+
+    def _with_routes(self, x: Tensor, top_k_index: Tensor,
+                     top_k_weights: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The tokens to dispatch and the `(expert_ids int32, expert_scales fp32)` for the combine.
+
+        transformers weights each expert output in the routing weights' dtype: with bf16 / fp16
+        weights, every product ``out · w`` is rounded to that dtype before the k outputs are added
+        (`AllToAllEP`: ``(outputs * weights).sum(1)``; the single process: bf16 ``index_add_``).
+        combine_teardown instead adds the unrounded products in fp32 (the ops' contract). The two
+        differ by up to 1 ulp of the MoE output, which the next layers can turn into a flipped
+        near-tied route, an O(1) change of that token's logits (GPT-OSS on 4 ranks: 22 % of the
+        logits' max). To round as transformers does, each token's K weights and expert ids travel
+        with it as ``3 K`` extra columns of x `(N, H + 3K)`, exact in bf16 and fp16 (weight, id // 32,
+        id % 32); `moe_experts` weights its rows in the model's dtype and the combine adds them with
+        scale 1. With fp32 weights (e.g. DeepSeek-V3) transformers multiplies and adds in fp32, as
+        the combine does: the tokens travel as they are, with the weights as scales.
+        """
+        ids = top_k_index.to(torch.int32)
+        width = x.shape[1] + 3 * ids.shape[1]
+        if top_k_weights.dtype != x.dtype or width > HIDDEN_RANGE[1]:
+            self._carried = None
+            return x, (ids, top_k_weights.float())
+        self._carried = (x.shape[1], ids.shape[1])
+        cols = torch.cat([top_k_weights, torch.div(ids, 32, rounding_mode="floor").to(x.dtype),
+                          torch.remainder(ids, 32).to(x.dtype)], dim=1)
+        return torch.cat([x, cols], dim=1), (ids, torch.ones(ids.shape, dtype=torch.float32, device=ids.device))
 
     # -- the MoE protocol the scheduler drives (overlap.moe) --
 
@@ -266,25 +422,34 @@ class OverlapEP(EPImplementation):
             return out
         local_ids = torch.repeat_interleave(torch.arange(expert_token_nums.numel(), device=expand_x.device),
                                             expert_token_nums.to(expand_x.device), output_size=total).unsqueeze(-1)
-        rows = expand_x[:total]
+        carried = self._carried
+        rows = expand_x[:total] if carried is None else expand_x[:total, : carried[0]].contiguous()
         ones = torch.ones(total, 1, dtype=rows.dtype, device=rows.device)
         with _local_params(self._experts_module):
-            out[:total] = self.experts_forward(rows, local_ids, ones).to(out.dtype)
+            y = self.experts_forward(rows, local_ids, ones).to(out.dtype)
+        if carried is None:
+            out[:total] = y
+            return out
+        hidden, k = carried  # this row's weight: the one of the token's k whose expert is this rank's local one
+        cols = expand_x[:total, hidden : hidden + 3 * k]
+        ids = cols[:, k : 2 * k].long() * 32 + cols[:, 2 * k :].long()
+        mine = ids == (local_ids + self.ep_rank * self.num_local_experts)
+        weight = (cols[:, :k] * mine).sum(-1, keepdim=True)  # exactly one k matches: exact
+        out[:total, :hidden] = y * weight  # rounded to the model's dtype, as transformers does
         return out
 
     def moe_shared(self, x: Tensor) -> None:
         return None
 
-    def _exchange(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    def _exchange(self, x: Tensor, routes: tuple[Tensor, Tensor]) -> Tensor:
         """This rank's `(n, H)` tokens through the scheduler's microbatch pipeline."""
         forced = _forced_num.get()
-        routes = (top_k_index.to(torch.int32), top_k_weights.float())
-        kwargs = dict(routes=routes, layer_index=self.layer_index)
+        kwargs: dict[str, Any] = dict(routes=routes, layer_index=self.layer_index)
         if forced is not None:
             kwargs.update(microbatches=forced, min_tokens=0)
         # The executor of the context: a scheduler context's graph, or, inside a fiber of
-        # `overlap.wrap(model)` (batch overlap), one exchange inline (no collective: another
-        # microbatch's exchange may be in flight; at most 512 tokens per rank and microbatch).
+        # `overlap.wrap(model)` or `generate` (batch overlap), one exchange inline (no collective:
+        # another microbatch's exchange may be in flight; at most 512 tokens per rank and microbatch).
         active = active_executor()
         if active is not None:
             return active.run_layer(self, x, **kwargs)
@@ -311,7 +476,7 @@ def _local_params(module: torch.nn.Module) -> Iterator[None]:
 
     swapped = {name: p for name, p in module.named_parameters(recurse=False) if isinstance(p, DTensor)}
     for name, p in swapped.items():
-        module._parameters[name] = p.to_local()
+        module._parameters[name] = p.to_local()  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -330,7 +495,7 @@ def _tp_gather(t: Tensor, tp_mesh, num_tokens: int, hidden: int) -> Tensor:
     """Shard(0) -> Replicate: one all-gather of the (possibly uneven or empty) row slices."""
     from torch.distributed.tensor import DTensor, Shard
 
-    return DTensor.from_local(t.contiguous(), tp_mesh, [Shard(0)], shape=(num_tokens, hidden),
+    return DTensor.from_local(t.contiguous(), tp_mesh, [Shard(0)], shape=torch.Size((num_tokens, hidden)),
                               stride=(hidden, 1)).full_tensor()
 
 
