@@ -28,7 +28,8 @@ from typing import Any, Callable
 from .. import _context
 from . import npu, portable
 from .params import MoeCommParams
-from .transport import EmulatedLink, Transfer, comm_options, configure, in_flight, shutdown, transfer_of
+from .transport import (EmulatedLink, GroupStatus, Transfer, abort, collective, comm_options, configure, group_status,
+                        in_flight, recover, settle, shutdown, transfer_of)
 
 _local = threading.local()
 BACKENDS = ("npu", "portable")
@@ -115,15 +116,21 @@ Returns:
 
 __all__ = [
     "EmulatedLink",
+    "GroupStatus",
     "MoeCommParams",
     "Transfer",
+    "abort",
+    "collective",
     "combine_setup",
     "combine_teardown",
     "comm_options",
     "configure",
     "dispatch_setup",
     "dispatch_teardown",
+    "group_status",
     "in_flight",
+    "recover",
+    "settle",
     "shutdown",
     "transfer_of",
     "use_backend",
