@@ -551,7 +551,7 @@ def test_wired_scheduler_exit_aborts_agrees_and_the_next_context_works(rank_pool
 @pytest.mark.parametrize("failing", [(0, 1), (0,)], ids=["every-rank", "rank-0"])
 def test_scheduler_exit_aborts_agrees_and_the_next_context_works(rank_pools, failing):
     # A short timeout bounds the unwired run (a peer waits it out); the wired run never needs it.
-    results = rank_pools(2).run(_scheduler_fault_case, failing, False, 3.0, timeout_s=RUN_S)
+    results = rank_pools(2).run(_scheduler_fault_case, failing, False, 10.0, timeout_s=RUN_S)
     _check_scheduler_fault(results, failing)
 
 

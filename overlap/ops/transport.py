@@ -3,7 +3,8 @@
 Owns: one ordered worker per process group that carries every exchange of that group; the
 in-flight `Transfer` handles and their registry (tickets); the header that lets every rank check
 every other rank's parameters and op order before any payload moves; bounded waits; the in-flight
-budget; and the emulated link. Never computes layouts or touches the ops' semantics.
+budget; the emulated link; and what happens on a fault (abort, agreement, recovery, the library's
+own collectives). Never computes layouts or touches the ops' semantics.
 
 One exchange (a setup's send, completed by its teardown) is::
 
@@ -18,7 +19,26 @@ One exchange (a setup's send, completed by its teardown) is::
 
 All exchanges of a group go through its single worker in setup order, so every rank issues its
 collectives in the same order however the caller interleaves setups, teardowns and compute. Do not
-run other collectives on a group while one of its exchanges is in flight.
+run other collectives on a group while one of its exchanges is in flight; the library's own
+(`collective`, `settle`) wait bounded and raise only our errors (on gloo, point-to-point messages
+and collectives travel on separate tags).
+
+Faults (docs/faults.md)::
+
+    abort(group, error)      cancel this rank's exchanges of the group; the worker sends an abort
+                             header (op ABORT, the error as text) at its next exchange number
+    peers                    their exchange at that number sees the abort header instead of a
+                             header -> CommError naming the rank and its error; no payload moves
+                             on any rank; the rest of their epoch fails locally, without talking
+    every rank's abort       the epoch ends at the first number where anyone aborted, the same on
+                             every rank; the next epoch numbers on from there: the group is usable
+    settle(group, error)     at the end of a unit every rank runs: abort if failed, then one
+                             all_gather so that ranks that did not fail learn of it and abort too
+    timeout / dead peer      gloo closes the pair: the group is broken -> recover(group) builds
+                             a new one (dist.new_group) for the survivors
+
+No gloo operation is ever cancelled: a posted receive always gets the message it waits for (a
+header, or an abort header in its place), so the streams between ranks never fall out of step.
 """
 
 from __future__ import annotations
