@@ -56,7 +56,8 @@ def _chain(group: str, case: Case) -> torch.Tensor:
 
     from .test_reliability import _experts
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    pg = dist.distributed_c10d._resolve_process_group(group)
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
     p = build(case)
     x, ids, w = p["x"][rank], p["ids"][rank], p["weights"][rank]
     e, kw = case.experts, common_kwargs(case)
@@ -582,3 +583,38 @@ def _broken_group_scheduler_case() -> tuple[str, str]:
 def test_scheduler_on_a_broken_group_raises_comm_error(scratch_pool):
     for type_name, message in scratch_pool.run(_broken_group_scheduler_case, timeout_s=RUN_S):
         assert type_name in ("CommError", "CommTimeoutError"), (type_name, message)
+
+
+def _dead_peer_case(dying: int) -> dict:
+    """Rank `dying` exits; the others raise CommError naming it at once, and `recover` with the
+    survivors builds a smaller group that works."""
+    from overlap import ops
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = _fresh_group()
+    if rank == dying:
+        os._exit(0)
+    case = Case(world=world, batches=(4,) * world, experts=6)
+    x, ids, _ = _case_inputs(case)
+    out: dict = {}
+    with _timeout(LONG_S):
+        y, _, cmd = ops.dispatch_setup(x, ids, g, world, rank, 6)
+        out["dead"] = _outcome(ops.dispatch_teardown, x, y, ids, cmd, g, world, rank, 6)
+        survivors = [r for r in range(world) if r != dying]
+        new = ops.recover(g, ranks=survivors)
+        out["x_out"] = _chain(new.group_name, Case(world=len(survivors), batches=(4,) * len(survivors), seed=4))
+    return out
+
+
+def test_after_a_peer_died_recover_builds_a_group_of_the_survivors(scratch_pool):
+    from .test_reliability import _run_survivors
+
+    outcomes = _run_survivors(scratch_pool, _dead_peer_case, 2, timeout_s=RUN_S)
+    scratch_pool.close()  # a rank is gone: the next user gets a fresh pool
+    reference = dense_reference(Case(world=2, batches=(4, 4), seed=4))
+    assert set(outcomes) == {0, 1}, outcomes
+    for rank, (ok, out) in outcomes.items():
+        assert ok, out
+        type_name, message = out["dead"]
+        assert type_name == "CommError" and "rank 2" in message, out["dead"]
+        assert torch.equal(out["x_out"], reference[rank]), f"rank {rank}: the survivors' group is wrong"

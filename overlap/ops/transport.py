@@ -909,6 +909,8 @@ def abort(
     if not timeout > 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     wanted = None if tickets is None else {int(t) for t in tickets}
+    if group_name in _replaced:  # `recover` cancelled everything of the old group already
+        return []
     worker = _worker_for(group_obj, group_name)
     cancel_error = CommError(f"exchange cancelled by overlap.ops.abort on group {group_name!r} on this rank ({reason})")
     with worker.lock:
