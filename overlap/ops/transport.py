@@ -220,6 +220,16 @@ def current_link() -> EmulatedLink | None:
     return _options.link if override == _KEEP else override  # type: ignore[return-value]
 
 
+def max_in_flight() -> int:
+    """Exchanges of one kind that may be in flight per group (`configure(max_in_flight=...)`)."""
+    return _options.max_in_flight
+
+
+def max_in_flight() -> int:
+    """Exchanges of one kind that may be in flight per group (`configure(max_in_flight=...)`)."""
+    return _options.max_in_flight
+
+
 # --------------------------------------------------------------------------------------------
 # Groups
 # --------------------------------------------------------------------------------------------
