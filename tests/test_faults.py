@@ -464,12 +464,18 @@ class FailingLayer(overlap.MoELayer):
 
     fail_on: int | None = None
     calls = 0
+    seen: list | None = None  # when a list: (current_timeout(), timeouts of the group's transfers) per call
 
     def arm(self, n: int | None) -> None:
         self.fail_on, self.calls = n, 0
 
     def moe_experts(self, *args, **kwargs):
+        from overlap import ops
+
         self.calls += 1
+        if self.seen is not None:
+            in_flight = ops.in_flight(self.group.group_name)
+            self.seen.append((ops.transport.current_timeout(), sorted({t.timeout_s for t in in_flight})))
         if self.fail_on is not None and self.calls == self.fail_on:
             raise RuntimeError(f"expert kernel failed on call {self.calls}")
         return super().moe_experts(*args, **kwargs)
@@ -579,7 +585,6 @@ def _broken_group_scheduler_case() -> tuple[str, str]:
     return "", ""
 
 
-@pytest.mark.xfail(strict=True, reason="needs pipeline wiring: max_tokens must run through ops.collective")
 def test_scheduler_on_a_broken_group_raises_comm_error(scratch_pool):
     for type_name, message in scratch_pool.run(_broken_group_scheduler_case, timeout_s=RUN_S):
         assert type_name in ("CommError", "CommTimeoutError"), (type_name, message)
@@ -618,3 +623,25 @@ def test_after_a_peer_died_recover_builds_a_group_of_the_survivors(scratch_pool)
         type_name, message = out["dead"]
         assert type_name == "CommError" and "rank 2" in message, out["dead"]
         assert torch.equal(out["x_out"], reference[rank]), f"rank {rank}: the survivors' group is wrong"
+
+
+def _options_in_scheduler_case() -> list:
+    """comm_options around a scheduler context reaches the ops its plan runs on other threads: the
+    experts (a plan node) see the timeout, and every transfer set up there captured it."""
+    from overlap import ops
+
+    rank = dist.get_rank()
+    group = dist.new_group(list(range(dist.get_world_size())), backend="gloo")
+    layer = FailingLayer(1024, 4, 2, 64, group=group, seed=3)
+    layer.seen = []
+    x = torch.randn(96, 1024, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
+    with ops.comm_options(timeout_s=7.5), overlap.scheduler(group, microbatches=3):
+        layer(x)
+    return layer.seen
+
+
+def test_comm_options_reach_the_ops_a_scheduler_runs_on_other_threads(rank_pools):
+    for seen in rank_pools(2).run(_options_in_scheduler_case, timeout_s=RUN_S):
+        assert len(seen) == 3 and all(timeout == 7.5 for timeout, _ in seen), seen
+        captured = {t for _, ts in seen for t in ts}
+        assert captured == {7.5}, seen  # some transfer was in flight during the experts, with the block's timeout
