@@ -625,23 +625,37 @@ def test_after_a_peer_died_recover_builds_a_group_of_the_survivors(scratch_pool)
         assert torch.equal(out["x_out"], reference[rank]), f"rank {rank}: the survivors' group is wrong"
 
 
-def _options_in_scheduler_case() -> list:
+def _options_in_scheduler_case() -> dict:
     """comm_options around a scheduler context reaches the ops its plan runs on other threads: the
-    experts (a plan node) see the timeout, and every transfer set up there captured it."""
+    experts (a plan node) see the timeout, and every transfer the plan set up captured it."""
     from overlap import ops
+    from overlap.ops import transport
 
     rank = dist.get_rank()
     group = dist.new_group(list(range(dist.get_world_size())), backend="gloo")
     layer = FailingLayer(1024, 4, 2, 64, group=group, seed=3)
     layer.seen = []
     x = torch.randn(96, 1024, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
-    with ops.comm_options(timeout_s=7.5), overlap.scheduler(group, microbatches=3):
-        layer(x)
-    return layer.seen
+    started: list[tuple[str, float]] = []
+    real_start = transport.start
+
+    def start(*args, **kwargs):
+        t = real_start(*args, **kwargs)
+        started.append((threading.current_thread().name, t.timeout_s))
+        return t
+
+    transport.start = start
+    try:
+        with ops.comm_options(timeout_s=7.5), overlap.scheduler(group, microbatches=3):
+            layer(x)
+    finally:
+        transport.start = real_start
+    return {"experts": [timeout for timeout, _ in layer.seen], "started": started,
+            "caller": threading.current_thread().name}
 
 
 def test_comm_options_reach_the_ops_a_scheduler_runs_on_other_threads(rank_pools):
-    for seen in rank_pools(2).run(_options_in_scheduler_case, timeout_s=RUN_S):
-        assert len(seen) == 3 and all(timeout == 7.5 for timeout, _ in seen), seen
-        captured = {t for _, ts in seen for t in ts}
-        assert captured == {7.5}, seen  # some transfer was in flight during the experts, with the block's timeout
+    for out in rank_pools(2).run(_options_in_scheduler_case, timeout_s=RUN_S):
+        assert out["experts"] == [7.5, 7.5, 7.5], out
+        assert len(out["started"]) == 6 and {t for _, t in out["started"]} == {7.5}, out  # 3 dispatches, 3 combines
+        assert any(name != out["caller"] for name, _ in out["started"]), out  # set up on other threads
