@@ -285,7 +285,7 @@ def _idle_peer_case() -> dict:
 
     from .test_reliability import _side_barrier
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     g = _fresh_group()
     out: dict = {}
     with _timeout(LONG_S):

@@ -225,11 +225,6 @@ def max_in_flight() -> int:
     return _options.max_in_flight
 
 
-def max_in_flight() -> int:
-    """Exchanges of one kind that may be in flight per group (`configure(max_in_flight=...)`)."""
-    return _options.max_in_flight
-
-
 # --------------------------------------------------------------------------------------------
 # Groups
 # --------------------------------------------------------------------------------------------
@@ -436,8 +431,8 @@ class _GroupWorker:
 
     def unusable_error(self) -> CommError:
         """The error a use of a broken group raises (never nested: it quotes the first failure)."""
-        hint = (f"the group's gloo/NCCL connections cannot be trusted any more: call overlap.ops.recover(group) on "
-                f"every surviving rank and use the group it returns (see docs/faults.md)")
+        hint = ("the group's gloo/NCCL connections cannot be trusted any more: call overlap.ops.recover(group) on "
+                "every surviving rank and use the group it returns (see docs/faults.md)")
         return CommError(f"group {self.group_name!r} is unusable after an earlier failure ({self.broken}); {hint}")
 
     def refusal(self) -> CommError | None:
@@ -485,8 +480,10 @@ class _GroupWorker:
                 with self.lock:
                     self.ended = _Ended(exc.seq, exc.aborters)
                 error = CommError(str(exc))
-            except (_ParameterMismatch, _Refused) as exc:
-                error = exc  # mismatch: every rank stopped after the headers; the group stays usable
+            except _ParameterMismatch as exc:
+                error = exc  # every rank stopped after the headers: the group stays usable
+            except _Refused as exc:
+                error = CommError(str(exc))
             except (CommError, CommTimeoutError) as exc:
                 error = exc
                 with self.lock:
