@@ -255,6 +255,8 @@ def _every_rank_aborts_case(extra_setups: tuple[int, ...]) -> dict:
     one common exchange) and aborts; then a correct chain runs."""
     from overlap import ops
 
+    from .test_reliability import _side_barrier
+
     rank, world = dist.get_rank(), dist.get_world_size()
     g = _fresh_group()
     case = Case(world=world, batches=(4,) * world, experts=2 * world)
@@ -264,6 +266,7 @@ def _every_rank_aborts_case(extra_setups: tuple[int, ...]) -> dict:
         ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, case.experts)
         for _ in range(extra_setups[rank]):
             ops.dispatch_setup(x, ids, g, world, rank, case.experts)
+        _side_barrier()  # every rank has failed (and made its setups) before any aborts
         cancelled = ops.abort(g, ValueError(f"rank {rank} failed"))
         x_out = _chain(g, GOOD)
         return {"cancelled": len(cancelled), "x_out": x_out, "status": _status(g)}
@@ -504,12 +507,13 @@ def _scheduler_fault_case(failing: tuple[int, ...], wired: bool, timeout_s: floa
     """A 3-microbatch scheduled run (96 tokens) whose layer raises on its 3rd moe_experts call on
     the ranks in `failing`; then a correct run on the same group."""
     from overlap import ops
+    from overlap.numerics import compare
 
     rank = dist.get_rank()
     group = dist.new_group(list(range(dist.get_world_size())), backend="gloo")
     layer = FailingLayer(1024, 4, 2, 64, group=group, seed=3)
     x = torch.randn(96, 1024, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
-    plain = layer(x)
+    dense = layer.dense_forward(x)
     context = (lambda: _wired_scheduler(group, 3)) if wired else (lambda: overlap.scheduler(group, microbatches=3))
     out: dict = {}
     with _timeout(timeout_s):
@@ -527,7 +531,8 @@ def _scheduler_fault_case(failing: tuple[int, ...], wired: bool, timeout_s: floa
         try:
             with context():
                 again = layer(x)
-            out["again"] = torch.equal(again, plain)
+            closeness = compare(again, dense)  # split GEMMs may round differently: a tolerance in ulps
+            out["again"] = True if closeness.ok else str(closeness)
         except Exception as exc:
             out["again"] = (type(exc).__name__, str(exc))
         out["status"] = _status(group.group_name)
