@@ -31,6 +31,7 @@ from torch import Tensor
 
 from . import context, npu, portable
 from .params import MoeCommParams
+from .staging import transport_kind
 from .transport import (EmulatedLink, GroupStatus, Transfer, abort, collective, comm_options, configure, group_status,
                         in_flight, recover, settle, shutdown, transfer_of)
 
@@ -295,5 +296,6 @@ __all__ = [
     "settle",
     "shutdown",
     "transfer_of",
+    "transport_kind",
     "use_backend",
 ]

@@ -61,6 +61,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import CapacityError, CommError, CommTimeoutError, HandleError, OverlapError
+from . import staging
 
 MAGIC = 0x4F564C50  # "OVLP": marks a comm_cmd_info written by this transport
 HEADER_LEN = 32
@@ -72,8 +73,9 @@ PARAM_FIELDS = (
 )  # fmt: skip
 _H_MAGIC, _H_OP, _H_SEQ, _H_ROWS, _H_LMAX, _H_BATCH = range(6)
 _H_PARAMS = 6  # PARAM_FIELDS follow
-OP_ABORT = 9  # an abort header: _H_ROWS holds the reason's length, the reason's bytes from _H_PARAMS on
-_REASON_BYTES = (HEADER_LEN - _H_PARAMS) * 8
+_H_INVALID = staging.INVALID_SLOT  # set when a setup's deferred input check failed
+OP_ABORT = 9  # an abort header: _H_ROWS holds the reason's length, its bytes fill _H_PARAMS up to _H_INVALID
+_REASON_BYTES = (_H_INVALID - _H_PARAMS) * 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,8 +270,8 @@ class Transfer:
     seq: int
     header: Tensor  # (HEADER_LEN,) int64, this rank's header (rows field per peer set at send)
     send_buf: Tensor  # (N, row_bytes) uint8, private
-    send_rows: list[int]  # rows to each peer
-    block_counts: Tensor  # (W, L_max) int64 rows per (peer, its local expert)
+    send_rows: list[int] | None  # rows to each peer (None: resolved from block_counts on the worker)
+    block_counts: Tensor  # (W, L_max) int64 rows per (peer, its local expert); on cpu once resolved
     label: str = ""
     timeout_s: float = DEFAULT_TIMEOUT_S
     link: EmulatedLink | None = None  # captured at setup
@@ -285,6 +287,7 @@ class Transfer:
     _error: BaseException | None = None
     ready_event: object | None = None  # CUDA: recorded on the setup's stream after staging
     done_event: object | None = None  # CUDA: recorded on the comm stream when the rows landed
+    plan: staging.ExchangePlan | None = None  # transport kind and deferred checks (staging.py)
 
     @property
     def is_complete(self) -> bool:
@@ -316,8 +319,7 @@ class Transfer:
     def take(self, timeout_s: float | None = None) -> tuple[Tensor, Tensor]:
         """Wait, then hand over `(recv rows (M, row_bytes) uint8, recv counts (W, L_max) int64)`."""
         self.wait(timeout_s)
-        if self.done_event is not None:  # later work on the caller's stream sees the landed rows
-            torch.cuda.current_stream(self.send_buf.device).wait_event(self.done_event)
+        staging.hand_over(self)  # CUDA: the caller's stream waits for the landed rows and keeps them alive
         assert self._result is not None  # internal invariant: set with _done and no error
         return self._result
 
@@ -357,7 +359,8 @@ def write_ticket(comm_cmd_info: Tensor, transfer: Transfer) -> None:
     the five: a teardown can tell a copy of a real handle from a forged or foreign one.
     """
     head = [MAGIC, transfer.ticket, OP_CODES[transfer.op], _group_tag(transfer.group_name), _NONCE]
-    comm_cmd_info[0:6] = torch.tensor([*head, _check_word(head)], dtype=torch.int32)
+    for i, value in enumerate((*head, _check_word(head))):
+        comm_cmd_info[i] = value  # a fill per entry: no host-to-device copy that would wait on a device
     comm_cmd_info._overlap_ticket = transfer.ticket  # type: ignore[attr-defined]
 
 
@@ -529,9 +532,10 @@ class _GroupWorker:
                          block_counts=torch.zeros(self.world, 1, dtype=torch.int64), timeout_s=timeout_s)
         outs = {r: header.clone() for r in range(self.world) if r != self.rank}
         ins = {r: torch.empty(HEADER_LEN, dtype=torch.int64) for r in outs}
-        if self.device.type != "cpu":  # NCCL moves device tensors only
-            outs = {r: h.to(self.device) for r, h in outs.items()}
-            ins = {r: h.to(self.device) for r, h in ins.items()}
+        device = _wire_device(self.group, self.device)
+        if device.type != "cpu":  # NCCL moves device tensors only
+            outs = {r: h.to(device) for r, h in outs.items()}
+            ins = {r: h.to(device) for r, h in ins.items()}
         probe.delivered = {self.rank}
         self._p2p(outs, ins, probe, time.perf_counter() + timeout_s)
         aborters = {self.rank: reason}
@@ -543,17 +547,12 @@ class _GroupWorker:
 
     def _run_on_device(self, transfer: Transfer) -> tuple[Tensor, Tensor]:
         """CPU: exchange on this thread. CUDA: on a side stream that first waits for the setup's
-        staging (`ready_event`), then records `done_event` for the teardown's stream to wait on."""
-        if transfer.ready_event is None:
-            return self._exchange(transfer)
-        if self.side_stream is None:
+        staging (`ready_event`), then records `done_event` for the teardown's stream to wait on;
+        staged through pinned host buffers over gloo (see `staging.run`)."""
+        if self.side_stream is None and transfer.send_buf.device.type == "cuda":
             self.side_stream = torch.cuda.Stream(device=transfer.send_buf.device)
-        with torch.cuda.stream(self.side_stream):
-            self.side_stream.wait_event(transfer.ready_event)
-            result = self._exchange(transfer)
-            transfer.done_event = torch.cuda.Event()
-            transfer.done_event.record(self.side_stream)
-        return result
+        side_stream = self.side_stream if transfer.send_buf.device.type == "cuda" else None
+        return staging.run(transfer, self._exchange, side_stream)
 
     # -- phases --
 
@@ -716,6 +715,10 @@ def _decode_reason(header: Tensor) -> str:
     return raw.decode("utf-8", "replace")
 
 
+class _InvalidInput(_ParameterMismatch, ValueError):
+    """This rank's setup input failed a check deferred to the transport's thread (device tensors)."""
+
+
 def _check_headers(transfer: Transfer, headers: dict[int, Tensor], me: int) -> None:
     mine = transfer.header
     aborters = {r: _decode_reason(h) for r, h in headers.items()
@@ -724,8 +727,13 @@ def _check_headers(transfer: Transfer, headers: dict[int, Tensor], me: int) -> N
         ended = _Ended(int(mine[_H_SEQ]), aborters)
         raise _StreamAborted(f"{transfer.op} exchange{_where(transfer)} failed: {ended.describe(transfer.group_name)}",
                              ended.seq, aborters)
+    if transfer.plan is not None and transfer.plan.error is not None:
+        raise _InvalidInput(str(transfer.plan.error))  # the peers saw the flag in our header too
     for r in sorted(headers):
         theirs = headers[r]
+        if int(theirs[_H_INVALID]):
+            raise _ParameterMismatch(f"rank {r} gave {transfer.op}_setup invalid input (a check made on the "
+                                     f"transport's thread; rank {r} raises its ValueError); no rows moved")
         if int(theirs[_H_MAGIC]) != MAGIC:
             raise _ParameterMismatch(f"rank {r} sent no overlap header on group {transfer.group_name!r}: another "
                                      f"collective ran on the group during an exchange")
@@ -793,10 +801,11 @@ def start(
     group_name: str,
     *,
     send_buf: Tensor,
-    send_rows: list[int],
+    send_rows: list[int] | None,
     block_counts: Tensor,
     header: Tensor,
     label: str = "",
+    checks: tuple[staging.DeferredCheck, ...] = (),
 ) -> Transfer:
     """Queue an exchange on the group's worker and return its handle at once.
 
@@ -806,9 +815,12 @@ def start(
     Args:
         op: "dispatch" or "combine".
         send_buf: `(N, row_bytes)` uint8, owned by the transfer from now on (pass a private copy).
-        send_rows: rows for each peer, in peer order (their sum is N).
-        block_counts: `(W, L_max)` int64 rows per (peer, local expert), sent with the rows.
+        send_rows: rows for each peer, in peer order (their sum is at most N), or None to take
+            them from `block_counts` on the group's worker (a setup on a device reads no values).
+        block_counts: `(W, L_max)` int64 rows per (peer, local expert), sent with the rows; with
+            `send_rows=None` it may stay on the device (resolved on the worker).
         header: from `make_header`.
+        checks: input checks deferred to the worker (`staging.DeferredCheck`).
 
     Raises:
         ValueError: a bad `OVERLAP_TIMEOUT_S`.
@@ -820,10 +832,12 @@ def start(
     if group_name in _replaced:
         raise CommError(f"{op}_setup: group {group_name!r} was replaced by overlap.ops.recover with group "
                         f"{_replaced[group_name]!r}: pass the new group's group_name")
+    plan = staging.begin(group, group_name, send_buf, checks)  # ValueError before any state changes
     worker = _worker_for(group, group_name)
     transfer = Transfer(ticket=0, op=op, group_name=group_name, seq=-1, header=header.clone(), send_buf=send_buf,
-                        send_rows=send_rows, block_counts=block_counts.to("cpu", torch.int64), label=label,
-                        timeout_s=timeout_s, link=link)
+                        send_rows=send_rows,
+                        block_counts=block_counts if send_rows is None else block_counts.to("cpu", torch.int64),
+                        label=label, timeout_s=timeout_s, link=link, plan=plan)
     if send_buf.device.type == "cuda":
         transfer.ready_event = torch.cuda.Event()
         transfer.ready_event.record(torch.cuda.current_stream(send_buf.device))
@@ -865,6 +879,15 @@ def _group_and_name(group: dist.ProcessGroup | str) -> tuple[dist.ProcessGroup, 
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup or its group_name, got {type(group).__name__}")
     return group, group.group_name
+
+
+def _wire_device(group: dist.ProcessGroup, device: torch.device | None) -> torch.device:
+    """Where the group's messages must live: the device for NCCL, the host for gloo (which also
+    carries device exchanges, staged through host buffers)."""
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    return device if device is not None and device.type == "cuda" else torch.device("cuda",
+                                                                                     torch.cuda.current_device())
 
 
 def _reason(error: BaseException | str | None) -> str:
@@ -969,7 +992,7 @@ def settle(
     if error is not None:
         abort(group_obj, error, tickets=tickets, timeout_s=timeout_s)
     worker = _workers.get(group_name)
-    device = worker.device if worker is not None else torch.device("cpu")
+    device = _wire_device(group_obj, worker.device if worker is not None else None)
     mine = make_abort_header(0, _reason(error)) if error is not None else torch.zeros(HEADER_LEN, dtype=torch.int64)
     world = dist.get_world_size(group_obj)
     gathered = [torch.zeros(HEADER_LEN, dtype=torch.int64, device=device) for _ in range(world)]
