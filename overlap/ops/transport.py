@@ -349,7 +349,8 @@ def _group_tag(group_name: str) -> int:
 
 
 def _check_word(values: list[int]) -> int:
-    return zlib.crc32(torch.tensor(values, dtype=torch.int64).numpy().tobytes()) & 0x7FFFFFFF
+    data = b"".join(int(v).to_bytes(8, "little", signed=True) for v in values)  # host ints: no tensor read
+    return zlib.crc32(data) & 0x7FFFFFFF
 
 
 def write_ticket(comm_cmd_info: Tensor, transfer: Transfer) -> None:
