@@ -171,8 +171,8 @@ def dispatch_teardown(
                  dtypes=(torch.int8,) if quant_mode == 2 else (x.dtype,), rule="(BS * (K + shared_expert_num), row)")
     check_tensor("comm_cmd_info", comm_cmd_info, shape=(None,), dtypes=(torch.int32,))
 
-    handle = transport.claim(comm_cmd_info, "dispatch")
-    recv, counts = handle.take(transport.current_timeout())
+    handle = transport.claim(comm_cmd_info, "dispatch", group_ep)
+    recv, counts = handle.take(transport.teardown_timeout())
     local = params.num_local_experts
     counts = counts[:, :local]  # (W, L): rows per (source rank, local expert)
     capacity = params.capacity(batch, top_k)
@@ -477,8 +477,8 @@ def combine_teardown(
     if shared_expert_x is not None:
         check_tensor("shared_expert_x", shared_expert_x, shape=(batch, hidden), dtypes=(expand_x.dtype,))
 
-    handle = transport.claim(comm_cmd_info, "combine")
-    recv, _ = handle.take(transport.current_timeout())
+    handle = transport.claim(comm_cmd_info, "combine", group_ep)
+    recv, _ = handle.take(transport.teardown_timeout())
     num_shared_rows = num_active * shared_expert_num if shared_expert_rank_num > 0 else 0
     expected = num_shared_rows + num_active * top_k
     if recv.shape[0] != expected:
