@@ -1,6 +1,7 @@
 """Streams and events, one abstraction over ``torch.npu``, ``torch.cuda`` and the CPU.
 
-Owns: `Stream`, `Event`, `current_stream`, the `stream` context and `synchronize`.
+Owns: `Stream`, `Event`, `current_stream`, `host_stream`, the per-device stream pool (`pooled`),
+the `stream` context and `synchronize`.
 
 * **npu / cuda**: a `Stream` wraps a ``torch.<dev>.Stream`` and an `Event` a ``torch.<dev>.Event``.
   `Stream.submit` runs the callable at once on the calling thread under the torch stream context,
@@ -26,15 +27,21 @@ Semantics shared by every backend (as in ``torch.cuda``):
   thread calling ``future.result()``, ``Event.synchronize()`` or ``Stream.synchronize()``. A
   stream's ``synchronize()`` reports the poison once and leaves the stream clean again.
 
+Pool: `pooled(name, device)` hands out one stream per (device, name) for the life of the process,
+so that runners (`overlap.graph.Plan.run`) reuse their streams instead of making new ones per run.
+
 Shutdown: workers are daemon threads, `Stream.close` stops one (after the work already queued),
-and an ``atexit`` hook closes every live worker without blocking the interpreter's exit.
+and an ``atexit`` hook empties the pool and closes every live worker without blocking the
+interpreter's exit.
 
 This module must never import ``torch_npu`` unless an ``npu`` device is used, never create a
-stream when given ``None``, and never run a CPU job on a thread other than its stream's worker.
+stream when given ``None``, and never run a CPU job on a thread other than its stream's worker
+(the host stream's worker is the thread that submits).
 """
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import concurrent.futures as cf
 import contextlib
@@ -56,6 +63,8 @@ __all__ = [
     "stream",
     "synchronize",
     "resolve_device",
+    "host_stream",
+    "pooled",
 ]
 
 _DEVICE_TYPES = ("cpu", "cuda", "npu")
@@ -107,13 +116,33 @@ def _torch_module(device: torch.device) -> Any:
 
 
 class _Marker:
-    """One record of a CPU event: set when the stream reaches it; carries the stream's poison."""
+    """One record of a CPU event: set when the stream reaches it; carries the stream's poison.
 
-    __slots__ = ("done", "error")
+    A bare ``_thread`` lock held until `set` (not a ``threading.Event``, whose Condition costs
+    several µs of Python per wait): a waiter blocks in C on the lock and passes it on.
+    """
 
-    def __init__(self) -> None:
-        self.done = threading.Event()
+    __slots__ = ("_lock", "is_set", "error")
+
+    def __init__(self, done: bool = False) -> None:
+        self._lock = _thread.allocate_lock()
+        self.is_set = done
         self.error: BaseException | None = None
+        if not done:
+            self._lock.acquire()
+
+    def set(self) -> None:
+        self.is_set = True
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until `set` (or ``timeout`` seconds); return whether it was set."""
+        if self.is_set:
+            return True
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        self._lock.release()  # let the next waiter through
+        return True
 
 
 _RUN, _RECORD, _WAIT = 0, 1, 2
@@ -245,9 +274,9 @@ class _CpuStream(Stream):
                 self._num_finished += 1
             elif tag == _RECORD:  # a: _Marker
                 a.error = self._error
-                a.done.set()
+                a.set()
             else:  # _WAIT, a: _Marker
-                a.done.wait()
+                a.wait()
                 if a.error is not None and self._error is None:
                     self._error = a.error
 
@@ -313,9 +342,7 @@ class _HostStream(Stream):
 
     def record_event(self, event: Event | None = None) -> Event:
         event = Event(self.device) if event is None else event
-        marker = _Marker()
-        marker.done.set()
-        event._marker = marker
+        event._marker = _Marker(done=True)
         return event
 
     def wait_event(self, event: Event) -> None:
@@ -419,7 +446,7 @@ class Event:
         """Return at once whether the latest record has been reached (True if never recorded)."""
         if self.device.type != "cpu":
             return self._torch is None or bool(self._torch.query())
-        return self._marker is None or self._marker.done.is_set()
+        return self._marker is None or self._marker.is_set
 
     def __repr__(self) -> str:
         return f"Event(device={str(self.device)!r}, name={self.name!r})"
@@ -436,7 +463,7 @@ def _check_cpu_event(event: Event) -> _Marker | None:
 def _wait_marker(marker: _Marker, timeout: float | None, what: str) -> None:
     if timeout is not None and timeout < 0:
         raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout}")
-    if not marker.done.wait(timeout):
+    if not marker.wait(timeout):
         raise CommTimeoutError(f"{what} not reached within {timeout} s")
 
 
@@ -449,6 +476,37 @@ def _stack() -> list[Stream]:
     if stack is None:
         stack = _local.stack = []
     return stack
+
+
+def host_stream() -> Stream:
+    """The cpu host stream: the calling thread itself (work submitted to it runs inside `submit`)."""
+    return _host
+
+
+_pool: dict[tuple[torch.device, str], Stream] = {}
+_pool_lock = threading.Lock()
+
+
+def pooled(name: str, device: torch.device | str | None = None) -> Stream:
+    """The process-wide stream called ``name`` on ``device``: made on first use, then reused.
+
+    One per (device, name) for the life of the process (a cpu worker thread, or a torch stream on
+    npu/cuda, where a device without an index means the current one); closed at interpreter exit.
+    A pooled cpu worker that was closed is replaced by a new one.
+
+    Args:
+        name: the stream's label (``"comm_setup"``).
+        device: the device (None: ``torch.get_default_device()``).
+    """
+    dev = resolve_device(device)
+    if dev.type != "cpu" and dev.index is None:
+        dev = torch.device(dev.type, _torch_module(dev).current_device())
+    key = (dev, name)
+    with _pool_lock:
+        s = _pool.get(key)
+        if s is None or getattr(s, "_closed", False):
+            s = _pool[key] = Stream(dev, name=name)
+        return s
 
 
 def current_stream(device: torch.device | str | None = None) -> Stream:
@@ -511,5 +569,6 @@ def synchronize(device: torch.device | str | None = None, timeout: float | None 
 @atexit.register
 def _close_all() -> None:
     deadline = time.monotonic() + 1.0
+    _pool.clear()
     for worker in list(_workers):
         worker.close(timeout=max(0.0, deadline - time.monotonic()))
