@@ -703,44 +703,68 @@ class Plan:
         return {name: streams[name] for name in self.streams}
 
     def _submit(self, run: _Run, deadline: float | None, timeout: float | None = None) -> None:
-        """Walk the jobs in plan order: worker jobs are queued, host jobs run here, inline.
+        """Queue every worker job in plan order, then run the host jobs here, inline, in order.
 
-        A host job first waits (here, bounded by ``deadline``) for its events; plan order
-        guarantees their records were already queued. The walk stops at the first failure.
+        The host's records are deferred (`overlap.streams.defer_record`): a worker job that waits
+        for a host step is queued at once and released when the host reaches that step, so the
+        workers run as far ahead as the plan's events allow, exactly as if compute were a worker.
+        A host job first waits (here, bounded by ``deadline``) for the worker events it needs.
+        When the host stops (a failure, or the deadline), its remaining records are reached with
+        the error, so that the workers skip what depended on them, and are then cleared.
         """
         self._check_runnable()
         resolved = run.resolved
         dev = next(iter(resolved.values())).device if resolved else _streams.resolve_device(None)
         events = [_streams.Event(dev, name=f"e{e.index}") for e in self.events]
+        host_jobs: list[tuple[_Job, _streams.Stream]] = []
+        promises: dict[int, Callable[[BaseException | None], None]] = {}
         for job in self._jobs():
             stream = resolved[job.stream]
             if stream.is_host:
+                host_jobs.append((job, stream))
+                for e in job.steps[-1].records:
+                    promises[e] = _streams.defer_record(events[e])
+                continue
+            for e in job.steps[0].waits:
+                stream.wait_event(events[e])
+            run.submitted.append((job, stream.submit(run.job_fn(job, stream))))
+            for e in job.steps[-1].records:
+                stream.record_event(events[e])
+        error: BaseException | None = None
+        try:
+            for job, stream in host_jobs:
                 try:
                     for e in job.steps[0].waits:
                         left = None if deadline is None else max(0.0, deadline - time.perf_counter())
                         events[e].synchronize(left)
-                except CommTimeoutError:
+                except CommTimeoutError as exc:
+                    error = exc
                     raise CommTimeoutError(self._timeout_message(run.results, timeout)) from None
-                except BaseException:  # noqa: BLE001 - a worker's failure: its own future carries it
+                except BaseException as exc:  # noqa: BLE001 - a worker's failure: its future carries it
+                    error = exc
                     return
                 try:
                     run.job_fn(job, stream)()
                 except BaseException as exc:  # noqa: BLE001 - raised by `_finish`, with a note
+                    error = exc
                     future: cf.Future = cf.Future()
                     future.set_exception(exc)
                     run.submitted.append((job, future))
                     return
-            else:
-                for e in job.steps[0].waits:
-                    stream.wait_event(events[e])
-                run.submitted.append((job, stream.submit(run.job_fn(job, stream))))
-            for e in job.steps[-1].records:
-                stream.record_event(events[e])
+                for e in job.steps[-1].records:
+                    promises.pop(e)(None)
+        finally:
+            if promises:
+                for reach in promises.values():
+                    reach(error)
+                for stream in resolved.values():
+                    stream.clear_after()
 
     def _finish(self, run: _Run) -> dict[Node, Any]:
         error: BaseException | None = None
         failed_job: _Job | None = None
-        for job, future in run.submitted:
+        # Errors only travel forward in plan order: the earliest failed step is where it arose.
+        for job, future in sorted(run.submitted, key=lambda jf: jf[0].steps[0].index):
             exc = future.exception()
             if exc is not None and error is None:
                 error, failed_job = exc, job

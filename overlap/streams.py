@@ -65,6 +65,7 @@ __all__ = [
     "resolve_device",
     "host_stream",
     "pooled",
+    "defer_record",
 ]
 
 _DEVICE_TYPES = ("cpu", "cuda", "npu")
@@ -145,7 +146,8 @@ class _Marker:
         return True
 
 
-_RUN, _RECORD, _WAIT = 0, 1, 2
+_DONE = _Marker(done=True)  # the record of a host event: reached at once, never poisoned
+_RUN, _RECORD, _WAIT, _CLEAR = 0, 1, 2, 3
 
 
 def _add_note(exc: BaseException, note: str) -> None:
@@ -227,6 +229,10 @@ class Stream:
     def close(self, timeout: float | None = 1.0) -> None:
         """Stop accepting work; the work already queued still runs (cpu workers). Idempotent."""
 
+    def clear_after(self) -> None:
+        """Let work submitted from now on run even if earlier work failed (cpu workers; elsewhere
+        nothing to do). Returns at once."""
+
     def __enter__(self) -> Stream:
         _stack().append(self)
         return self
@@ -275,10 +281,12 @@ class _CpuStream(Stream):
             elif tag == _RECORD:  # a: _Marker
                 a.error = self._error
                 a.set()
-            else:  # _WAIT, a: _Marker
+            elif tag == _WAIT:  # a: _Marker
                 a.wait()
                 if a.error is not None and self._error is None:
                     self._error = a.error
+            else:  # _CLEAR: later work runs again, whatever poisoned the earlier work
+                self._error = None
 
     def _put(self, item: tuple) -> None:
         if self._closed:
@@ -302,7 +310,7 @@ class _CpuStream(Stream):
 
     def wait_event(self, event: Event) -> None:
         marker = _check_cpu_event(event)
-        if marker is not None:
+        if marker is not None and not (marker.is_set and marker.error is None):  # else: no-op
             self._put((_WAIT, marker, None))
 
     def synchronize(self, timeout: float | None = None) -> None:
@@ -315,6 +323,11 @@ class _CpuStream(Stream):
 
     def query(self) -> bool:
         return self._num_finished == self._num_submitted
+
+    def clear_after(self) -> None:
+        """Let work submitted from now on run even if work queued before was poisoned (that work
+        is still skipped, its futures still fail). Returns at once."""
+        self._put((_CLEAR, None, None))
 
     def close(self, timeout: float | None = 1.0) -> None:
         if self._closed:
@@ -342,7 +355,7 @@ class _HostStream(Stream):
 
     def record_event(self, event: Event | None = None) -> Event:
         event = Event(self.device) if event is None else event
-        event._marker = _Marker(done=True)
+        event._marker = _DONE
         return event
 
     def wait_event(self, event: Event) -> None:
@@ -450,6 +463,29 @@ class Event:
 
     def __repr__(self) -> str:
         return f"Event(device={str(self.device)!r}, name={self.name!r})"
+
+
+def defer_record(event: Event) -> Callable[[BaseException | None], None]:
+    """Record a cpu ``event`` at a point the caller will reach later, and return how to reach it.
+
+    The host stream runs its work inside `submit`, so it can only record what it has already run;
+    a runner that queues worker work ahead of the host's (`overlap.graph.Plan.run`) records the
+    host's events this way first: waits made from now on wait for this record. Call the returned
+    function exactly once: with None when the host reached the point, or with the exception that
+    stopped it (waiting streams are then poisoned with it, as by a failed worker job).
+
+    Raises:
+        TypeError: ``event`` is not a cpu `Event`.
+    """
+    _check_cpu_event(event)
+    marker = _Marker()
+    event._marker = marker
+
+    def reach(error: BaseException | None = None) -> None:
+        marker.error = error
+        marker.set()
+
+    return reach
 
 
 def _check_cpu_event(event: Event) -> _Marker | None:
