@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
-import tempfile
 import threading
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from overlap.launch import RankPool
 
 HIDDEN = 1024
 EXPERTS = 8
@@ -165,19 +164,6 @@ def rank_loop(steps: int, seed: int = 0, check_every: int = 1) -> dict:
     return stats
 
 
-def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, results) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
-    try:
-        results.put(rank_loop(args.steps, args.seed, args.check_every))
-    finally:
-        from overlap import ops
-
-        ops.shutdown()
-        dist.destroy_process_group()
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
@@ -187,25 +173,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if EXPERTS % args.world:
         parser.error(f"--world must divide {EXPERTS}")
-    import torch.multiprocessing as mp
-
-    fd, init_file = tempfile.mkstemp(prefix="overlap-soak-")
-    os.close(fd)
-    os.unlink(init_file)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = mp.spawn(_worker, args=(args.world, init_file, args, results), nprocs=args.world, join=False)
-    collected: list[dict] = []
-    while len(collected) < args.world:  # never wait on a rank that died
-        try:
-            collected.append(results.get(timeout=1.0))
-        except queue.Empty:
-            dead = [p.exitcode for p in procs.processes if p.exitcode not in (None, 0)]
-            if dead:
-                procs.join()  # raises with the failed rank's traceback
-                raise SystemExit(f"soak: a rank exited with {dead}")
-    procs.join()
-    stats = sorted(collected, key=lambda s: s["rank"])
+    with RankPool(args.world) as pool:  # a rank that raises, hangs or dies fails the run
+        stats = pool.run(rank_loop, args.steps, args.seed, args.check_every, timeout_s=24 * 3600.0)
     print(f"soak: {args.steps} steps on {args.world} gloo ranks, reference checked every {args.check_every}")
     print("rank  seconds  ms/step  checked  mismatches  empty-recv  idle-experts  "
           "RSS first / warm / last MiB  growth after warm-up")

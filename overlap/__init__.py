@@ -12,11 +12,11 @@ scheduler (`overlap.graph`), and the layer-level scheduler context with microbat
 
 from __future__ import annotations
 
-from . import ops
+from . import ops, pipeline
 from .errors import CapacityError, CommError, CommTimeoutError, HandleError, OverlapError, PlanError
 from .graph import Graph, Node, Plan
 from .moe import MoELayer
-from .scheduler import Scheduler, scheduler, wrap
+from .pipeline import Scheduler, scheduler, wrap
 from .streams import Event, Stream
 from .timeline import OverlapReport, Timeline
 
@@ -39,6 +39,7 @@ __all__ = [
     "Stream",
     "Timeline",
     "ops",
+    "pipeline",
     "scheduler",
     "wrap",
 ]

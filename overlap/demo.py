@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from . import ops
 from .moe import MoELayer
-from .scheduler import scheduler
+from .pipeline import scheduler
 
 LINK_SHARE = 0.6
 LATENCY_S = 20e-6

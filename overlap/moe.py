@@ -3,15 +3,10 @@
 Owns: a router (softmax top-K, scales renormalised), routed experts as gated MLPs
 (`down(silu(gate(x)) · up(x))`), optional shared experts computed on every rank and added through
 `shared_expert_x`, and the plain (serial) forward: route → dispatch → experts → combine. It is
-also the example to copy: the four methods below are the *MoE protocol* the scheduler drives, so
-any layer that implements them gets microbatch pipelining from `overlap.scheduler`.
-
-    moe_route(x)                       -> expert_ids (T, K) int32, expert_scales (T, K) fp32
-    moe_experts(expand_x, dynamic_scales, expert_token_nums) -> (A, H) outputs (rows past the
-                                          received count are ignored)
-    moe_shared(x)                      -> (T, H) or None
-    moe_comm_kwargs()                  -> group_ep, ep_world_size, ep_rank_id, moe_expert_num and
-                                          the keyword arguments every op call shares
+also the example to copy: the four methods below are the *MoE protocol*
+(`overlap.pipeline.MoEProtocol`) that every executor drives, so any layer that implements them
+gets microbatch pipelining from `overlap.scheduler`, and its forward is one line:
+`overlap.pipeline.forward(self, x)` (serial outside a scheduler context, pipelined inside).
 
 All weights derive from `seed`, so every rank (and a single-process dense reference,
 `dense_forward`) builds the same experts; each rank keeps only its local ones.
@@ -26,9 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _context, ops
-
-MAX_TOKENS_PER_CALL = 512  # the ops' BS limit
+from . import pipeline
 
 
 def _weights(seed: int, num_experts: int, num_shared: int, hidden: int, inter: int, dtype: torch.dtype):
@@ -122,15 +115,12 @@ class MoELayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """`(T, H)` → `(T, H)`. Inside `overlap.scheduler(...)` the scheduler pipelines it."""
-        from .scheduler import current_scheduler
+        return pipeline.forward(self, x)
 
-        scheduler = current_scheduler()
-        if scheduler is not None:
-            return scheduler.run_layer(self, x)
-        return serial_forward(self, x)
-
-    def dense_forward(self, x: Tensor) -> Tensor:
-        """Single-process reference: every expert of the layer, no communication."""
+    def dense_forward(self, x: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
+        """Single-process reference: every expert of the layer, no communication, the weighted sum
+        in fp32; cast to `dtype` (default: the layer's; torch.float32 for the unrounded reference
+        that `overlap.numerics.compare` takes)."""
         _, experts, _ = _weights(self.seed, self.num_experts, self.num_shared_experts, self.hidden_size,
                                  self.intermediate_size, self.dtype)
         ids, w = self.moe_route(x)
@@ -142,66 +132,4 @@ class MoELayer(nn.Module):
         shared = self.moe_shared(x)
         if shared is not None:
             acc += shared.float()
-        return acc.to(self.dtype)
-
-
-def split_batch(num_tokens: int, microbatches: int) -> tuple[int, int]:
-    """(microbatch count, padded microbatch size) for a batch whose largest rank has `num_tokens`:
-    never more than 512 tokens a call; `microbatches` of them when there are enough tokens."""
-    count = max(-(-num_tokens // MAX_TOKENS_PER_CALL), min(microbatches, max(num_tokens, 1)))
-    return count, max(-(-num_tokens // count), 1)
-
-
-def pad_chunk(x: Tensor, start: int, size: int) -> tuple[Tensor, Tensor]:
-    """Rows `[start, start + size)` of x `(T, C)` zero-padded to `size`, and the True-prefix mask."""
-    chunk = x[start : start + size]
-    active = chunk.shape[0]
-    if active < size:
-        chunk = torch.cat([chunk, chunk.new_zeros(size - active, *x.shape[1:])])
-    return chunk.contiguous(), torch.arange(size, device=x.device) < active
-
-
-def max_tokens(num_tokens: int, group: dist.ProcessGroup) -> int:
-    """The largest token count of the group's ranks (one small all-reduce)."""
-    t = torch.tensor([num_tokens], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t)
-
-
-def serial_forward(layer, x: Tensor, *, routes: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """The unpipelined forward of a protocol layer: each ≤512-token chunk in turn, every op waited.
-
-    `routes`: optional precomputed `(expert_ids (T, K), expert_scales (T, K))`, for callers that
-    routed already (then `layer.moe_route` is not called), as in `Scheduler.run_layer`.
-    """
-    kw = layer.moe_comm_kwargs()
-    group_ep, world, rank, experts = (kw.pop(k) for k in ("group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num"))
-    quant_mode = kw.pop("quant_mode", 0)
-    if _context.in_fiber():
-        # Inside the scheduler's fibers another microbatch's exchange may be in flight on the group,
-        # so no collective but the ops may run: no agreement on sizes, global_bs = 512 · W instead.
-        if x.shape[0] > MAX_TOKENS_PER_CALL:
-            raise ValueError(f"x must have at most {MAX_TOKENS_PER_CALL} rows per microbatch inside a scheduler's "
-                             f"fibers, got {x.shape[0]}: use more microbatches")
-        kw.setdefault("global_bs", MAX_TOKENS_PER_CALL * world)
-        count, size = 1, max(x.shape[0], 1)
-    else:
-        group = dist.distributed_c10d._resolve_process_group(group_ep)
-        count, size = split_batch(max_tokens(x.shape[0], group), 1)
-    outs = []
-    for i in range(count):
-        chunk, mask = pad_chunk(x, i * size, size)
-        if routes is None:
-            ids, w = layer.moe_route(chunk)
-        else:
-            ids, w = (pad_chunk(r, i * size, size)[0] for r in routes)
-        y, expand_idx, cmd = ops.dispatch_setup(chunk, ids, group_ep, world, rank, experts, x_active_mask=mask,
-                                                quant_mode=quant_mode, **kw)
-        expand_x, scales, assist, nums = ops.dispatch_teardown(chunk, y, ids, cmd, group_ep, world, rank, experts,
-                                                               quant_mode=quant_mode, **kw)
-        out = layer.moe_experts(expand_x, scales, nums)
-        qx, cmd2 = ops.combine_setup(out, ids, assist, group_ep, world, rank, experts, **kw)
-        shared = layer.moe_shared(chunk)
-        outs.append(ops.combine_teardown(out, qx, ids, expand_idx, w, cmd2, group_ep, world, rank, experts,
-                                         x_active_mask=mask, shared_expert_x=shared, **kw))
-    return torch.cat(outs)[: x.shape[0]]
+        return acc.to(dtype or self.dtype)

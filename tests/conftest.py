@@ -13,7 +13,7 @@ def rank_pools():
 
     def get(world: int) -> RankPool:
         if world not in _pools:
-            _pools[world] = RankPool(world)
+            _pools[world] = RankPool(world, threads=1)
         return _pools[world]
 
     yield get

@@ -274,7 +274,7 @@ def two_batch_case(path: str, fibers: int = 2) -> dict:
         with overlap.scheduler(microbatches=fibers, min_tokens=1) as s:
             got = overlap.wrap(ours)(ids, use_cache=False).logits
     return {"vs_ref": _diff(got, expected), "equal_to_plain": torch.equal(got, plain),
-            "plan": [str(step.node) for step in s.plan.steps], "left": len(overlap.ops.in_flight())}
+            "plan": s.recording.order(), "left": len(overlap.ops.in_flight())}
 
 
 @pytest.mark.parametrize("fibers", [2, 4])

@@ -128,7 +128,8 @@ def _timeout_case(silent_rank: int) -> dict:
     """Every rank makes one fresh group per way of setting the timeout; `silent_rank` then
     returns at once (or, for `wrong_world_size`, calls dispatch_setup with a wrong
     ep_world_size, which it refuses locally) while the others set up and tear down."""
-    from overlap import _context, ops
+    from overlap import ops
+    from overlap.ops import context as _context
 
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = {way: dist.new_group(list(range(world)), backend="gloo").group_name for way in TIMEOUT_WAYS}

@@ -52,9 +52,8 @@ import torch
 from torch import Tensor
 from transformers.distributed.expert_parallel import EPImplementation, EPImplementationInterface
 
-from .. import _context
-from ..moe import serial_forward
-from ..scheduler import Scheduler, current_scheduler, microbatch_count, scheduler
+from ..pipeline import Scheduler, policy, scheduler
+from ..pipeline.protocol import active_executor
 from ..timeline import OverlapReport, Timeline
 
 __all__ = [
@@ -84,12 +83,12 @@ MAX_EXPERTS = 512
 
 def num_microbatches(max_tokens: int) -> int:
     """Microbatches for a call whose largest rank holds `max_tokens` tokens: the scheduler's rule
-    (`overlap.scheduler.microbatch_count`) with 2 microbatches and 32 tokens at least per
+    (`overlap.pipeline.policy.split`) with 2 microbatches and 32 tokens at least per
     microbatch, so 0 tokens: 0; fewer than `MIN_SPLIT_TOKENS` (64): 1; otherwise the fewest
     microbatches, at least 2, of at most 512 tokens each."""
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-    return microbatch_count(max_tokens, 2, MIN_SPLIT_TOKENS // 2) if max_tokens else 0
+    return policy.split(max_tokens, 2, MIN_SPLIT_TOKENS // 2).count
 
 
 def microbatch_rows(max_tokens: int) -> int:
@@ -243,10 +242,7 @@ class OverlapEP(EPImplementation):
         if tp_size > 1:  # the TP group shares this batch: each rank keeps a disjoint slice (no communication)
             hidden_states, top_k_index, top_k_weights = (_tp_slice(t, self.tp_mesh)
                                                           for t in (hidden_states, top_k_index, top_k_weights))
-        if _context.in_fiber():  # inside a scheduler fiber: the fibers do the pipelining
-            output = self._exchange_in_fiber(hidden_states, top_k_index, top_k_weights)
-        else:
-            output = self._exchange(hidden_states, top_k_index, top_k_weights)
+        output = self._exchange(hidden_states, top_k_index, top_k_weights)
         if tp_size == 1:
             return output
         return _tp_gather(output, self.tp_mesh, num_tokens, hidden)
@@ -279,22 +275,6 @@ class OverlapEP(EPImplementation):
     def moe_shared(self, x: Tensor) -> None:
         return None
 
-    def _exchange_in_fiber(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        """One exchange, called on this thread, for a model run by `overlap.scheduler`'s fibers
-        (batch overlap: `with overlap.scheduler(min_tokens=1): overlap.wrap(model)(ids)`).
-
-        The fibers hand the turn to another microbatch at each teardown, so its attention and
-        experts hide this microbatch's transfers. `overlap.moe.serial_forward` runs the exchange:
-        inside a fiber it runs no collective but the ops (another fiber's exchange may be in
-        flight on the group), so `global_bs = 512 · W` and at most 512 tokens per rank and
-        microbatch.
-        """
-        if x.shape[0] > MAX_MICROBATCH_TOKENS:
-            raise ValueError(f'{self.model_name}: ep_implementation="overlap" inside a scheduler fiber takes at most '
-                             f"{MAX_MICROBATCH_TOKENS} tokens per rank and microbatch, got {x.shape[0]}: split the "
-                             f"batch into more microbatches")
-        return serial_forward(self, x, routes=(top_k_index.to(torch.int32), top_k_weights.float()))
-
     def _exchange(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """This rank's `(n, H)` tokens through the scheduler's microbatch pipeline."""
         forced = _forced_num.get()
@@ -302,7 +282,10 @@ class OverlapEP(EPImplementation):
         kwargs = dict(routes=routes, layer_index=self.layer_index)
         if forced is not None:
             kwargs.update(microbatches=forced, min_tokens=0)
-        active = current_scheduler()
+        # The executor of the context: a scheduler context's graph, or, inside a fiber of
+        # `overlap.wrap(model)` (batch overlap), one exchange inline (no collective: another
+        # microbatch's exchange may be in flight; at most 512 tokens per rank and microbatch).
+        active = active_executor()
         if active is not None:
             return active.run_layer(self, x, **kwargs)
         with scheduler(microbatches=2, min_tokens=MIN_SPLIT_TOKENS // 2) as s:

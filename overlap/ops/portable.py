@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import kernels
 from ..kernels.layout import align
 from ..kernels.quant import quantized_row_bytes
-from . import transport
+from . import context, transport
 from .params import HALF_TYPES, MoeCommParams, check_tensor
 
 INT_TYPES = (torch.int32, torch.int64)
@@ -48,9 +48,7 @@ def _as_bytes(rows: Tensor) -> Tensor:
 
 
 def _label(op: str) -> str:
-    from .. import _context  # the scheduler names the microbatch it is running, if any
-
-    return _context.current_label(op)
+    return context.current_label(op)  # the pipeline names the microbatch it is running, if any
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ run other collectives on a group while one of its exchanges is in flight.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import os
 import queue
@@ -36,7 +37,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import _context
 from ..errors import CapacityError, CommError, CommTimeoutError, HandleError
 
 MAGIC = 0x4F564C50  # "OVLP": marks a comm_cmd_info written by this transport
@@ -102,7 +102,7 @@ class _Options:
 
 DEFAULT_TIMEOUT_S = 300.0
 _options = _Options()
-_local = threading.local()
+_timeout_override: contextvars.ContextVar[float | None] = contextvars.ContextVar("overlap_timeout_s", default=None)
 
 
 def configure(
@@ -136,14 +136,17 @@ def configure(
 
 
 def comm_options(*, timeout_s: float | None = None) -> contextlib.AbstractContextManager[None]:
-    """Override the teardown timeout for the calls made inside the block (this thread only)."""
+    """Override the teardown timeout for the calls made inside the block (this context: it follows
+    the caller onto the threads the pipeline runs ops on)."""
     if timeout_s is not None and not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    return _context.thread_value(_local, "timeout_s", timeout_s)
+    from .context import bound
+
+    return bound(_timeout_override, timeout_s)
 
 
 def current_timeout() -> float:
-    override = getattr(_local, "timeout_s", None)
+    override = _timeout_override.get()
     if override is not None:
         return override
     if _options.timeout_s is not None:
@@ -153,6 +156,11 @@ def current_timeout() -> float:
 
 def current_link() -> EmulatedLink | None:
     return _options.link
+
+
+def max_in_flight() -> int:
+    """Exchanges of one kind that may be in flight per group (`configure(max_in_flight=...)`)."""
+    return _options.max_in_flight
 
 
 # --------------------------------------------------------------------------------------------

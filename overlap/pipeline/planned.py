@@ -1,0 +1,172 @@
+"""The planned executor: one forward of a protocol layer as a graph of op nodes, planned and run on
+the compute / comm_setup / comm_teardown streams.
+
+Owns: the overlap strategy as data (`Strategy`: the stages of one pipeline step with their
+microbatch offsets, and the stages hoisted earlier), turning a layer call into a `Graph` whose node
+functions run in the caller's context, and running its plan. Never decides how to split (that is
+`policy`) and never changes what the layer computes.
+
+The default strategy, `TWO_BATCH` (step s of a layer cut into microbatches)::
+
+    step s:  route@mb s, dispatch_setup@mb s                     (start mb s's dispatch)
+             dispatch_teardown@mb s-1, experts@mb s-1, combine_setup@mb s-1
+             shared@mb s-2, combine_teardown@mb s-2             (shared experts hide the combine)
+
+with mb 0's shared experts hoisted right after its dispatch_setup (nothing else could hide the
+first dispatch). Microbatch i's dispatch travels while microbatch i-1's experts compute, and its
+combine while microbatch i+1's experts (and the shared experts) compute. At most
+`policy.in_flight_budget()` exchanges of each kind are in flight: explicit edges
+`dispatch_teardown@mb i → dispatch_setup@mb i+budget`, likewise for combine.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..graph import Graph, Node
+from ..ops import context as op_context
+from . import policy
+from .protocol import LayerCall, MoEProtocol, Routes, _executor
+
+Stage = tuple[str, int]
+"""`(stage name, microbatch)` or, in a strategy's step, `(stage name, microbatch offset)`."""
+
+STAGES = ("route", "dispatch_setup", "dispatch_teardown", "experts", "combine_setup", "shared", "combine_teardown")
+KIND = {"dispatch_setup": "comm_issue", "combine_setup": "comm_issue",
+        "dispatch_teardown": "comm_wait", "combine_teardown": "comm_wait"}
+# The data each stage reads (same microbatch).
+DEPENDS = {
+    "route": (), "dispatch_setup": ("route",), "dispatch_teardown": ("route", "dispatch_setup"),
+    "experts": ("dispatch_teardown",), "combine_setup": ("route", "dispatch_teardown", "experts"),
+    "shared": (), "combine_teardown": ("route", "dispatch_teardown", "combine_setup", "experts", "shared"),
+}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """An overlap strategy as data.
+
+    Attributes:
+        step: the stages one pipeline step runs, as `(stage, microbatch offset)`: step s runs each
+            stage on microbatch `s - offset`.
+        hoisted: `(stage, anchor)` pairs: `stage` runs right after `anchor` instead of in its step.
+    """
+
+    step: tuple[Stage, ...]
+    hoisted: tuple[tuple[Stage, Stage], ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [name for name, _ in self.step]
+        if sorted(names) != sorted(STAGES):
+            raise ValueError(f"step must name every stage of {STAGES} once, got {names}")
+
+    def order(self, count: int) -> list[Stage]:
+        """Every `(stage, microbatch)` of a `count`-microbatch layer, in pipeline order."""
+        depth = max(offset for _, offset in self.step)
+        seq = [(name, s - offset) for s in range(count + depth) for name, offset in self.step
+               if 0 <= s - offset < count]
+        for item, anchor in self.hoisted:
+            if item in seq and anchor in seq:
+                seq.remove(item)
+                seq.insert(seq.index(anchor) + 1, item)
+        return seq
+
+
+TWO_BATCH = Strategy(
+    step=(("route", 0), ("dispatch_setup", 0),
+          ("dispatch_teardown", 1), ("experts", 1), ("combine_setup", 1),
+          ("shared", 2), ("combine_teardown", 2)),
+    hoisted=((("shared", 0), ("dispatch_setup", 0)),),
+)
+
+
+def _in_caller_context(fn: Callable[[dict[Node, Any]], Any], label: str) -> Callable[[dict[Node, Any]], Any]:
+    """`fn` run in a copy of the caller's context (options, backend), labelled, with no op
+    interceptor and no executor, and with the caller's grad / inference mode (thread-local in torch):
+    the plan runs nodes on stream workers."""
+    caller = contextvars.copy_context()
+    grad_enabled, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def body(inputs: dict[Node, Any]) -> Any:
+        with op_context.labelled(label), op_context.intercepted(None), op_context.bound(_executor, None), \
+                torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
+            return fn(inputs)
+
+    return lambda inputs: caller.copy().run(body, inputs)
+
+
+def build(layer: MoEProtocol, call: LayerCall, x: Tensor, routes: Routes | None, split: policy.Split,
+          layer_index: int, strategy: Strategy = TWO_BATCH) -> tuple[Graph, list[Node], list[ops.Transfer]]:
+    """The graph of one layer call: returns it, the nodes whose results are the microbatches'
+    outputs (in order), and the list the setup nodes append their transfers to while running."""
+    g = Graph()
+    transfers: list[ops.Transfer] = []
+    count, args, kw, quant = split.count, call.args, call.shared, call.quant_mode
+    node = {(st, i): Node(st, microbatch=i, layer=layer_index) for st in STAGES for i in range(count)}
+    chunks = [split.chunk(x, i) for i in range(count)]
+    budget = policy.in_flight_budget()
+
+    def fns(i: int) -> dict[str, Callable[[dict[Node, Any]], Any]]:
+        chunk, mask = chunks[i]
+
+        def get(inputs: dict[Node, Any], stage: str) -> Any:
+            return inputs[node[stage, i]]
+
+        def route(inputs):
+            return layer.moe_route(chunk) if routes is None else tuple(split.chunk(r, i)[0] for r in routes)
+
+        def dispatch_setup(inputs):
+            ids, _ = get(inputs, "route")
+            out = ops.dispatch_setup(chunk, ids, *args, x_active_mask=mask, quant_mode=quant, **kw)
+            keep(out[2])
+            return out
+
+        def dispatch_teardown(inputs):
+            ids, _ = get(inputs, "route")
+            y, expand_idx, cmd = get(inputs, "dispatch_setup")
+            # expand_idx rides along: a comm_wait is the only consumer of its comm_issue.
+            return (*ops.dispatch_teardown(chunk, y, ids, cmd, *args, quant_mode=quant, **kw), expand_idx)
+
+        def experts(inputs):
+            expand_x, scales, _, nums, _ = get(inputs, "dispatch_teardown")
+            return layer.moe_experts(expand_x, scales, nums)
+
+        def combine_setup(inputs):
+            ids, _ = get(inputs, "route")
+            result = ops.combine_setup(get(inputs, "experts"), ids, get(inputs, "dispatch_teardown")[2], *args, **kw)
+            keep(result[1])
+            return result
+
+        def shared(inputs):
+            return layer.moe_shared(chunk)
+
+        def combine_teardown(inputs):
+            ids, w = get(inputs, "route")
+            expand_idx = get(inputs, "dispatch_teardown")[4]
+            qx, cmd = get(inputs, "combine_setup")
+            return ops.combine_teardown(get(inputs, "experts"), qx, ids, expand_idx, w, cmd, *args, x_active_mask=mask,
+                                        shared_expert_x=get(inputs, "shared"), **kw)
+
+        return dict(route=route, dispatch_setup=dispatch_setup, dispatch_teardown=dispatch_teardown,
+                    experts=experts, combine_setup=combine_setup, shared=shared, combine_teardown=combine_teardown)
+
+    def keep(comm_cmd_info: Tensor) -> None:
+        t = ops.transfer_of(comm_cmd_info)
+        if t is not None:
+            transfers.append(t)
+
+    per_microbatch = [fns(i) for i in range(count)]
+    for priority, (stage, i) in enumerate(strategy.order(count)):
+        after = [node[d, i] for d in DEPENDS[stage]]
+        if stage.endswith("_setup") and i >= budget:  # the in-flight budget
+            after.append(node[stage.replace("setup", "teardown"), i - budget])
+        g.add(node[stage, i], _in_caller_context(per_microbatch[i][stage], f"mb{i}.l{layer_index}"), after=after,
+              kind=KIND.get(stage, "compute"), priority=priority)
+    return g, [node["combine_teardown", i] for i in range(count)], transfers

@@ -1,0 +1,115 @@
+"""The one splitting rule and the one in-flight budget of every executor.
+
+Owns: how a batch is cut into microbatches (count and padded size, the same on every rank), the
+agreement on the group's largest batch that the rule starts from (one small all-reduce), the
+padding of a rank's rows to the agreed size, and how many exchanges of one kind may be in flight.
+The planned executor, the fibers, the serial forward and the transformers integration all ask here;
+nothing else decides these numbers. Never runs an op.
+
+The rule, from the group's largest batch T (tokens on the rank that has most)::
+
+    count = max(ceil(T / 512), min(microbatches, T // min_tokens), 1)     (T // 0 counts as T)
+    size  = ceil(T / count)                                               (rows per microbatch)
+
+No call ever carries more than 512 tokens (the ops' BS limit). A batch with fewer than `min_tokens`
+tokens per microbatch is not split further: below that, an exchange's fixed cost outweighs what
+overlap can hide. Every rank pads its rows to `count · size` (padding rows are inactive, or zeros
+for a module that takes no mask), so every rank makes the same calls in the same order, even a
+rank with no tokens at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..errors import CommError
+from ..ops import transport
+
+MAX_TOKENS_PER_CALL = 512  # the ops' BS limit
+DEFAULT_MICROBATCHES = 2
+DEFAULT_MIN_TOKENS = 32
+
+
+def check_microbatches(microbatches: object, min_tokens: object) -> None:
+    """`microbatches` an int >= 1 and `min_tokens` an int >= 0, else ValueError."""
+    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+        raise ValueError(f"microbatches must be an int >= 1, got {microbatches!r}")
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise ValueError(f"min_tokens must be an int >= 0, got {min_tokens!r}")
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a batch whose largest rank holds `total` tokens is cut: `count` microbatches of `size`
+    rows (padded) on every rank. `count == 0` when no rank has a token (nothing to exchange)."""
+
+    total: int
+    count: int
+    size: int
+
+    def rows(self, i: int) -> slice:
+        """The rows of microbatch `i` in a rank's batch padded to `count · size`."""
+        return slice(i * self.size, (i + 1) * self.size)
+
+    def chunk(self, x: Tensor, i: int) -> tuple[Tensor, Tensor]:
+        """Rows of microbatch `i` of x `(T, ...)` zero-padded to `size`, and its `(size,)` bool
+        True-prefix mask of real rows (the ops' `x_active_mask`)."""
+        part = x[self.rows(i)]
+        active = part.shape[0]
+        if active < self.size:
+            part = torch.cat([part, part.new_zeros(self.size - active, *x.shape[1:])])
+        return part.contiguous(), torch.arange(self.size, device=x.device) < active
+
+    def pad(self, x: Tensor) -> Tensor:
+        """x `(T, ...)` with zero rows appended up to `count · size` rows."""
+        missing = self.count * self.size - x.shape[0]
+        return torch.cat([x, x.new_zeros(missing, *x.shape[1:])]) if missing > 0 else x
+
+
+def split(total: int, microbatches: int = DEFAULT_MICROBATCHES, min_tokens: int = DEFAULT_MIN_TOKENS) -> Split:
+    """The rule of the module docstring for a group whose largest batch is `total` tokens."""
+    if total < 0:
+        raise ValueError(f"total must be >= 0 tokens, got {total}")
+    check_microbatches(microbatches, min_tokens)
+    if total == 0:
+        return Split(0, 0, 0)
+    by_size = min(microbatches, total // min_tokens) if min_tokens > 0 else microbatches
+    count = max(math.ceil(total / MAX_TOKENS_PER_CALL), by_size, 1)
+    return Split(total, count, math.ceil(total / count))
+
+
+def largest_batch(num_tokens: int, group: dist.ProcessGroup | None) -> int:
+    """The largest `num_tokens` of the group's ranks: one small all-reduce, which every rank of the
+    group must enter (so call it only where no exchange of the group is in flight).
+
+    Raises:
+        CommError: the all-reduce failed (the group is broken: a peer died or timed out).
+    """
+    t = torch.tensor([num_tokens], dtype=torch.int64)
+    backend = dist.get_backend(group)
+    if backend == "nccl":  # NCCL reduces device tensors only
+        t = t.cuda()
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    except Exception as exc:  # the backend's own error type differs per backend and version
+        name = getattr(group, "group_name", "WORLD")
+        raise CommError(f"agreeing on the largest batch over group {name!r} failed: {exc}; the group is unusable "
+                        f"(see the README's 'When something fails')") from exc
+    return int(t.item())
+
+
+def agree(num_tokens: int, group: dist.ProcessGroup | None, microbatches: int, min_tokens: int) -> Split:
+    """`split` of the group's largest batch (one all-reduce)."""
+    check_microbatches(microbatches, min_tokens)
+    return split(largest_batch(num_tokens, group), microbatches, min_tokens)
+
+
+def in_flight_budget() -> int:
+    """Exchanges of one kind (dispatch, combine) that may be in flight per group: the transport's
+    `max_in_flight` (2, the double buffer, unless `ops.configure` changed it)."""
+    return transport.max_in_flight()
