@@ -65,7 +65,7 @@ def rank_main(tokens: int, ratios: list[float], microbatches: list[int], reps: i
             fns = [lambda: layer(x)]
             scheds: dict[int, object] = {}
 
-            def make(m: int):
+            def make(m: int, scheds: dict = scheds):
                 def run() -> None:
                     with overlap.scheduler(microbatches=m, min_tokens=0) as s:
                         layer(x)

@@ -111,7 +111,7 @@ def main() -> None:
         t_host, t_worker = [], []
         for _ in range(args.repeats):  # alternated, so that a change in load hits both alike
             t_host.append(best_of(1, plan.run))
-            t_worker.append(best_of(1, lambda: plan.run(given)))
+            t_worker.append(best_of(1, lambda plan=plan, given=given: plan.run(given)))
         rows.append((f"{label}, host", count, len(plan.events), t_direct, min(t_host), t_plan))
         rows.append((f"{label}, worker", count, len(plan.events), t_direct, min(t_worker), t_plan))
     sim_plan = chain(n, False).plan()

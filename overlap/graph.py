@@ -319,7 +319,7 @@ def validate(graph: Graph | nx.DiGraph) -> nx.DiGraph:
 def assign_streams(g: nx.DiGraph) -> nx.DiGraph:
     """Return a frozen copy with a ``stream`` attribute on every node (see `STREAM_OF_KIND`)."""
     g = g.copy()
-    for node, attrs in g.nodes(data=True):
+    for _node, attrs in g.nodes(data=True):
         attrs["stream"] = STREAM_OF_KIND[attrs["kind"]]
     return nx.freeze(g)
 
