@@ -10,6 +10,9 @@ over tokens or experts. Each function states the shapes and dtypes it takes and 
 - `permute`: gather rows into send order and scatter them back.
 - `quant`: per-row dynamic int8 quantisation and dequantisation (round half to even).
 - `combine`: the weighted sum back per token, in k order, in fp32, then one cast.
+- `backend`: which implementation runs: these torch references (CPU, and anywhere triton is
+  missing) or their Triton twins in `triton_kernels` (CUDA tensors; see docs/kernels.md).
+- `cpu_combine`: the combine fused by `torch.compile` for large CPU calls (bit-equal).
 
 Shipped as `overlap.kernels` (the folder sits at the repository root; see DESIGN.md).
 """
@@ -23,13 +26,14 @@ from .layout import (
     assist_info_from_counts,
     block_transpose_index,
     combine_positions,
+    count_values,
     counts_from_assist_info,
     dispatch_layout,
     expand_idx_from_ids,
     expert_token_nums_from_counts,
 )
 from .permute import gather_rows, scatter_rows
-from .quant import dequantize_rows, pack_quantized, quantize_rows, unpack_quantized
+from .quant import dequantize_rows, pack_quantized, quantize_packed, quantize_rows, unpack_quantized
 
 __all__ = [
     "DispatchLayout",
@@ -37,6 +41,7 @@ __all__ = [
     "assist_info_from_counts",
     "block_transpose_index",
     "combine_positions",
+    "count_values",
     "counts_from_assist_info",
     "dequantize_rows",
     "dispatch_layout",
@@ -44,6 +49,7 @@ __all__ = [
     "expert_token_nums_from_counts",
     "gather_rows",
     "pack_quantized",
+    "quantize_packed",
     "quantize_rows",
     "scatter_rows",
     "unpack_quantized",

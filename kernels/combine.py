@@ -5,12 +5,18 @@
 ascending, then `extra`), then one round-half-to-even cast. The fixed order makes the result
 bit-reproducible against any reference that sums the same way. The loops run over K (≤ 16), the
 shared experts (≤ 4) and cache-sized blocks of tokens, never over single tokens.
+
+This eager function is the reference. Large CPU calls run the same expression fused and compiled
+(`cpu_combine`); CUDA tensors run the Triton kernel (`triton_kernels`); both are bit-equal to it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from . import cpu_combine
+from .backend import device_kernels
 
 CACHE_ELEMENTS = 1 << 19  # fp32 temporaries per block of tokens: 2 MiB, about one core's L2
 
@@ -37,10 +43,20 @@ def weighted_combine(
     Returns:
         `out`.
     """
+    device = device_kernels(out)
+    if device is not None:
+        return device.weighted_combine(rows, positions, weights, shared_positions=shared_positions, extra=extra,
+                                       out=out)
+    if out.device.type == "cpu" and cpu_combine.is_worth_it(out, positions, shared_positions) and \
+            cpu_combine.weighted_combine(rows, positions, weights, shared_positions=shared_positions, extra=extra,
+                                         out=out):
+        return out  # the same sum, fused and compiled (cpu_combine)
     num_tokens, hidden = out.shape
     top_k = positions.shape[1]
     num_shared = 0 if shared_positions is None else shared_positions.shape[0]
-    index = positions if shared_positions is None else torch.cat([positions, shared_positions.t().to(positions.dtype)], 1)
+    index = positions
+    if shared_positions is not None:
+        index = torch.cat([positions, shared_positions.t().to(positions.dtype)], 1)
     # Blocks of tokens whose fp32 temporaries (about CACHE_ELEMENTS floats) stay in cache: one pass
     # over memory per input row instead of one per temporary. The loop runs over blocks, not tokens.
     block = max(1, min(num_tokens, CACHE_ELEMENTS // ((top_k + num_shared + 1) * hidden)))

@@ -26,10 +26,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .backend import device_kernels
+
 
 def align(value: int, multiple: int) -> int:
     """`AlignN(v) = ceil(v / N) · N`."""
     return -(-value // multiple) * multiple
+
+
+def count_values(values: Tensor, length: int) -> Tensor:
+    """`torch.bincount(values, minlength=length)` without its host read (CUDA's bincount syncs).
+
+    Args:
+        values: `(N,)` int64 in `[0, length)`.
+        length: number of bins.
+
+    Returns:
+        `(length,)` int64.
+    """
+    return torch.zeros(length, dtype=torch.int64, device=values.device).index_add_(
+        0, values, torch.ones_like(values))
 
 
 def expand_idx_from_ids(expert_ids: Tensor, num_experts: int) -> Tensor:
@@ -44,7 +60,7 @@ def expand_idx_from_ids(expert_ids: Tensor, num_experts: int) -> Tensor:
     """
     flat = expert_ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = count_values(flat, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     slot_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
     expand_idx = torch.empty_like(flat)
@@ -97,8 +113,15 @@ def dispatch_layout(
             as in the ops (validated there).
 
     Returns:
-        The `DispatchLayout`.
+        The `DispatchLayout`. Its lengths follow from `num_active` and the shapes alone, so
+        `num_rows` never reads the device.
     """
+    kernels = device_kernels(expert_ids)
+    if kernels is not None:
+        return kernels.dispatch_layout(expert_ids, num_active=num_active, ep_world_size=ep_world_size,
+                                       ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num,
+                                       shared_expert_num=shared_expert_num,
+                                       shared_expert_rank_num=shared_expert_rank_num)
     device = expert_ids.device
     num_tokens, top_k = expert_ids.shape
     num_moe_ranks = ep_world_size - shared_expert_rank_num
@@ -110,7 +133,7 @@ def dispatch_layout(
     order = torch.argsort(active_ids, stable=True)
     routed_token = torch.div(order, top_k, rounding_mode="floor")
     routed_expert = active_ids[order]
-    expert_counts = torch.bincount(active_ids, minlength=moe_expert_num)
+    expert_counts = count_values(active_ids, moe_expert_num)
 
     send_counts = torch.zeros(ep_world_size, max_local, dtype=torch.int64, device=device)
     send_counts[shared_expert_rank_num:] = expert_counts.view(num_moe_ranks, experts_per_rank)
@@ -139,7 +162,7 @@ def dispatch_layout(
     )
 
 
-def block_transpose_index(counts: Tensor) -> Tensor:
+def block_transpose_index(counts: Tensor, *, num_rows: int | None = None) -> Tensor:
     """Gather index that re-blocks rows from (p, q) block order to (q, p) block order.
 
     Rows arrive as blocks `(0,0) (0,1) … (0,Q-1) (1,0) …` of `counts[p, q]` rows each; `rows[idx]`
@@ -147,6 +170,8 @@ def block_transpose_index(counts: Tensor) -> Tensor:
 
     Args:
         counts: `(P, Q)` non-negative integer block sizes.
+        num_rows: `counts.sum()` when the caller knows it; then nothing reads the device (without
+            it, the output length is read from `counts`, a host sync on CUDA).
 
     Returns:
         `(counts.sum(),)` int64 index into the (p, q)-ordered rows.
@@ -156,7 +181,8 @@ def block_transpose_index(counts: Tensor) -> Tensor:
     in_start = (torch.cumsum(flat, 0) - flat).view_as(counts)
     out_counts = counts.t().reshape(-1)
     out_start = torch.cumsum(out_counts, 0) - out_counts
-    block = torch.repeat_interleave(torch.arange(out_counts.numel(), device=counts.device), out_counts)
+    block = torch.repeat_interleave(torch.arange(out_counts.numel(), device=counts.device), out_counts,
+                                    output_size=num_rows)
     within = torch.arange(block.numel(), device=counts.device) - out_start[block]
     return in_start.t().reshape(-1)[block] + within
 
@@ -213,7 +239,7 @@ def combine_positions(
     """
     top_k = expert_ids.shape[1]
     ids = expert_ids[:num_active].long()
-    counts = torch.bincount(ids.reshape(-1), minlength=moe_expert_num)
+    counts = count_values(ids.reshape(-1), moe_expert_num)
     offsets = torch.cumsum(counts, 0) - counts
     slots = expand_idx[: num_active * top_k].long().view(num_active, top_k)
     return num_shared_rows + offsets[ids] + slots

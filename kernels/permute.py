@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .backend import device_kernels
+
 
 def gather_rows(src: Tensor, index: Tensor, out: Tensor | None = None) -> Tensor:
     """`out[i] = src[index[i]]`.
@@ -23,6 +25,9 @@ def gather_rows(src: Tensor, index: Tensor, out: Tensor | None = None) -> Tensor
     Returns:
         `(M, H)`, `out` when given.
     """
+    device = device_kernels(src)
+    if device is not None:
+        return device.gather_rows(src, index, out)
     if out is None:
         return src.index_select(0, index)
     if out.is_contiguous():
@@ -42,6 +47,9 @@ def scatter_rows(src: Tensor, index: Tensor, out: Tensor) -> Tensor:
     Returns:
         `out`.
     """
+    device = device_kernels(src)
+    if device is not None:
+        return device.scatter_rows(src, index, out)
     if index.numel() == out.shape[0] and out.is_contiguous():
         # A full permutation: gather through its inverse (contiguous writes, as fast as a copy).
         inverse = torch.empty_like(index)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .backend import device_kernels
 from .layout import align
 
 
@@ -26,6 +27,9 @@ def quantize_rows(rows: Tensor, smooth: Tensor | None = None) -> tuple[Tensor, T
     Returns:
         `q`: `(N, H)` int8; `scale`: `(N,)` fp32 with `rows ≈ q · scale[:, None]`.
     """
+    device = device_kernels(rows)
+    if device is not None:
+        return device.quantize_rows(rows, smooth)
     xf = rows.float()
     if smooth is not None:
         xf = xf * smooth
@@ -61,6 +65,41 @@ def pack_quantized(q: Tensor, scale: Tensor, out: Tensor) -> Tensor:
     out[:, :hidden] = q
     out[:, at : at + 4] = scale.contiguous().view(torch.int8).view(-1, 4)
     return out
+
+
+def quantize_packed(
+    x: Tensor,
+    index: Tensor | None,
+    out: Tensor,
+    *,
+    scales: Tensor | None = None,
+    scale_rows: Tensor | None = None,
+) -> Tensor:
+    """Gather, smooth, quantise and pack rows into staging rows: dispatch's quant_mode 2 in one call.
+
+    `out[i]` receives `pack(quantize_rows(x[index[i]], scales[scale_rows[i]]))`. On CUDA this is one
+    kernel that reads each source row once; here it is the composition of the functions above.
+
+    Args:
+        x: `(BS, H)` fp16/bf16 tokens.
+        index: `(N,)` int64 row of `x` for each staging row, or `None` for `x`'s rows in order.
+        out: `(N, quantized_row_bytes(H))` int8, written in place (bytes between the values and
+            the scale, and after the scale, are left as they are).
+        scales: optional `(R, H)` fp32 smoothing factors.
+        scale_rows: `(N,)` int64 row of `scales` for each staging row (required with `scales`).
+
+    Returns:
+        `out`.
+    """
+    if scales is not None and scale_rows is None:
+        raise ValueError("scale_rows must be given with scales: the row of scales each staging row uses, got None")
+    device = device_kernels(x)
+    if device is not None:
+        return device.quantize_packed(x, index, out, scales=scales, scale_rows=scale_rows)
+    rows = x if index is None else x.index_select(0, index)
+    smooth = None if scales is None or scale_rows is None else scales.index_select(0, scale_rows)
+    q, scale = quantize_rows(rows, smooth)
+    return pack_quantized(q, scale, out)
 
 
 def unpack_quantized(rows: Tensor, hidden: int) -> tuple[Tensor, Tensor]:

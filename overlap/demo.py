@@ -1,196 +1,484 @@
-"""The main job and the benchmark: the reference MoE layer serial vs overlapped on local ranks.
+"""The main job and the benchmark: the reference MoE layer serial vs overlapped on expert-parallel ranks.
 
-Owns what `python -m overlap demo` and `python -m overlap bench` run on each rank; start-up is
-`overlap.launch`, the command line `overlap.__main__`. Never used by the library itself.
+Owns what `python -m overlap demo` and `python -m overlap bench` run on each rank, the checks of
+their arguments (done before any rank starts), the emulated link's calibration, the table and its
+legend, and the progress lines. Start-up is `overlap.launch`, the command line `overlap.__main__`.
+Never used by the library itself; uses only the public API (`overlap.MoELayer`, `overlap.scheduler`,
+`overlap.pipeline.serial_forward`, `overlap.ops.configure`, `overlap.numerics.compare`).
 
-The emulated link is "scaled to the problem": its bandwidth is chosen so that one dispatch of a
-microbatch takes `LINK_SHARE` of the time the shared experts need for that microbatch — the
-regime the split ops are built for (communication comparable to, and hideable behind, compute),
-on whatever speed this machine's cores have. All ranks agree on the figure (one all-reduce).
+**One run, one way of combining ranks.** Every case runs `reps` repetitions of the serial forward
+and of the overlapped forward, alternated, each timed on every rank after a barrier. A
+repetition's time is its slowest rank's; the table shows the median and the range (min–max). Both
+runs execute inside a recording `overlap.scheduler` context, so the same bookkeeping costs both:
+
+* the *serial run*: `overlap.pipeline.serial_forward(layer, x)`, every op waited for; its compute
+  busy time and its link busy time are the table's `compute` and `comm` (median repetition, the
+  rank with the most);
+* the *overlapped run*: `layer(x)` pipelined over `m` microbatches; `hidden` is the share of its
+  link time spent under compute (its median repetition, the rank that hid least). The timeline
+  picture shows exactly that rank and repetition.
+
+**The emulated link.** Either `link_gbps`/`latency_us` as given, or scaled to the problem: the
+bandwidth is chosen (two calibration runs) so that one serial layer's link time is `comm_ratio`
+times its compute. Then the best an overlapped run can do is `ideal = (compute + comm) /
+max(compute, comm)` times faster.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 
 from . import ops
+from .launch import rank_device
 from .moe import MoELayer
-from .pipeline import scheduler
+from .numerics import compare
+from .ops.params import MAX_EXPERTS, MAX_HIDDEN, MAX_SHARED_EXPERTS, MAX_TOP_K, MAX_WORLD_SIZE, MIN_HIDDEN
+from .pipeline import scheduler, serial_forward
+from .timeline import Timeline
 
-LINK_SHARE = 0.6
-LATENCY_S = 20e-6
+DEFAULT_COMM_RATIO = 1.0
+DEFAULT_LATENCY_US = 20.0
+MAX_TOKENS = 8192  # per rank: 16 calls of the ops' 512 rows
+MAX_MICROBATCHES = 64
+MAX_REPS = 1000
+DEVICES = ("cpu", "cuda")
+TRANSPORTS = ("gloo", "emulated")
+
+
+# --------------------------------------------------------------------------------------------
+# What to run, checked before any rank starts
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Shape:
-    tokens: int = 256  # per rank
+    """One MoE layer and batch: `tokens` per rank, hidden H, routed experts E, top-K, expert
+    intermediate size I, shared experts S, dispatch quantisation (0 none, 2 dynamic int8)."""
+
+    tokens: int = 256
     hidden: int = 1024
     experts: int = 8
     top_k: int = 2
     intermediate: int = 1024
     shared: int = 1
+    quant: int = 0
 
     def __str__(self) -> str:
-        return f"T{self.tokens} H{self.hidden} E{self.experts} K{self.top_k} I{self.intermediate} S{self.shared}"
+        quant = " int8" if self.quant == 2 else ""
+        return (f"T{self.tokens} H{self.hidden} E{self.experts} K{self.top_k} I{self.intermediate} "
+                f"S{self.shared}{quant}")
 
 
-def _progress(message: str) -> None:
-    if dist.get_rank() == 0:
-        print(f"[overlap] {message}", file=sys.stderr, flush=True)
+@dataclass(frozen=True)
+class Link:
+    """How exchanges travel: `transport` "gloo" (as fast as gloo moves them) or "emulated" (gloo
+    moves the data, completion follows a modelled link: `gbps` GB/s and `latency_us`, or, with
+    `gbps` None, a bandwidth scaled so that comm = `comm_ratio` × compute in the serial run)."""
+
+    transport: str = "emulated"
+    comm_ratio: float | None = DEFAULT_COMM_RATIO
+    gbps: float | None = None
+    latency_us: float = DEFAULT_LATENCY_US
+
+    def __str__(self) -> str:
+        if self.transport == "gloo":
+            return "gloo (no link model)"
+        if self.gbps is not None:
+            return f"emulated link {self.gbps:g} GB/s, {self.latency_us:g} us latency"
+        return f"emulated link scaled to comm = {self.comm_ratio:g} x compute, {self.latency_us:g} us latency"
 
 
-def _calibrate_link(layer: MoELayer, x: torch.Tensor, microbatches: int) -> ops.EmulatedLink:
-    """A link on which one microbatch's dispatch takes LINK_SHARE of its shared-expert compute."""
-    mb = x[: max(x.shape[0] // microbatches, 1)]
-    layer.moe_shared(mb)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        layer.moe_shared(mb) if layer.shared else layer.moe_experts(mb, torch.zeros(mb.shape[0]),
-                                                                    torch.tensor([mb.shape[0]]))
-    t = torch.tensor([(time.perf_counter() - t0) / 3])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    nbytes = mb.shape[0] * layer.top_k * x.shape[1] * x.element_size()
-    return ops.EmulatedLink(latency_s=LATENCY_S, bandwidth_bytes_per_s=nbytes / (LINK_SHARE * float(t)))
+def _in(flag: str, value: float, low: float, high: float, *, open_low: bool = False) -> None:
+    ok = (low < value if open_low else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        hi = "inf" if math.isinf(high) else f"{high:g}"
+        raise ValueError(f"{flag} must be in {bracket}{low:g}, {hi}], got {value:g}")
 
 
-def _timed_pair(first, second, reps: int) -> tuple[float, object, float, object]:
-    """Median wall time (max over ranks) of two callables, alternated rep by rep so that a change
-    in machine load hits both alike."""
-    times: tuple[list[float], list[float]] = ([], [])
-    outs: list[object] = [None, None]
-    for _ in range(reps):
-        for i, fn in enumerate((first, second)):
-            dist.barrier()
-            t0 = time.perf_counter()
-            outs[i] = fn()
-            times[i].append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(times[0]), statistics.median(times[1])])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t[0]), outs[0], float(t[1]), outs[1]
+def check_args(shape: Shape, ranks: int, microbatches: list[int], link: Link, reps: int, device: str) -> None:
+    """Every command-line value in range, before any rank starts.
+
+    Raises:
+        ValueError: names the flag, its allowed range and the value given (one line).
+    """
+    _in("--ranks", ranks, 2, MAX_WORLD_SIZE)
+    _in("--tokens", shape.tokens, 1, MAX_TOKENS)
+    _in("--hidden", shape.hidden, MIN_HIDDEN, MAX_HIDDEN)
+    _in("--experts", shape.experts, 0, MAX_EXPERTS, open_low=True)
+    if shape.experts % ranks:
+        raise ValueError(f"--experts must be divisible by the number of ranks ({ranks}), got {shape.experts}")
+    _in("--top-k", shape.top_k, 0, min(MAX_TOP_K, shape.experts), open_low=True)
+    _in("--intermediate", shape.intermediate, 1, 65536)
+    _in("--shared", shape.shared, 0, MAX_SHARED_EXPERTS)
+    if shape.quant not in (0, 2):
+        raise ValueError(f"--quant must be 0 (none) or 2 (dynamic int8), got {shape.quant}")
+    for m in microbatches:
+        _in("--microbatches", m, 1, MAX_MICROBATCHES)
+    _in("--reps", reps, 1, MAX_REPS)
+    if device not in DEVICES:
+        raise ValueError(f"--device must be one of {DEVICES}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device must be cpu on this host: cuda was asked for but torch sees no CUDA device")
+    if link.transport not in TRANSPORTS:
+        raise ValueError(f"--transport must be one of {TRANSPORTS}, got {link.transport!r}")
+    if link.gbps is not None:
+        _in("--link-gbps", link.gbps, 0, math.inf, open_low=True)
+    if link.comm_ratio is not None:
+        _in("--comm-ratio", link.comm_ratio, 0, 100, open_low=True)
+    _in("--latency-us", link.latency_us, 0, 1e6)
+    if link.transport == "gloo" and link.gbps is not None:
+        raise ValueError("--link-gbps needs --transport emulated, got --transport gloo")
 
 
-def measure(shape: Shape, microbatches: int, transport: str, reps: int = 3, quant_mode: int = 0) -> dict:
-    """Serial vs overlapped forward of the reference layer on this rank's group; per-case figures."""
-    rank = dist.get_rank()
-    layer = MoELayer(shape.hidden, shape.experts, shape.top_k, shape.intermediate,
-                     num_shared_experts=shape.shared, quant_mode=quant_mode, seed=1)
+# --------------------------------------------------------------------------------------------
+# Progress (rank 0, stderr): a bar on a terminal, plain lines otherwise
+# --------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """Progress of the slow steps on stderr, from rank 0 only: a tqdm bar when stderr is a
+    terminal, one line per step otherwise. Every bar is closed before results are printed."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and (not dist.is_initialized() or dist.get_rank() == 0)
+        self.tty = self.enabled and sys.stderr.isatty()
+
+    @contextlib.contextmanager
+    def step(self, desc: str, total: int | None = None) -> Iterator[Callable[[], None]]:
+        """Show `desc` while the block runs; the yielded callable advances a bar of `total`."""
+        if not self.enabled:
+            yield lambda: None
+            return
+        start = time.perf_counter()
+        if self.tty:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=f"[overlap] {desc}", file=sys.stderr, leave=False, dynamic_ncols=True)
+            try:
+                yield lambda: bar.update(1)
+            finally:
+                bar.close()
+            return
+        print(f"[overlap] {desc} ...", file=sys.stderr, flush=True)
+        yield lambda: None
+        print(f"[overlap] {desc}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# One case on every rank
+# --------------------------------------------------------------------------------------------
+
+
+def _device_and_group(device: str) -> tuple[torch.device, dist.ProcessGroup]:
+    """This rank's device and the EP group for it: rank r uses cuda:(r % G) (LOCAL_RANK % G under
+    torchrun); the group is NCCL when every rank of this host has its own GPU, else gloo (cpu, or
+    ranks sharing a GPU, whose exchanges are staged through pinned host buffers) — a new group where
+    the default group's backend differs."""
+    dev = rank_device(device, int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    backend = ops.staging.backend_for(dev, local_world)
+    group = dist.group.WORLD if dist.get_backend() == backend else dist.new_group(backend=backend)
+    return dev, group
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _max(values: list[float], group: dist.ProcessGroup, op: dist.ReduceOp.RedOpType = dist.ReduceOp.MAX,
+         dev: torch.device | None = None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=op, group=group)
+    return t.tolist()
+
+
+def _calibrate(layer: MoELayer, x: torch.Tensor, link: Link, group: dist.ProcessGroup, dev: torch.device,
+               serial: Callable[[], tuple[torch.Tensor, object]], compute_s: float) -> ops.EmulatedLink | None:
+    """The link to time on. With a comm ratio R: start from the bytes one layer moves (T·K rows
+    of H each way), then twice rescale the bandwidth from a serial run's measured link time M and
+    compute C, so that M = R·C (latency stays as given)."""
+    if link.transport == "gloo":
+        return None
+    latency = link.latency_us * 1e-6
+    if link.gbps is not None:
+        return ops.EmulatedLink(latency_s=latency, bandwidth_bytes_per_s=link.gbps * 1e9)
+    ratio = float(link.comm_ratio or DEFAULT_COMM_RATIO)
+    nbytes = 2 * x.shape[0] * layer.top_k * x.shape[1] * x.element_size()
+    bandwidth = nbytes / max(ratio * compute_s - 2 * latency, 1e-6)
+    for _ in range(2):
+        candidate = ops.EmulatedLink(latency_s=latency, bandwidth_bytes_per_s=bandwidth)
+        ops.configure(link=candidate)
+        try:
+            _, s = serial()
+        finally:
+            ops.configure(link=None)
+        rep = s.report()
+        exchanges = sum(1 for iv in s.timeline.intervals if iv.kind == "comm")
+        comm, compute, exchanges = _max([rep.comm_busy, rep.compute_busy, float(exchanges)], group, dev=dev)
+        fixed = exchanges * latency
+        want = ratio * compute - fixed
+        if want <= 0:
+            raise ValueError(f"--comm-ratio {ratio:g} is too small for --latency-us {link.latency_us:g}: "
+                             f"{int(exchanges)} exchanges take {fixed * 1e3:.2f} ms of latency alone, against "
+                             f"{ratio * compute * 1e3:.2f} ms wanted")
+        bandwidth *= max(comm - fixed, 1e-9) / want
+    return ops.EmulatedLink(latency_s=latency, bandwidth_bytes_per_s=bandwidth)
+
+
+def _microbatches_ran(sched: object) -> int:
+    """How many microbatches the overlapped run's plan used (the scheduler may use fewer than asked)."""
+    nodes = [n for n in sched.plan.nodes if n.op == "dispatch_setup"]  # type: ignore[attr-defined]
+    return len(nodes)
+
+
+def _verdict(serial: list[float], overlapped: list[float]) -> str:
+    if len(serial) < 2:
+        return "1 rep: no spread"
+    if max(overlapped) < min(serial):
+        return "faster"
+    if min(overlapped) > max(serial):
+        return "slower"
+    return "within noise"
+
+
+def _median_index(values: list[float]) -> int:
+    """Index of the median value (the lower one of the middle two for an even count)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    return order[(len(values) - 1) // 2]
+
+
+def measure(shape: Shape, microbatches: int, link: Link, reps: int, device: str = "cpu",
+            progress: Progress | None = None, keep: bool = False) -> dict:
+    """Serial vs overlapped forward of the reference layer on this rank's group: one table row.
+
+    Returns (every rank gets the same figures): the row of the module docstring's JSON, plus with
+    `keep` the overlapped scheduler of the median repetition (`"_sched"`) and the pictured
+    timeline (`"_timeline"`, that of the rank that hid least) on rank 0.
+    """
+    progress = progress or Progress(False)
+    dev, group = _device_and_group(device)
+    rank = dist.get_rank(group)
+    with progress.step(f"building the layer {shape}"):
+        layer = MoELayer(shape.hidden, shape.experts, shape.top_k, shape.intermediate, group=group,
+                         num_shared_experts=shape.shared, quant_mode=shape.quant, seed=1).to(dev)
     g = torch.Generator().manual_seed(100 + rank)
-    x = torch.randn(shape.tokens, shape.hidden, generator=g).to(torch.bfloat16)
-    ops.configure(link=None)
-    layer(x)  # warm-up
-    link = _calibrate_link(layer, x, microbatches) if transport == "emulated" else None
-    ops.configure(link=link)
-    try:
-        def overlapped():
-            with scheduler(microbatches=microbatches) as s:
-                return layer(x), s
+    x = torch.randn(shape.tokens, shape.hidden, generator=g).to(torch.bfloat16).to(dev)
 
-        serial_s, serial_out, overlapped_s, (out, sched) = _timed_pair(lambda: layer(x), overlapped, reps)
+    def serial() -> tuple[torch.Tensor, object]:
+        with scheduler(group=group) as s:  # records the op calls; runs them as written
+            out = serial_forward(layer, x)
+        _sync(dev)
+        return out, s
+
+    def overlapped() -> tuple[torch.Tensor, object]:
+        with scheduler(group=group, microbatches=microbatches) as s:
+            out = layer(x)
+        _sync(dev)
+        return out, s
+
+    ops.configure(link=None)
+    with progress.step("warming up (serial and overlapped once, link calibration)"):
+        _, s = serial()
+        overlapped()
+        compute0 = _max([s.report().compute_busy], group, dev=dev)[0]
+        emulated = _calibrate(layer, x, link, group, dev, serial, compute0)
+
+    times: tuple[list[float], list[float]] = ([], [])
+    scheds: tuple[list[object], list[object]] = ([], [])
+    outs: list[torch.Tensor] = [x, x]
+    ops.configure(link=emulated)
+    try:
+        with progress.step(f"timing {reps} reps of serial and overlapped, m={microbatches}", total=2 * reps) as tick:
+            for _ in range(reps):
+                for i, fn in enumerate((serial, overlapped)):
+                    dist.barrier(group)
+                    t0 = time.perf_counter()
+                    outs[i], sched = fn()
+                    times[i].append(time.perf_counter() - t0)
+                    scheds[i].append(sched)
+                    tick()
     finally:
         ops.configure(link=None)
-    report = sched.report()
-    predicted = _predict(sched)
-    figures = torch.tensor([report.compute_busy, report.comm_busy, report.overlap])
-    dist.all_reduce(figures, op=dist.ReduceOp.MAX)
-    compute, comm, hidden = (float(v) for v in figures)
-    same = torch.tensor([float(torch.equal(out, serial_out))])
-    dist.all_reduce(same, op=dist.ReduceOp.MIN)
-    return {
-        "shape": str(shape), "microbatches": microbatches, "transport": transport,
-        "serial_s": serial_s, "overlapped_s": overlapped_s, "lower_bound_s": max(compute, comm),
-        "compute_s": compute, "comm_s": comm, "hidden_fraction": hidden / comm if comm else 0.0,
-        "speedup": serial_s / overlapped_s, "measured_makespan_s": report.makespan,
-        "simulated_makespan_s": predicted, "outputs_equal": bool(same.item()),
-        "link_bandwidth_GBps": None if link is None else link.bandwidth_bytes_per_s / 1e9,
-        "_sched": sched,
+
+    # Combine ranks: a repetition takes as long as its slowest rank.
+    serial_t = _max(times[0], group, dev=dev)
+    over_t = _max(times[1], group, dev=dev)
+    s_rep, o_rep = _median_index(serial_t), _median_index(over_t)
+    s_report = scheds[0][s_rep].report()
+    compute, comm = _max([s_report.compute_busy, s_report.comm_busy], group, dev=dev)
+    o_sched = scheds[1][o_rep]
+    hidden_here = o_sched.report().hidden_fraction
+    hidden = _max([hidden_here], group, op=dist.ReduceOp.MIN, dev=dev)[0]
+
+    with progress.step("checking against the dense fp32 reference"):
+        dense = layer.dense_forward(x, dtype=torch.float32).cpu()
+        worst = [compare(out.cpu(), dense).worst_ulps for out in outs]
+    worst_serial, worst_overlapped = _max(worst, group, dev=dev)
+    tolerance = compare(dense[:0], dense[:0], dtype=torch.bfloat16).max_ulps
+
+    serial_s, overlapped_s = statistics.median(serial_t), statistics.median(over_t)
+    ideal = (compute + comm) / max(compute, comm) if max(compute, comm) > 0 else 1.0
+    row = {
+        "shape": str(shape), **{f"shape_{k}": v for k, v in asdict(shape).items()},
+        "ranks": dist.get_world_size(group), "device": device, "link": str(link),
+        "transport": ops.transport_kind(group.group_name),
+        "microbatches": _microbatches_ran(o_sched), "microbatches_requested": microbatches, "reps": reps,
+        "serial_s": serial_s, "serial_min_s": min(serial_t), "serial_max_s": max(serial_t),
+        "overlapped_s": overlapped_s, "overlapped_min_s": min(over_t), "overlapped_max_s": max(over_t),
+        "compute_s": compute, "comm_s": comm, "comm_ratio": comm / compute if compute > 0 else 0.0,
+        "hidden_fraction": hidden, "speedup": serial_s / overlapped_s, "ideal_speedup": ideal,
+        "verdict": _verdict(serial_t, over_t),
+        "link_bandwidth_GBps": None if emulated is None else emulated.bandwidth_bytes_per_s / 1e9,
+        "link_latency_us": None if emulated is None else emulated.latency_s * 1e6,
+        "worst_ulps_serial": worst_serial, "worst_ulps_overlapped": worst_overlapped, "tolerance_ulps": tolerance,
+        "within_tolerance": max(worst_serial, worst_overlapped) <= tolerance,
     }
+    if keep:
+        # The picture: the median overlapped repetition on the rank that hid least (ties: lowest rank).
+        candidate = torch.tensor([rank if hidden_here <= hidden else dist.get_world_size(group)], device=dev)
+        dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
+        pictured = int(candidate.item())
+        payload = [[(iv.track, iv.name, iv.start, iv.end, iv.kind) for iv in o_sched.timeline.intervals]
+                   if rank == pictured else None]
+        dist.broadcast_object_list(payload, src=dist.get_global_rank(group, pictured), group=group)
+        timeline = Timeline(o_sched.timeline.tracks)
+        for track, name, start, end, kind in payload[0]:
+            timeline.add(track, name, start, end, kind)
+        row.update(_sched=o_sched, _timeline=timeline, pictured_rank=pictured, pictured_rep=o_rep)
+    return row
 
 
-def _predict(sched) -> float:
-    """Makespan the simulator predicts for the last plan, from its measured node and link times.
-
-    A teardown's cost is only what it did after its transfer landed (the wait is the simulator's
-    to model)."""
-    costs, transfers, landed = {}, {}, {}
-    for iv in sched.timeline.intervals:
-        if iv.kind == "comm":  # link interval "dispatch@mb0.l0" belongs to node "dispatch_setup@mb0.l0"
-            op, _, where = iv.name.partition("@")
-            transfers[f"{op}_setup@{where}"] = iv.end - iv.start
-            landed[f"{op}_teardown@{where}"] = iv.end
-    for iv in sched.timeline.intervals:
-        if iv.kind != "comm":
-            costs[iv.name] = iv.end - max(iv.start, landed.get(iv.name, iv.start))
-    nodes = {str(n) for n in sched.plan.nodes}
-    return sched.plan.simulate({k: v for k, v in costs.items() if k in nodes},
-                               transfers={k: v for k, v in transfers.items() if k in nodes}).makespan
-
-
-def demo_rank(microbatches: int, transport: str, out_dir: str, shape: Shape) -> dict:
-    _progress(f"{dist.get_world_size()} ranks up; {shape}; transport {transport}; warming up")
-    result = measure(shape, microbatches, transport)
-    sched = result.pop("_sched")
-    if dist.get_rank() == 0:
+def demo_rank(shape: Shape, microbatches: int, link: Link, reps: int, device: str, out_dir: str) -> dict:
+    """What `python -m overlap demo` runs on each rank: one case, then rank 0 writes the trace and
+    the pictures of the pictured rank's median repetition into `out_dir`."""
+    progress = Progress()
+    if progress.enabled:
+        print(f"[overlap] {dist.get_world_size()} ranks up; {shape}; {link}; device {device}", file=sys.stderr,
+              flush=True)
+    row = measure(shape, microbatches, link, reps, device, progress, keep=True)
+    sched, timeline = row.pop("_sched"), row.pop("_timeline")
+    if dist.get_rank() != 0:
+        return row
+    with progress.step("writing the trace and the pictures"):
         os.makedirs(out_dir, exist_ok=True)
-        _progress("writing trace and pictures")
-        sched.timeline.save_chrome_trace(os.path.join(out_dir, "trace.json"))
         files = ["trace.json"]
+        timeline.save_chrome_trace(os.path.join(out_dir, "trace.json"))
         try:
-            sched.timeline.save_png(os.path.join(out_dir, "timeline.png"),
-                                    title=f"rank 0, {microbatches} microbatches, {transport}")
+            timeline.save_png(os.path.join(out_dir, "timeline.png"), title=picture_title(row))
             sched.plan.save_png(os.path.join(out_dir, "plan.png"))
             files += ["timeline.png", "plan.png"]
         except ImportError as exc:
             print(f"[overlap] pictures skipped: {exc}", file=sys.stderr)
         with open(os.path.join(out_dir, "plan.txt"), "w") as f:
             f.write(sched.plan.to_grid() + "\n")
-        result["report"] = str(sched.report())
-        result["files"] = [os.path.join(out_dir, f) for f in files + ["plan.txt"]]
-        result["grid"] = sched.timeline.to_text()
-    return result
+        files.append("plan.txt")
+    row["files"] = [os.path.join(out_dir, f) for f in files]
+    row["timeline_text"] = timeline.to_text()
+    return row
 
 
-BENCH_SHAPES = (
+def picture_title(row: dict) -> str:
+    """The timeline picture's title: what it shows and the table's figures for it."""
+    return (f"overlapped run, rank {row['pictured_rank']}, median of {row['reps']} reps: {row['microbatches']} "
+            f"microbatches, hidden {row['hidden_fraction'] * 100:.0f} % of comm, measured speedup "
+            f"{row['speedup']:.2f}x ({row['verdict']})")
+
+
+DEFAULT_BENCH_SHAPES = (
     Shape(tokens=256, hidden=1024, experts=8, top_k=2, intermediate=1024, shared=1),
     Shape(tokens=256, hidden=2048, experts=8, top_k=2, intermediate=1024, shared=1),
     Shape(tokens=512, hidden=1024, experts=4, top_k=1, intermediate=2048, shared=1),
 )
 
 
-def bench_rank(transport: str, microbatch_counts: tuple[int, ...], shapes: tuple[Shape, ...],
-               reps: int = 3) -> list[dict]:
+def bench_rank(shapes: tuple[Shape, ...], microbatch_counts: tuple[int, ...], link: Link, reps: int,
+               device: str = "cpu") -> list[dict]:
+    """What `python -m overlap bench` runs on each rank: every (shape, m) case; progress per case."""
     rows = []
-    for shape in shapes:
-        for m in microbatch_counts:
-            _progress(f"bench {shape} m={m}")
-            row = measure(shape, m, transport, reps=reps)
-            row.pop("_sched")
-            rows.append(row)
+    progress = Progress()
+    cases = [(s, m) for s in shapes for m in microbatch_counts]
+    for n, (shape, m) in enumerate(cases, start=1):
+        if progress.enabled:
+            print(f"[overlap] case {n}/{len(cases)}: {shape}, m={m}", file=sys.stderr, flush=True)
+        rows.append(measure(shape, m, link, reps, device, progress))
     return rows
 
 
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def _ms_range(r: dict, key: str) -> str:
+    return f"{r[key + '_s'] * 1e3:.1f} [{r[key + '_min_s'] * 1e3:.1f}-{r[key + '_max_s'] * 1e3:.1f}]"
+
+
 def format_table(rows: list[dict]) -> str:
-    head = f"{'shape':<34} {'m':>2} {'serial ms':>10} {'overlap ms':>10} {'bound ms':>9} {'hidden':>7} {'speedup':>8} {'vs bound':>8} {'sim/meas':>8} equal"
+    """The table (one section per shape) and, once, what every column means."""
+    cols = (("m", 3), ("serial ms [min-max]", 24), ("overlapped ms [min-max]", 24), ("compute ms", 11),
+            ("comm ms", 9), ("ratio", 6), ("hidden", 7), ("speedup", 8), ("ideal", 6), ("verdict", 16),
+            ("vs fp32", 9))
+    head = " ".join(f"{name:>{w}}" if i < len(cols) - 1 else name for i, (name, w) in enumerate(cols))
     lines = [head, "-" * len(head)]
+    shape = None
     for r in rows:
-        lines.append(f"{r['shape']:<34} {r['microbatches']:>2} {r['serial_s'] * 1e3:>10.1f} "
-                     f"{r['overlapped_s'] * 1e3:>10.1f} {r['lower_bound_s'] * 1e3:>9.1f} "
-                     f"{r['hidden_fraction'] * 100:>6.1f}% {r['speedup']:>7.2f}x "
-                     f"{r['overlapped_s'] / r['lower_bound_s']:>7.2f}x "
-                     f"{r['simulated_makespan_s'] / r['measured_makespan_s']:>8.2f} {r['outputs_equal']}")
+        if r["shape"] != shape:
+            shape = r["shape"]
+            lines.append(f"{shape}  ({r['ranks']} ranks, {r['device']}, {r['link']})")
+        check = f"{max(r['worst_ulps_serial'], r['worst_ulps_overlapped']):.1f} ulp"
+        speedup = f"{r['speedup']:.2f}x" if r["verdict"] in ("faster", "slower") else f"({r['speedup']:.2f}x)"
+        cells = (str(r["microbatches"]), _ms_range(r, "serial"), _ms_range(r, "overlapped"),
+                 f"{r['compute_s'] * 1e3:.1f}", f"{r['comm_s'] * 1e3:.1f}", f"{r['comm_ratio']:.2f}",
+                 f"{r['hidden_fraction'] * 100:.0f}%",
+                 speedup, f"{r['ideal_speedup']:.2f}x", r["verdict"], check)
+        lines.append(" ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, cols)))
+    reps = sorted({r["reps"] for r in rows})
+    asked = {r["microbatches_requested"] for r in rows if r["microbatches_requested"] != r["microbatches"]}
+    lines += [
+        "",
+        f"m: microbatches that ran{' (fewer than asked: at least 32 tokens each)' if asked else ''}.",
+        f"serial, overlapped: wall time of one layer forward, median of {'/'.join(map(str, reps))} reps "
+        "[min-max], each rep timed on its slowest rank.",
+        "compute, comm: the serial run's compute and link busy time (its median rep, the rank with the most); "
+        "ratio: comm / compute.",
+        "  (With --comm-ratio the link is scaled in calibration runs before timing; on a busy machine the "
+        "timed ratio differs.)",
+        "hidden: share of the overlapped run's link time spent under compute (its median rep, the rank that hid "
+        "least).",
+        "speedup: serial / overlapped (medians), in parentheses when the min-max ranges overlap; ideal: "
+        "(compute + comm) / max(compute, comm).",
+        "verdict: faster/slower when the serial and overlapped ranges do not overlap, else within noise.",
+        f"vs fp32: worst difference of either run from the dense fp32 reference, in bf16 ulps of each row's "
+        f"largest value (tolerance {rows[0]['tolerance_ulps']:g})." if rows else "",
+    ]
     return "\n".join(lines)
+
+
+def public_rows(rows: list[dict]) -> list[dict]:
+    """The rows without the fields that only the demo's pictures use."""
+    return [{k: v for k, v in r.items() if not k.startswith("_") and k not in ("timeline_text", "files")}
+            for r in rows]
 
 
 def dump_json(rows: list[dict], path: str) -> None:
     with open(path, "w") as f:
-        json.dump(rows, f, indent=2)
+        json.dump(public_rows(rows), f, indent=2)
 
 
-__all__ = ["Shape", "BENCH_SHAPES", "bench_rank", "demo_rank", "dump_json", "format_table", "measure"]
+__all__ = ["DEFAULT_BENCH_SHAPES", "Link", "Progress", "Shape", "bench_rank", "check_args",
+           "demo_rank", "dump_json", "format_table", "measure", "picture_title", "public_rows"]

@@ -83,7 +83,7 @@ import torch
 
 from . import streams as _streams
 from .errors import CommTimeoutError, DeadlockError, PlanError
-from .timeline import Timeline, _pyplot
+from .timeline import Timeline
 
 __all__ = [
     "Node",
@@ -104,7 +104,6 @@ __all__ = [
 KINDS = ("compute", "comm_issue", "comm_wait")
 STREAMS = ("compute", "comm_setup", "comm_teardown")
 STREAM_OF_KIND = {"compute": "compute", "comm_issue": "comm_setup", "comm_wait": "comm_teardown"}
-_STREAM_COLORS = {"compute": "#4c72b0", "comm_setup": "#dd8452", "comm_teardown": "#c44e52"}
 
 _OP = r"[A-Za-z_][A-Za-z0-9_]*"
 _INT = r"0|[1-9][0-9]*"
@@ -947,67 +946,21 @@ class Plan:
     # -- drawing --
     def to_dot(self) -> str:
         """Graphviz DOT text (no graphviz needed): one cluster per stream, nodes coloured by
-        stream, data edges solid, event edges dashed red and labelled ``e<i>``."""
-        event_of = {(e.src, e.dst): e for e in self.events}
-        lines = ["digraph plan {", "  rankdir=LR;", '  node [shape=box, style="rounded,filled", '
-                 'fontname="Helvetica", fontcolor=white];']
-        for st in self.streams:
-            lines.append(f'  subgraph "cluster_{st}" {{ label="{st}"; color="{_STREAM_COLORS[st]}";')
-            for s in self.steps:
-                if s.stream == st:
-                    lines.append(f'    "{s.node}" [fillcolor="{_STREAM_COLORS[st]}"];')
-            lines.append("  }")
-        position = {s.node: s.index for s in self.steps}
-        for u, v in sorted(self.graph.edges, key=lambda e: (position[e[0]], position[e[1]])):
-            ev = event_of.get((u, v))
-            if ev is None:
-                lines.append(f'  "{u}" -> "{v}";')
-            else:
-                lines.append(f'  "{u}" -> "{v}" [style=dashed, color=red, label="{ev}"];')
-        lines.append("}")
-        return "\n".join(lines) + "\n"
+        stream, data edges solid, event edges dashed red and labelled ``e<i>`` (`overlap.drawing`)."""
+        from .drawing import plan_to_dot
 
-    def save_png(self, path: str | os.PathLike) -> None:
-        """Draw the plan to PNG (deterministic swim-lane layout: x = step, y = stream).
+        return plan_to_dot(self)
 
-        Nodes are coloured by stream; data edges solid grey, event edges dashed red.
+    def save_png(self, path: str | os.PathLike, *, title: str | None = None) -> None:
+        """Draw the plan to PNG (`overlap.drawing.save_plan_png`): x = step, one lane per stream,
+        data and event edges told apart in the legend, a caption reading the node names.
 
         Raises:
             ImportError: matplotlib is not installed (``pip install moe-overlap[viz]``).
         """
-        plt = _pyplot()
-        from matplotlib.patches import Patch
+        from .drawing import save_plan_png
 
-        lane = {st: len(self.streams) - 1 - i for i, st in enumerate(self.streams)}
-        pos = {s.node: (float(s.index), float(lane[s.stream])) for s in self.steps}
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(self.steps)), 1.2 + 1.3 * len(self.streams)),
-                               dpi=100)
-        g = nx.DiGraph(self.graph.edges)
-        g.add_nodes_from(self.nodes)
-        event_edges = [(e.src, e.dst) for e in self.events]
-        data_edges = [e for e in g.edges if e not in set(event_edges)]
-        nx.draw_networkx_edges(g, pos, edgelist=data_edges, ax=ax, edge_color="#888888",
-                               arrows=True, arrowsize=10, connectionstyle="arc3,rad=0.15",
-                               node_size=900)
-        nx.draw_networkx_edges(g, pos, edgelist=event_edges, ax=ax, edge_color="red",
-                               style="dashed", arrows=True, arrowsize=12, node_size=900)
-        for st in self.streams:
-            members = [s.node for s in self.steps if s.stream == st]
-            nx.draw_networkx_nodes(g, pos, nodelist=members, ax=ax, node_shape="s",
-                                   node_color=_STREAM_COLORS[st], node_size=900)
-        for node, (x, y) in pos.items():
-            ax.text(x, y - 0.32, str(node), ha="center", va="top", fontsize=7, rotation=20)
-        ax.set_yticks([lane[st] for st in self.streams], list(self.streams))
-        ax.set_xlabel("plan step")
-        ax.set_ylim(-0.9, len(self.streams) - 0.5)
-        ax.tick_params(left=True, bottom=True, labelleft=True, labelbottom=True)
-        ax.legend(handles=[Patch(color=_STREAM_COLORS[st], label=st) for st in self.streams]
-                  + [Patch(color="red", label="event (record → wait)")],
-                  loc="upper left", fontsize=7, ncol=4)
-        ax.set_title(f"plan {self.fingerprint()}: {len(self.steps)} steps, {len(self.events)} events")
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        save_plan_png(self, path, title=title)
 
 
 def check_same_order(plans: Sequence[Plan]) -> None:

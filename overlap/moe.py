@@ -76,7 +76,8 @@ class MoELayer(nn.Module):
         self.gate = nn.Parameter(torch.stack([w[0] for w in local]), requires_grad=False)
         self.up = nn.Parameter(torch.stack([w[1] for w in local]), requires_grad=False)
         self.down = nn.Parameter(torch.stack([w[2] for w in local]), requires_grad=False)
-        self.shared = [tuple(nn.Parameter(w, requires_grad=False) for w in s) for s in shared]
+        # (gate, up, down) of each shared expert, registered so that `.to(device)` moves them too.
+        self.shared_experts = nn.ParameterList([nn.Parameter(w, requires_grad=False) for s in shared for w in s])
         self.seed, self.intermediate_size = seed, intermediate_size
 
     # -- the MoE protocol --
@@ -94,7 +95,7 @@ class MoELayer(nn.Module):
     def moe_experts(self, expand_x: Tensor, dynamic_scales: Tensor, expert_token_nums: Tensor) -> Tensor:
         if expand_x.dtype == torch.int8:  # int8 dispatch: dequantise per row
             expand_x = (expand_x.float() * dynamic_scales[:, None]).to(self.dtype)
-        out = torch.zeros(expand_x.shape, dtype=self.dtype)
+        out = torch.zeros(expand_x.shape, dtype=self.dtype, device=expand_x.device)
         start = 0
         for e, count in enumerate(expert_token_nums.tolist()):
             if count:
@@ -104,11 +105,12 @@ class MoELayer(nn.Module):
         return out
 
     def moe_shared(self, x: Tensor) -> Tensor | None:
-        if not self.shared:
+        if not self.num_shared_experts:
             return None
-        total = gated_mlp(x, *self.shared[0]).float()
-        for s in self.shared[1:]:
-            total += gated_mlp(x, *s).float()
+        w = list(self.shared_experts)
+        total = gated_mlp(x, *w[0:3]).float()
+        for i in range(3, len(w), 3):
+            total += gated_mlp(x, *w[i : i + 3]).float()
         return total.to(self.dtype)
 
     # -- forward --
@@ -124,11 +126,12 @@ class MoELayer(nn.Module):
         _, experts, _ = _weights(self.seed, self.num_experts, self.num_shared_experts, self.hidden_size,
                                  self.intermediate_size, self.dtype)
         ids, w = self.moe_route(x)
-        acc = torch.zeros(x.shape, dtype=torch.float32)
+        acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for k in range(self.top_k):
             for e in ids[:, k].unique().tolist():
                 rows = (ids[:, k] == e).nonzero().flatten()
-                acc[rows] += w[rows, k : k + 1] * gated_mlp(x[rows], *experts[e]).float()
+                weights = (t.to(x.device) for t in experts[e])
+                acc[rows] += w[rows, k : k + 1] * gated_mlp(x[rows], *weights).float()
         shared = self.moe_shared(x)
         if shared is not None:
             acc += shared.float()

@@ -1,7 +1,8 @@
 """Timelines of a plan's run, measured or simulated, and what can be read from them.
 
 Owns: `Interval`, `Timeline` (a thread-safe list of intervals on named tracks), `OverlapReport`,
-and the exports: Chrome-trace JSON (Perfetto), a PNG timeline, a text timeline.
+and the exports: Chrome-trace JSON (Perfetto), a text timeline, and a PNG (drawn by
+`overlap.drawing`).
 
 Inputs: intervals ``(track, name, start, end, kind)`` in seconds, ``time.perf_counter`` clock for
 measured runs, 0-based for simulated ones. The runtime (`overlap.graph.Plan.run`) adds one interval
@@ -29,7 +30,6 @@ from dataclasses import dataclass
 __all__ = ["Interval", "Timeline", "OverlapReport", "union", "total", "intersect"]
 
 KINDS = ("compute", "comm_issue", "comm_wait", "comm")
-_COLORS = {"compute": "#4c72b0", "comm_issue": "#dd8452", "comm_wait": "#c44e52", "comm": "#55a868"}
 
 
 @dataclass(frozen=True, order=True)
@@ -287,45 +287,16 @@ class Timeline:
         return "\n".join(lines)
 
     def save_png(self, path: str | os.PathLike, *, title: str | None = None) -> None:
-        """Draw the timeline (one lane per track, bars coloured by kind, names on bars) to PNG.
+        """Draw the timeline to PNG (`overlap.drawing.save_timeline_png`): one lane per track, boxes
+        coloured by kind, names where they fit, a legend of the tracks drawn, hidden fraction and
+        speedup in the title (default title: this timeline's own report, its speedup an estimate).
 
         Raises:
             ImportError: matplotlib is not installed.
         """
-        plt = _pyplot()
-        from matplotlib.patches import Patch
+        from .drawing import save_timeline_png
 
-        tracks, t0 = self.tracks, self.start
-        fig, ax = plt.subplots(figsize=(12, 0.8 + 0.7 * max(1, len(tracks))), dpi=100)
-        for iv in self.intervals:
-            y = len(tracks) - 1 - tracks.index(iv.track)
-            left, w = (iv.start - t0) * 1e3, iv.duration * 1e3
-            ax.barh(y, w, left=left, height=0.6, color=_COLORS[iv.kind], edgecolor="black",
-                    linewidth=0.5)
-            ax.text(left + w / 2, y, iv.name, ha="center", va="center", fontsize=6, clip_on=True)
-        ax.set_yticks(range(len(tracks)), list(reversed(tracks)))
-        ax.set_xlabel("time (ms)")
-        rep = self.report()
-        ax.set_title(title or f"{self.source} timeline: makespan {rep.makespan * 1e3:.2f} ms, "
-                     f"hidden {rep.hidden_fraction * 100:.0f} % of comm")
-        ax.legend(handles=[Patch(color=_COLORS[k], label=k) for k in KINDS], loc="upper right",
-                  fontsize=7, ncol=4)
-        ax.set_ylim(-0.6, len(tracks) + 0.2)
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        save_timeline_png(self, path, title=title)
 
     def __repr__(self) -> str:
         return f"Timeline(source={self.source!r}, tracks={self.tracks}, n={len(self._intervals)})"
-
-
-def _pyplot():  # noqa: ANN202 - matplotlib's module
-    """Import matplotlib headless, lazily."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError("drawing needs matplotlib: pip install moe-overlap[viz]") from exc
-    return plt

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from . import context, npu, portable
 from .params import MoeCommParams
+from .staging import transport_kind
 from .transport import EmulatedLink, Transfer, comm_options, configure, in_flight, shutdown, transfer_of
 
 BACKENDS = ("npu", "portable")
@@ -288,5 +289,6 @@ __all__ = [
     "in_flight",
     "shutdown",
     "transfer_of",
+    "transport_kind",
     "use_backend",
 ]

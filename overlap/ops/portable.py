@@ -15,17 +15,24 @@ Algorithm (W ranks, one rank's view)::
     combine_setup:     rows = expand_x re-blocked (e, src) -> (src, e); start(rows)  # at once
     combine_teardown:  back = wait()                                   # in dispatch's send order
                        x_out[t] = Σ_k w[t,k]·back[pos(t,k)] + Σ_s back[shared(s,t)] (+ shared_expert_x)
+
+On a device (`staging.defers_host_reads`) a setup reads no tensor values on the host, which would
+wait for the device's queue: the layout is computed with fixed shapes (rows not sent sort last),
+the checks on values become device flags, and the rows per peer stay on the device; the transport's
+thread resolves both before the exchange's header goes out (`staging.py`). On cpu the setups check
+and lay out eagerly, as before.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .. import kernels
 from ..kernels.layout import align
 from ..kernels.quant import quantized_row_bytes
-from . import context, transport
+from . import context, staging, transport
 from .params import HALF_TYPES, MoeCommParams, check_tensor
 
 INT_TYPES = (torch.int32, torch.int64)
@@ -82,8 +89,14 @@ def dispatch_setup(
     top_k = expert_ids.shape[1] if isinstance(expert_ids, Tensor) and expert_ids.dim() == 2 else 0
     check_tensor("expert_ids", expert_ids, shape=(batch, None), dtypes=INT_TYPES)
     params.check_batch(batch, top_k, hidden)
-    num_active = params.check_active_mask(x_active_mask, batch)
-    params.check_expert_ids(expert_ids, batch, num_active)
+    deferred = staging.defers_host_reads(x)
+    if deferred:
+        if x_active_mask is not None:
+            check_tensor("x_active_mask", x_active_mask, shape=(batch,), dtypes=(torch.bool,))
+        num_active = batch  # not known on the host: rows of inactive tokens sort last and are not sent
+    else:
+        num_active = params.check_active_mask(x_active_mask, batch)
+        params.check_expert_ids(expert_ids, batch, num_active)
     if scales is not None:
         if quant_mode != 2:
             raise ValueError(f"scales must be None unless quant_mode = 2, got scales with quant_mode = {quant_mode}")
@@ -94,6 +107,8 @@ def dispatch_setup(
         raise ValueError(f"y_dtype must be None or {y_type} for quant_mode = {quant_mode} on the portable path, "
                          f"got {y_dtype!r}")
     group = transport.resolve_group(group_ep, ep_world_size, ep_rank_id)
+    if deferred:
+        return _dispatch_setup_deferred(x, expert_ids, x_active_mask, scales, params, group, group_ep)
 
     layout = kernels.dispatch_layout(expert_ids, num_active=num_active, ep_world_size=ep_world_size,
                                      ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num,
@@ -176,15 +191,180 @@ def dispatch_teardown(
     else:
         expand_x = torch.zeros(capacity, hidden, dtype=x.dtype, device=x.device)
         expand_x[:total] = rows.view(x.dtype)[:, :hidden]
-    per_expert = counts.t()  # (L, W)
+    per_expert = counts.t().to(x.device)  # (L, W); the counts arrive on the host, the outputs live with x
     assist_info = kernels.assist_info_from_counts(per_expert, capacity)
     expert_token_nums = kernels.expert_token_nums_from_counts(per_expert, expert_token_nums_type)
     return expand_x, dynamic_scales, assist_info, expert_token_nums
 
 
+def _dispatch_checks(ids: Tensor, mask: Tensor | None, active: Tensor, moe_expert_num: int) -> tuple[
+        staging.DeferredCheck, ...]:
+    """`check_active_mask` and `check_expert_ids` as device flags (their messages, built later).
+
+    Args:
+        ids: `(BS, K)` int64 expert ids. mask: the caller's `(BS,)` bool mask or None.
+        active: `(BS,)` bool, the tokens that take part (the mask, or all True).
+    """
+    checks = []
+    if mask is not None:
+        count = mask.sum()
+        prefix = torch.arange(mask.shape[0], device=mask.device) < count
+        checks.append(staging.DeferredCheck(
+            (mask != prefix).any(),
+            lambda: f"x_active_mask must be a True-prefix (all True before any False), got {int(count)} True values "
+                    f"not all at the front"))
+    live = active[:, None].expand_as(ids)
+    big = torch.iinfo(torch.int64).max
+    low = torch.where(live, ids, big).amin() if ids.numel() else ids.new_zeros(())
+    high = torch.where(live, ids, -big).amax() if ids.numel() else ids.new_zeros(())
+    checks.append(staging.DeferredCheck(
+        (low < 0) | (high >= moe_expert_num),
+        lambda: f"expert_ids values must be in [0, moe_expert_num = {moe_expert_num}), got "
+                f"{int(low) if int(low) < 0 else int(high)}"))
+    if ids.shape[1] > 1 and ids.shape[0] > 0:
+        ordered = ids.sort(dim=1).values
+        dup = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1) & active
+        row = torch.argmax(dup.to(torch.int8))
+        row_ids = ids.index_select(0, row.view(1))  # private copy of the offending row
+        checks.append(staging.DeferredCheck(
+            dup.any(),
+            lambda: f"expert_ids must hold distinct experts within a row, got row {int(row)} = {row_ids[0].tolist()}"))
+    return tuple(checks)
+
+
+def _expand_idx_deferred(ids: Tensor, moe_expert_num: int) -> Tensor:
+    """`kernels.expand_idx_from_ids` with fixed shapes (no bincount): `(BS·K,)` int32.
+
+    Out-of-range ids (only legal on inactive tokens) count in a spare bin instead of failing on
+    the device."""
+    flat = torch.where((ids >= 0) & (ids < moe_expert_num), ids, moe_expert_num).reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(moe_expert_num + 1, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    starts = torch.cumsum(counts, 0) - counts
+    slot_sorted = torch.arange(flat.numel(), device=ids.device) - starts[flat[order]]
+    return torch.empty_like(flat).scatter_(0, order, slot_sorted).to(torch.int32)
+
+
+def _dispatch_layout_deferred(ids: Tensor, active: Tensor, params: MoeCommParams) -> tuple[
+        Tensor, Tensor, Tensor, Tensor]:
+    """`kernels.dispatch_layout` with shapes fixed by BS, K and the parameters alone.
+
+    Every candidate row (each shared replica's copy of every token, each (token, k)) gets a slot;
+    the rows that are sent come first, in `dispatch_layout`'s send order, the others after them.
+
+    Args:
+        ids: `(BS, K)` int64 expert ids. active: `(BS,)` bool, the tokens that take part.
+        params: the op's parameters (W, rank, E, S_n, S_r).
+
+    Returns:
+        send_token `(C,)` int64, send_scale_row `(C,)` int64 (clamped into `scales`' rows),
+        send_counts `(W, L_max)` int64, is_sent `(C,)` bool; C = BS·K (+ BS·S_n when S_r > 0).
+    """
+    device = ids.device
+    batch, top_k = ids.shape
+    moe_num, shared_num, shared_ranks = params.moe_expert_num, params.shared_expert_num, params.shared_expert_rank_num
+    num_moe_ranks = params.ep_world_size - shared_ranks
+    live = (ids >= 0) & (ids < moe_num) & active[:, None]
+    key = torch.where(live, ids, moe_num).reshape(-1)  # moe_num: not sent, sorts last
+    order = torch.argsort(key, stable=True)  # by expert, then token, as dispatch_layout
+    routed_token = torch.div(order, top_k, rounding_mode="floor")
+    routed_expert = key[order]
+    expert_counts = torch.zeros(moe_num + 1, dtype=torch.int64, device=device)
+    expert_counts.scatter_add_(0, key, torch.ones_like(key))
+    send_counts = torch.zeros(params.ep_world_size, max(moe_num // num_moe_ranks, 1), dtype=torch.int64,
+                              device=device)
+    send_counts[shared_ranks:] = expert_counts[:moe_num].view(num_moe_ranks, moe_num // num_moe_ranks)
+    routed_scale = (routed_expert + shared_num).clamp(max=shared_num + moe_num - 1)
+    if shared_ranks == 0:
+        return routed_token, routed_scale, send_counts, routed_expert < moe_num
+    replicas = shared_ranks // shared_num
+    num_active = active.sum()
+    for s in range(shared_num):
+        send_counts[s * replicas + params.ep_rank_id % replicas, 0] = num_active
+    tokens = torch.arange(batch, device=device)
+    token = torch.cat([tokens.repeat(shared_num), routed_token])
+    scale_row = torch.cat([torch.arange(shared_num, device=device).view(-1, 1).expand(shared_num, batch).reshape(-1),
+                           routed_scale])
+    is_sent = torch.cat([active.repeat(shared_num), routed_expert < moe_num])
+    perm = torch.argsort((~is_sent).to(torch.uint8), stable=True)  # sent rows first, order kept
+    return token[perm], scale_row[perm], send_counts, is_sent[perm]
+
+
+def _dispatch_setup_deferred(x: Tensor, expert_ids: Tensor, x_active_mask: Tensor | None, scales: Tensor | None,
+                             params: MoeCommParams, group: dist.ProcessGroup,
+                             group_ep: str) -> tuple[Tensor, Tensor, Tensor]:
+    """dispatch_setup on a device: no host read of any tensor's values (see the module)."""
+    batch, hidden = x.shape
+    top_k = expert_ids.shape[1]
+    ids = expert_ids.to(torch.int64)
+    active = x_active_mask if x_active_mask is not None else torch.ones(batch, dtype=torch.bool, device=x.device)
+    checks = _dispatch_checks(ids, x_active_mask, active, params.moe_expert_num)
+    send_token, send_scale_row, send_counts, is_sent = _dispatch_layout_deferred(ids, active, params)
+    num_candidates = send_token.numel()
+    row_bytes = _row_bytes(hidden, x.dtype, params.quant_mode)
+    num_staged = batch * (top_k + params.shared_expert_num)
+    if params.quant_mode == 2:
+        y = torch.zeros(num_staged, row_bytes, dtype=torch.int8, device=x.device)
+        smooth = scales.index_select(0, send_scale_row) if scales is not None else None
+        q, scale = kernels.quantize_rows(kernels.gather_rows(x, send_token), smooth)
+        kernels.pack_quantized(q, scale, y[:num_candidates])
+    else:
+        y = torch.zeros(num_staged, align(hidden, 256), dtype=x.dtype, device=x.device)
+        kernels.gather_rows(x, send_token, out=y[:num_candidates, :hidden])
+    y[:num_candidates].masked_fill_(~is_sent[:, None], 0)  # rows past those sent stay zero, as on the host
+    send_buf = _as_bytes(y[:num_candidates]).clone()
+    comm_cmd_info = torch.zeros((num_staged + params.ep_world_size * params.num_local_experts) * 16, dtype=torch.int32,
+                                device=x.device)
+    handle = transport.start("dispatch", group, group_ep, send_buf=send_buf, send_rows=None, block_counts=send_counts,
+                             header=_header("dispatch", params, batch, hidden, row_bytes), label=_label("dispatch"),
+                             checks=checks)
+    transport.write_ticket(comm_cmd_info, handle)
+    return y, _expand_idx_deferred(ids, params.moe_expert_num), comm_cmd_info
+
+
 # --------------------------------------------------------------------------------------------
 # combine
 # --------------------------------------------------------------------------------------------
+
+
+def _assist_info_message(capacity: int, head: list[int]) -> str:
+    return ("assist_info_for_combine must hold the non-decreasing cumulative counts that dispatch_teardown "
+            f"returned (at most A = {capacity} rows), got {head}")
+
+
+def _assist_info_check(assist_info: Tensor, per_expert: Tensor, capacity: int) -> staging.DeferredCheck:
+    head = assist_info[: per_expert.numel()].clone()  # private: the caller may reuse assist_info
+    return staging.DeferredCheck((per_expert < 0).any() | (per_expert.sum() > capacity),
+                                 lambda: _assist_info_message(capacity, head.tolist()))
+
+
+def _combine_rows_deferred(expand_x: Tensor, per_expert: Tensor, capacity: int) -> Tensor:
+    """expand_x's rows re-blocked from (local expert, source) to (source, local expert) order, with
+    fixed shapes: `(A + 1, Align256(H))`; rows past the received count (and a spare last row that
+    takes the rows past it) are not sent.
+
+    Args:
+        expand_x: `(A, H)`. per_expert: `(L, W)` int64 rows per (local expert, source rank).
+    """
+    device = expand_x.device
+    local, world = per_expert.shape
+    counts = per_expert.clamp(min=0)
+    flat = counts.reshape(-1)  # (e, src) blocks, as laid out in expand_x
+    ends = torch.cumsum(flat, 0)
+    rows = torch.arange(capacity, device=device)
+    block = torch.searchsorted(ends, rows, right=True)  # the block each row of expand_x is in
+    valid = block < flat.numel()
+    block = block.clamp(max=flat.numel() - 1)
+    within = rows - (ends - flat)[block]
+    out_counts = counts.t().reshape(-1)  # (src, e) blocks, the send order
+    out_start = torch.cumsum(out_counts, 0) - out_counts
+    expert, source = torch.div(block, world, rounding_mode="floor"), block % world
+    position = torch.where(valid, out_start[source * local + expert] + within, capacity)
+    send = torch.zeros(capacity + 1, align(expand_x.shape[1], 256), dtype=expand_x.dtype, device=device)
+    send[:, : expand_x.shape[1]].index_copy_(0, position, expand_x)  # private: expand_x may be reused at once
+    send[capacity].zero_()  # the spare row took every row past the count
+    return send
 
 
 def _check_expand_x(params: MoeCommParams, expand_x: object, expert_ids: object) -> tuple[Tensor, int, int, int]:
@@ -221,26 +401,36 @@ def combine_setup(
     comm_alg: str = "",
 ) -> tuple[Tensor, Tensor]:
     params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type,
-                           shared_expert_num, shared_expert_rank_num, global_bs, 0, comm_quant_mode, comm_type, comm_alg)
+                           shared_expert_num, shared_expert_rank_num, global_bs, 0, comm_quant_mode, comm_type,
+                           comm_alg)
     expand_x, batch, top_k, capacity = _check_expand_x(params, expand_x, expert_ids)
     hidden = expand_x.shape[1]
     check_tensor("assist_info_for_combine", assist_info_for_combine, shape=(capacity * 128,), dtypes=(torch.int32,),
                  rule="A * 128")
     local = params.num_local_experts
     per_expert = kernels.counts_from_assist_info(assist_info_for_combine, local, ep_world_size)  # (L, W)
-    if bool((per_expert < 0).any()) or int(per_expert.sum()) > capacity:
-        raise ValueError("assist_info_for_combine must hold the non-decreasing cumulative counts that "
-                         f"dispatch_teardown returned (at most A = {capacity} rows), got {assist_info_for_combine[:local * ep_world_size].tolist()}")
+    deferred = staging.defers_host_reads(expand_x)
+    checks: tuple[staging.DeferredCheck, ...] = ()
+    if deferred:
+        checks = (_assist_info_check(assist_info_for_combine, per_expert, capacity),)
+    elif bool((per_expert < 0).any()) or int(per_expert.sum()) > capacity:
+        raise ValueError(_assist_info_message(capacity, assist_info_for_combine[:local * ep_world_size].tolist()))
     group = transport.resolve_group(group_ep, ep_world_size, ep_rank_id)
 
-    order = kernels.block_transpose_index(per_expert)  # (e, src) blocks -> (src, e) blocks
     row_bytes = align(hidden, 256) * expand_x.dtype.itemsize
-    send = torch.zeros(order.numel(), align(hidden, 256), dtype=expand_x.dtype, device=expand_x.device)
-    kernels.gather_rows(expand_x, order, out=send[:, :hidden])  # private: expand_x may be reused at once
-    block_counts = torch.zeros(ep_world_size, max(params.num_moe_local_experts, 1), dtype=torch.int64)
+    block_counts = torch.zeros(ep_world_size, max(params.num_moe_local_experts, 1), dtype=torch.int64,
+                               device=expand_x.device if deferred else "cpu")
     block_counts[:, :local] = per_expert.t()
-    handle = transport.start("combine", group, group_ep, send_buf=_as_bytes(send), send_rows=per_expert.sum(0).tolist(),
-                             block_counts=block_counts,
+    if deferred:  # fixed shapes; the rows per peer are resolved from block_counts on the transport's thread
+        send = _combine_rows_deferred(expand_x, per_expert, capacity)
+        send_rows = None
+    else:
+        order = kernels.block_transpose_index(per_expert)  # (e, src) blocks -> (src, e) blocks
+        send = torch.zeros(order.numel(), align(hidden, 256), dtype=expand_x.dtype, device=expand_x.device)
+        kernels.gather_rows(expand_x, order, out=send[:, :hidden])  # private: expand_x may be reused at once
+        send_rows = per_expert.sum(0).tolist()
+    handle = transport.start("combine", group, group_ep, send_buf=_as_bytes(send), send_rows=send_rows,
+                             block_counts=block_counts, checks=checks,
                              header=_header("combine", params, batch, hidden, row_bytes), label=_label("combine"))
     quant_expand_x = torch.zeros(_quant_expand_x_shape(capacity, hidden), dtype=torch.int8, device=expand_x.device)
     comm_cmd_info = torch.zeros((capacity + ep_world_size) * 16, dtype=torch.int32, device=expand_x.device)
@@ -271,7 +461,8 @@ def combine_teardown(
     comm_alg: str = "",
 ) -> Tensor:
     params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type,
-                           shared_expert_num, shared_expert_rank_num, global_bs, 0, comm_quant_mode, comm_type, comm_alg)
+                           shared_expert_num, shared_expert_rank_num, global_bs, 0, comm_quant_mode, comm_type,
+                           comm_alg)
     if shared_expert_x is not None and shared_expert_rank_num != 0:
         raise ValueError(f"shared_expert_x must be None when shared_expert_rank_num > 0 (shared experts live on "
                          f"their own ranks), got shared_expert_rank_num = {shared_expert_rank_num}")

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import CapacityError, CommError, CommTimeoutError, HandleError
+from . import staging
 
 MAGIC = 0x4F564C50  # "OVLP": marks a comm_cmd_info written by this transport
 HEADER_LEN = 32
@@ -49,6 +50,7 @@ PARAM_FIELDS = (
 )  # fmt: skip
 _H_MAGIC, _H_OP, _H_SEQ, _H_ROWS, _H_LMAX, _H_BATCH = range(6)
 _H_PARAMS = 6  # PARAM_FIELDS follow
+_H_INVALID = staging.INVALID_SLOT  # set when a setup's deferred input check failed
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,8 +207,8 @@ class Transfer:
     seq: int
     header: Tensor  # (HEADER_LEN,) int64, this rank's header (rows field per peer set at send)
     send_buf: Tensor  # (N, row_bytes) uint8, private
-    send_rows: list[int]  # rows to each peer
-    block_counts: Tensor  # (W, L_max) int64 rows per (peer, its local expert)
+    send_rows: list[int] | None  # rows to each peer (None: resolved from block_counts on the worker)
+    block_counts: Tensor  # (W, L_max) int64 rows per (peer, its local expert); on cpu once resolved
     label: str = ""
     timeout_s: float = DEFAULT_TIMEOUT_S
     issued_at: float = field(default_factory=time.perf_counter)
@@ -218,6 +220,7 @@ class Transfer:
     _error: BaseException | None = None
     ready_event: object | None = None  # CUDA: recorded on the setup's stream after staging
     done_event: object | None = None  # CUDA: recorded on the comm stream when the rows landed
+    plan: staging.ExchangePlan | None = None  # transport kind and deferred checks (staging.py)
 
     @property
     def is_complete(self) -> bool:
@@ -249,8 +252,7 @@ class Transfer:
     def take(self, timeout_s: float | None = None) -> tuple[Tensor, Tensor]:
         """Wait, then hand over `(recv rows (M, row_bytes) uint8, recv counts (W, L_max) int64)`."""
         self.wait(timeout_s)
-        if self.done_event is not None:  # later work on the caller's stream sees the landed rows
-            torch.cuda.current_stream(self.send_buf.device).wait_event(self.done_event)
+        staging.hand_over(self)  # CUDA: the caller's stream waits for the landed rows and keeps them alive
         assert self._result is not None  # internal invariant: set with _done and no error
         return self._result
 
@@ -274,8 +276,8 @@ def in_flight(group_name: str | None = None) -> list[Transfer]:
 
 def write_ticket(comm_cmd_info: Tensor, transfer: Transfer) -> None:
     """Record the ticket in the setup's `comm_cmd_info` (and as a host-side attribute)."""
-    comm_cmd_info[0:4] = torch.tensor([MAGIC, transfer.ticket, OP_CODES[transfer.op], transfer.seq],
-                                      dtype=torch.int32)
+    for i, value in enumerate((MAGIC, transfer.ticket, OP_CODES[transfer.op], transfer.seq)):
+        comm_cmd_info[i] = value  # a fill per entry: no host-to-device copy that would wait on a device
     comm_cmd_info._overlap_ticket = transfer.ticket  # type: ignore[attr-defined]
 
 
@@ -342,17 +344,12 @@ class _GroupWorker:
 
     def _run_on_device(self, transfer: Transfer) -> tuple[Tensor, Tensor]:
         """CPU: exchange on this thread. CUDA: on a side stream that first waits for the setup's
-        staging (`ready_event`), then records `done_event` for the teardown's stream to wait on."""
-        if transfer.ready_event is None:
-            return self._exchange(transfer)
-        if self.side_stream is None:
+        staging (`ready_event`), then records `done_event` for the teardown's stream to wait on;
+        staged through pinned host buffers over gloo (see `staging.run`)."""
+        if self.side_stream is None and transfer.send_buf.device.type == "cuda":
             self.side_stream = torch.cuda.Stream(device=transfer.send_buf.device)
-        with torch.cuda.stream(self.side_stream):
-            self.side_stream.wait_event(transfer.ready_event)
-            result = self._exchange(transfer)
-            transfer.done_event = torch.cuda.Event()
-            transfer.done_event.record(self.side_stream)
-        return result
+        side_stream = self.side_stream if transfer.send_buf.device.type == "cuda" else None
+        return staging.run(transfer, self._exchange, side_stream)
 
     # -- phases --
 
@@ -457,10 +454,19 @@ class _ParameterMismatch(CommError):
     """Ranks called the same exchange with different parameters or in a different op order."""
 
 
+class _InvalidInput(_ParameterMismatch, ValueError):
+    """This rank's setup input failed a check deferred to the transport's thread (device tensors)."""
+
+
 def _check_headers(transfer: Transfer, headers: dict[int, Tensor], me: int) -> None:
     mine = transfer.header
+    if transfer.plan is not None and transfer.plan.error is not None:
+        raise _InvalidInput(str(transfer.plan.error))  # the peers saw the flag in our header too
     for r in sorted(headers):
         theirs = headers[r]
+        if int(theirs[_H_INVALID]):
+            raise _ParameterMismatch(f"rank {r} gave {transfer.op}_setup invalid input (a check made on the "
+                                     f"transport's thread; rank {r} raises its ValueError); no rows moved")
         if int(theirs[_H_MAGIC]) != MAGIC:
             raise _ParameterMismatch(f"rank {r} sent no overlap header on group {transfer.group_name!r}: another "
                                      f"collective ran on the group during an exchange")
@@ -524,19 +530,23 @@ def start(
     group_name: str,
     *,
     send_buf: Tensor,
-    send_rows: list[int],
+    send_rows: list[int] | None,
     block_counts: Tensor,
     header: Tensor,
     label: str = "",
+    checks: tuple[staging.DeferredCheck, ...] = (),
 ) -> Transfer:
     """Queue an exchange on the group's worker and return its handle at once.
 
     Args:
         op: "dispatch" or "combine".
         send_buf: `(N, row_bytes)` uint8, owned by the transfer from now on (pass a private copy).
-        send_rows: rows for each peer, in peer order (their sum is N).
-        block_counts: `(W, L_max)` int64 rows per (peer, local expert), sent with the rows.
+        send_rows: rows for each peer, in peer order (their sum is at most N), or None to take
+            them from `block_counts` on the group's worker (a setup on a device reads no values).
+        block_counts: `(W, L_max)` int64 rows per (peer, local expert), sent with the rows; with
+            `send_rows=None` it may stay on the device (resolved on the worker).
         header: from `make_header`.
+        checks: input checks deferred to the worker (`staging.DeferredCheck`).
 
     Raises:
         CapacityError: `max_in_flight` exchanges of this op are already set up on the group.
@@ -547,6 +557,7 @@ def start(
             f"{op}_setup: {len(busy)} {op} exchanges already in flight on group {group_name!r} (tickets "
             f"{[t.ticket for t in busy]}); at most max_in_flight = {_options.max_in_flight} (the double buffer): "
             f"tear one down first or raise it with overlap.ops.configure(max_in_flight=...)")
+    plan = staging.begin(group, group_name, send_buf, checks)  # ValueError before any state changes
     worker = _worker_for(group, group_name)
     if worker.broken is not None:
         raise CommError(f"group {group_name!r} is unusable after an earlier failure: {worker.broken}")
@@ -554,8 +565,10 @@ def start(
     header = header.clone()
     header[_H_SEQ] = seq
     transfer = Transfer(ticket=next(_ticket_counter), op=op, group_name=group_name, seq=seq, header=header,
-                        send_buf=send_buf, send_rows=send_rows, block_counts=block_counts.to("cpu", torch.int64),
-                        label=label, timeout_s=current_timeout())
+                        send_buf=send_buf, send_rows=send_rows,
+                        block_counts=block_counts if send_rows is None else block_counts.to("cpu", torch.int64),
+                        label=label, timeout_s=current_timeout(),
+                        plan=plan)
     if send_buf.device.type == "cuda":
         transfer.ready_event = torch.cuda.Event()
         transfer.ready_event.record(torch.cuda.current_stream(send_buf.device))

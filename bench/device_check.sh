@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The device check: everything in overlap that needs a GPU, in one command, in under 6 minutes on
+# one H100/H200, offline. Run it from the repository root on a CUDA machine:
+#
+#     bash bench/device_check.sh            # logs under $OUT if set, else ./device-check-<time>/
+#
+# Steps (each under its own time limit; a failed or timed-out step does not stop the others):
+#   1. tests/test_cuda.py            the ops (2 and 4 ranks sharing one GPU), the scheduler, the
+#                                    fire-and-forget setup, allocator pressure, device-time report,
+#                                    the transformers integration (skipped without transformers)
+#   2. python -m overlap demo --device cuda
+#   3. python -m overlap bench --device cuda
+#   4. python bench/bench_kernels.py --device cuda
+#   5. python -m overlap bench --device cpu   (this host's cores, for the many-core figures)
+# then prints a short summary: each step's status, time and last lines.
+#
+# The image needs torch, networkx, numpy, matplotlib and pytest; not pytest-asyncio, pytest-timeout
+# or the hf extra. Missing packages can travel as wheels in ./.whl (installed into /tmp/site, no
+# network). The project runs from a copy of this checkout (no pip install needed): the top-level
+# kernels/ folder ships as overlap.kernels, so the copy puts it there.
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+LOG=${OUT:-$ROOT/device-check-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1 TORCH_DEVICE_BACKEND_AUTOLOAD=0
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# A shadow tree: overlap/ with kernels/ inside it (as installed), tests/, bench/ and pyproject.toml.
+# Every step runs in it, so `overlap` resolves there whatever pytest puts first on sys.path.
+SHADOW=$(mktemp -d /tmp/overlap-src.XXXX)
+cp -r "$ROOT/overlap" "$ROOT/tests" "$ROOT/bench" "$ROOT/pyproject.toml" "$SHADOW/"
+rm -rf "$SHADOW/overlap/kernels"
+cp -r "$ROOT/kernels" "$SHADOW/overlap/kernels"
+export PYTHONPATH=$SHADOW${PYTHONPATH:+:$PYTHONPATH}
+cd "$SHADOW"
+
+python3 - <<'EOF' | tee "$LOG/host.txt"
+import os, torch
+print(f"torch {torch.__version__}, cuda {torch.version.cuda}, gpus {torch.cuda.device_count()}, "
+      f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, cpus {os.cpu_count()}")
+EOF
+
+names=() statuses=() times=()
+step() {  # step NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS rc
+    echo "== $name: $*" | tee "$LOG/$name.log"
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG/$name.log" 2>&1
+    rc=$?
+    names+=("$name") times+=($((SECONDS - t0)))
+    if [ $rc -eq 0 ]; then statuses+=("ok"); elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        statuses+=("TIMEOUT(${limit}s)"); else statuses+=("FAIL(rc=$rc)"); fi
+    tail -n +2 "$LOG/$name.log" | tail -n 4
+}
+
+# pytest without pytest-asyncio / pytest-timeout: their ini options only warn; no asyncio test is run.
+step cuda-tests 150 python3 -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning \
+    -m cuda -rs -s tests/test_cuda.py
+# --device: the CLI's flag (issue 14, item 1); written against that interface.
+step demo-cuda 50 python3 -m overlap demo --device cuda --ranks 2 --out "$LOG/demo-cuda"
+step bench-cuda 60 python3 -m overlap bench --device cuda --ranks 2 --json "$LOG/bench-cuda.json"
+step kernels-cuda 45 python3 bench/bench_kernels.py --device cuda
+step bench-cpu 45 python3 -m overlap bench --device cpu --ranks 4 --json "$LOG/bench-cpu.json"
+
+echo
+echo "== device check summary ($(head -n 1 "$LOG/host.txt"))"
+for i in "${!names[@]}"; do
+    printf '%-13s %-16s %4ss\n' "${names[$i]}" "${statuses[$i]}" "${times[$i]}"
+done
+grep -E "passed|failed|skipped|error" "$LOG/cuda-tests.log" | tail -n 1
+grep -E "^rank [0-9]+: dispatch_setup" "$LOG/cuda-tests.log" | head -n 2
+echo "logs: $LOG"
+rm -rf "$SHADOW"
+for s in "${statuses[@]}"; do [ "$s" = ok ] || exit 1; done
