@@ -164,3 +164,39 @@ async def test_futures_are_awaitable_without_blocking_the_loop(pair):
 
     result, _ = await asyncio.gather(asyncio.wrap_future(future), opener())
     assert result == 42
+
+
+# ---- pooled streams, host stream, many waiters (appended) ---------------------------------------
+def test_pooled_gives_one_stream_per_device_and_name_and_replaces_a_closed_one():
+    a = streams.pooled("t_pool", "cpu")
+    assert streams.pooled("t_pool", "cpu") is a and streams.pooled("t_pool") is a
+    b = streams.pooled("t_pool_other", "cpu")
+    assert b is not a and not a.is_host
+    a.close()
+    c = streams.pooled("t_pool", "cpu")
+    assert c is not a and c.submit(lambda: 5).result(timeout=10) == 5
+    c.close()
+    b.close()
+
+
+def test_host_stream_is_the_callers_thread():
+    host = streams.host_stream()
+    assert host.is_host and host is current_stream("cpu")
+    assert host.submit(threading.get_ident).result() == threading.get_ident()
+
+
+def test_one_record_releases_every_waiter(pair):
+    a, _ = pair
+    gate = threading.Event()
+    a.submit(gate.wait)
+    event = a.record_event()
+    released: list[int] = []
+    waiters = [threading.Thread(target=lambda i=i: (event.synchronize(timeout=10), released.append(i)))
+               for i in range(5)]
+    for t in waiters:
+        t.start()
+    assert not event.query()
+    gate.set()
+    for t in waiters:
+        t.join(10)
+    assert sorted(released) == list(range(5)) and event.query()
