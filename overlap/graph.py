@@ -494,7 +494,7 @@ _CLOCKS: dict[torch.device, tuple[Any, float]] = {}
 def _device_clock(dev: torch.device) -> tuple[Any, float]:
     """The calibration of ``dev`` (npu/cuda), made once per device and reused."""
     if dev not in _CLOCKS:
-        module = torch.cuda if dev.type == "cuda" else torch.npu
+        module = _streams._torch_module(dev)
         module.synchronize(dev)
 
         def record_and_wait() -> Any:
@@ -768,6 +768,7 @@ class Plan:
             if exc is not None and error is None:
                 error, failed_job = exc, job
         if error is not None:
+            assert failed_job is not None
             for stream in run.resolved.values():  # clear the poison so the streams can be reused
                 try:
                     stream.synchronize()
