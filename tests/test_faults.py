@@ -484,26 +484,7 @@ class FailingLayer(overlap.MoELayer):
         return super().moe_experts(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def _wired_scheduler(group, microbatches: int):
-    """`overlap.scheduler`, plus what its exit must do on every rank (the wiring this branch asks
-    the pipeline for): settle the group with the context's error and the setups it made."""
-    from overlap import ops
-
-    before = {t.ticket for t in ops.in_flight(group.group_name)}
-    error: BaseException | None = None
-    try:
-        with overlap.scheduler(group, microbatches=microbatches) as s:
-            yield s
-    except BaseException as exc:
-        error = exc
-    made = [t.ticket for t in ops.in_flight(group.group_name) if t.ticket not in before]
-    ops.settle(group, error, tickets=made)  # raises CommError on a rank whose peer failed
-    if error is not None:
-        raise error
-
-
-def _scheduler_fault_case(failing: tuple[int, ...], wired: bool, timeout_s: float) -> dict:
+def _scheduler_fault_case(failing: tuple[int, ...], timeout_s: float) -> dict:
     """A 3-microbatch scheduled run (96 tokens) whose layer raises on its 3rd moe_experts call on
     the ranks in `failing`; then a correct run on the same group."""
     from overlap import ops
@@ -514,7 +495,7 @@ def _scheduler_fault_case(failing: tuple[int, ...], wired: bool, timeout_s: floa
     layer = FailingLayer(1024, 4, 2, 64, group=group, seed=3)
     x = torch.randn(96, 1024, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
     dense = layer.dense_forward(x)
-    context = (lambda: _wired_scheduler(group, 3)) if wired else (lambda: overlap.scheduler(group, microbatches=3))
+    context = lambda: overlap.scheduler(group, microbatches=3)  # noqa: E731
     out: dict = {}
     with _timeout(timeout_s):
         layer.arm(3 if rank in failing else None)
@@ -553,17 +534,11 @@ def _check_scheduler_fault(results: list[dict], failing: tuple[int, ...]) -> Non
 
 
 @pytest.mark.parametrize("failing", [(0, 1), (0,)], ids=["every-rank", "rank-0"])
-def test_wired_scheduler_exit_aborts_agrees_and_the_next_context_works(rank_pools, failing):
-    results = rank_pools(2).run(_scheduler_fault_case, failing, True, LONG_S, timeout_s=RUN_S)
-    print("scheduler fault noticed after (s):", [round(r["noticed_s"], 3) for r in results])
-    _check_scheduler_fault(results, failing)
-
-
-@pytest.mark.xfail(strict=True, reason="needs pipeline wiring: the scheduler's exit must call ops.settle")
-@pytest.mark.parametrize("failing", [(0, 1), (0,)], ids=["every-rank", "rank-0"])
 def test_scheduler_exit_aborts_agrees_and_the_next_context_works(rank_pools, failing):
-    # A short timeout bounds the unwired run (a peer waits it out); the wired run never needs it.
-    results = rank_pools(2).run(_scheduler_fault_case, failing, False, 10.0, timeout_s=RUN_S)
+    # The teardown timeout is long (LONG_S): the peers must learn of the failure from the abort,
+    # not by waiting the timeout out.
+    results = rank_pools(2).run(_scheduler_fault_case, failing, LONG_S, timeout_s=RUN_S)
+    print("scheduler fault noticed after (s):", [round(r["noticed_s"], 3) for r in results])
     _check_scheduler_fault(results, failing)
 
 
