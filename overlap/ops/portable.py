@@ -49,6 +49,13 @@ def _header(op: str, params: MoeCommParams, batch: int, hidden: int, row_bytes: 
     return transport.make_header(op, values, batch, max(params.num_moe_local_experts, 1))
 
 
+def _host_record(numel: int) -> Tensor:
+    """A setup's `comm_cmd_info`: `(numel,)` int32 in host memory, whatever the tokens' device. It is
+    an opaque record (torch_npu's shape); keeping it on the host lets a teardown read the ticket
+    inside it without a device read."""
+    return torch.zeros(numel, dtype=torch.int32)
+
+
 def _as_bytes(rows: Tensor) -> Tensor:
     """`(N, C)` contiguous rows viewed as `(N, C·itemsize)` uint8."""
     return rows.contiguous().view(torch.uint8).view(rows.shape[0], rows.shape[1] * rows.element_size())
@@ -130,7 +137,7 @@ def dispatch_setup(
     send_rows = layout.send_counts.sum(dim=1).tolist()
 
     local = params.num_local_experts
-    comm_cmd_info = torch.zeros((num_staged + ep_world_size * local) * 16, dtype=torch.int32, device=x.device)
+    comm_cmd_info = _host_record((num_staged + ep_world_size * local) * 16)
     handle = transport.start("dispatch", group, group_ep, send_buf=send_buf, send_rows=send_rows,
                              block_counts=layout.send_counts, header=_header("dispatch", params, batch, hidden,
                                                                              row_bytes), label=_label("dispatch"))
@@ -314,8 +321,7 @@ def _dispatch_setup_deferred(x: Tensor, expert_ids: Tensor, x_active_mask: Tenso
         kernels.gather_rows(x, send_token, out=y[:num_candidates, :hidden])
     y[:num_candidates].masked_fill_(~is_sent[:, None], 0)  # rows past those sent stay zero, as on the host
     send_buf = _as_bytes(y[:num_candidates]).clone()
-    comm_cmd_info = torch.zeros((num_staged + params.ep_world_size * params.num_local_experts) * 16, dtype=torch.int32,
-                                device=x.device)
+    comm_cmd_info = _host_record((num_staged + params.ep_world_size * params.num_local_experts) * 16)
     handle = transport.start("dispatch", group, group_ep, send_buf=send_buf, send_rows=None, block_counts=send_counts,
                              header=_header("dispatch", params, batch, hidden, row_bytes), label=_label("dispatch"),
                              checks=checks)
@@ -433,7 +439,7 @@ def combine_setup(
                              block_counts=block_counts, checks=checks,
                              header=_header("combine", params, batch, hidden, row_bytes), label=_label("combine"))
     quant_expand_x = torch.zeros(_quant_expand_x_shape(capacity, hidden), dtype=torch.int8, device=expand_x.device)
-    comm_cmd_info = torch.zeros((capacity + ep_world_size) * 16, dtype=torch.int32, device=expand_x.device)
+    comm_cmd_info = _host_record((capacity + ep_world_size) * 16)
     transport.write_ticket(comm_cmd_info, handle)
     return quant_expand_x, comm_cmd_info
 

@@ -354,29 +354,32 @@ def _check_word(values: list[int]) -> int:
 
 
 def write_ticket(comm_cmd_info: Tensor, transfer: Transfer) -> None:
-    """Record the ticket in the setup's `comm_cmd_info` (and as a host-side attribute).
+    """Record the ticket in the setup's `comm_cmd_info` (a host tensor: see `read_ticket`).
 
     Words 0..5: magic, ticket, op code, the group's tag, this process's nonce, a check word over
     the five: a teardown can tell a copy of a real handle from a forged or foreign one.
     """
     head = [MAGIC, transfer.ticket, OP_CODES[transfer.op], _group_tag(transfer.group_name), _NONCE]
-    for i, value in enumerate((*head, _check_word(head))):
-        comm_cmd_info[i] = value  # a fill per entry: no host-to-device copy that would wait on a device
-    comm_cmd_info._overlap_ticket = transfer.ticket  # type: ignore[attr-defined]
+    comm_cmd_info[:6] = torch.tensor([*head, _check_word(head)], dtype=torch.int32)
+
+
+def read_ticket(comm_cmd_info: Tensor, op: str) -> int:
+    """The ticket inside a setup's `comm_cmd_info`, checked; `HandleError` if it holds none or one
+    this process never issued. Reads host memory only: the portable setups keep `comm_cmd_info` on
+    the host (a device tensor given here is read, which waits for its stream)."""
+    head = comm_cmd_info[:6].tolist() if comm_cmd_info.numel() >= 6 else []
+    if len(head) < 6 or head[0] != MAGIC:
+        raise HandleError(f"comm_cmd_info was not returned by {op}_setup: {op}_teardown without its setup")
+    if head[4] != _NONCE or head[5] != _check_word(head[:5]):
+        raise HandleError(f"comm_cmd_info names ticket {head[1]}, which this process never issued (forged, "
+                          f"corrupted, or from another process): pass the comm_cmd_info {op}_setup returned")
+    return int(head[1])
 
 
 def claim(comm_cmd_info: Tensor, op: str, group_name: str | None = None) -> Transfer:
     """Find and remove the transfer a teardown on `group_name` completes; `HandleError` on any
     misuse (nothing is removed then), `CommError` if `abort` cancelled it."""
-    ticket = getattr(comm_cmd_info, "_overlap_ticket", None)
-    if ticket is None:
-        head = comm_cmd_info[:6].tolist() if comm_cmd_info.numel() >= 6 else []
-        if len(head) < 6 or head[0] != MAGIC:
-            raise HandleError(f"comm_cmd_info was not returned by {op}_setup: {op}_teardown without its setup")
-        if head[4] != _NONCE or head[5] != _check_word(head[:5]):
-            raise HandleError(f"comm_cmd_info names ticket {head[1]}, which this process never issued (forged, "
-                              f"corrupted, or from another process): pass the comm_cmd_info {op}_setup returned")
-        ticket = head[1]
+    ticket = read_ticket(comm_cmd_info, op)
     with _registry_lock:
         transfer = _registry.get(ticket)
         if transfer is None:
@@ -1152,6 +1155,9 @@ def group_status(group_name: str, *, wait_s: float = 0.0) -> GroupStatus:
 
 def transfer_of(comm_cmd_info: Tensor) -> Transfer | None:
     """The in-flight transfer a setup's `comm_cmd_info` names, without claiming it (None if none)."""
-    ticket = getattr(comm_cmd_info, "_overlap_ticket", None)
+    try:
+        ticket = read_ticket(comm_cmd_info, "transfer_of")
+    except HandleError:
+        return None
     with _registry_lock:
-        return _registry.get(ticket) if ticket is not None else None
+        return _registry.get(ticket)
