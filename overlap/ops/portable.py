@@ -89,8 +89,9 @@ def dispatch_setup(
     comm_alg: str = "",
     y_dtype: torch.dtype | int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type,
-                           shared_expert_num, shared_expert_rank_num, global_bs, quant_mode, 0, comm_type, comm_alg)
+    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type=expert_shard_type,
+                           shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
+                           global_bs=global_bs, quant_mode=quant_mode, comm_type=comm_type, comm_alg=comm_alg)
     x = check_tensor("x", x, shape=(None, None), dtypes=HALF_TYPES)
     batch, hidden = x.shape
     top_k = expert_ids.shape[1] if isinstance(expert_ids, Tensor) and expert_ids.dim() == 2 else 0
@@ -164,8 +165,9 @@ def dispatch_teardown(
     comm_type: int = 0,
     comm_alg: str = "",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type,
-                           shared_expert_num, shared_expert_rank_num, global_bs, quant_mode, 0, comm_type, comm_alg)
+    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type=expert_shard_type,
+                           shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
+                           global_bs=global_bs, quant_mode=quant_mode, comm_type=comm_type, comm_alg=comm_alg)
     x = check_tensor("x", x, shape=(None, None), dtypes=HALF_TYPES)
     batch, hidden = x.shape
     check_tensor("expert_ids", expert_ids, shape=(batch, None), dtypes=INT_TYPES)
@@ -406,9 +408,10 @@ def combine_setup(
     comm_type: int = 0,
     comm_alg: str = "",
 ) -> tuple[Tensor, Tensor]:
-    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type,
-                           shared_expert_num, shared_expert_rank_num, global_bs, 0, comm_quant_mode, comm_type,
-                           comm_alg)
+    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type=expert_shard_type,
+                           shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
+                           global_bs=global_bs, comm_quant_mode=comm_quant_mode, comm_type=comm_type,
+                           comm_alg=comm_alg)
     expand_x, batch, top_k, capacity = _check_expand_x(params, expand_x, expert_ids)
     hidden = expand_x.shape[1]
     check_tensor("assist_info_for_combine", assist_info_for_combine, shape=(capacity * 128,), dtypes=(torch.int32,),
@@ -466,9 +469,10 @@ def combine_teardown(
     comm_type: int = 0,
     comm_alg: str = "",
 ) -> Tensor:
-    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type,
-                           shared_expert_num, shared_expert_rank_num, global_bs, 0, comm_quant_mode, comm_type,
-                           comm_alg)
+    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type=expert_shard_type,
+                           shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
+                           global_bs=global_bs, comm_quant_mode=comm_quant_mode, comm_type=comm_type,
+                           comm_alg=comm_alg)
     if shared_expert_x is not None and shared_expert_rank_num != 0:
         raise ValueError(f"shared_expert_x must be None when shared_expert_rank_num > 0 (shared experts live on "
                          f"their own ranks), got shared_expert_rank_num = {shared_expert_rank_num}")
