@@ -1,6 +1,6 @@
 """The parameters the four ops share, validated once.
 
-Owns: every documented range and relation of the scalar parameters (`spec/README.md`, "Refuse
+Owns: every documented range and relation of the scalar parameters (`docs/ops.md`, "Ranges", refused
 before communicating"), the derived quantities (local experts L, shared replicas R, capacity A,
 staging row sizes), and the shape/dtype checks of the ops' tensors. Every check runs before any
 communication and raises `ValueError` (bad value) or `TypeError` (bad type) naming the parameter,
