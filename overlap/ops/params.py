@@ -1,7 +1,7 @@
 """The parameters the four ops share, validated once.
 
 Owns: every documented range and relation of the scalar parameters (`docs/ops.md`, "Ranges", refused
-before communicating"), the derived quantities (local experts L, shared replicas R, capacity A,
+before communicating), the derived quantities (local experts L, shared replicas R, capacity A,
 staging row sizes), and the shape/dtype checks of the ops' tensors. Every check runs before any
 communication and raises `ValueError` (bad value) or `TypeError` (bad type) naming the parameter,
 the value and the allowed range. Never communicates, never reads device memory except where a
