@@ -110,6 +110,26 @@ def common_kwargs(case: Case) -> dict:
                 global_bs=case.global_bs)
 
 
+def rank_experts(case: Case, p: dict, rank: int, expand_x: torch.Tensor, dyn_scales: torch.Tensor,
+                 token_nums: torch.Tensor) -> torch.Tensor:
+    """This rank's experts on the rows dispatch_teardown laid out (dequantised for quant_mode 2):
+    `(A, H)` on the host, in case.dtype, rows past the received count zero."""
+    counts = token_nums if case.token_nums_type == 1 else torch.diff(token_nums, prepend=token_nums.new_zeros(1))
+    inputs = (expand_x.float() * dyn_scales[:, None] if case.quant == 2 else expand_x.float()).cpu()
+    out = torch.zeros(expand_x.shape, dtype=case.dtype)
+    start = 0
+    for local, c in enumerate(counts.tolist()):
+        if rank < case.shared_ranks:
+            s = rank // (case.shared_ranks // case.shared_num)
+            a, b = p["sa"][s], p["sb"][s]
+        else:
+            ex = (rank - case.shared_ranks) * case.local_experts + local
+            a, b = p["a"][ex], p["b"][ex]
+        out[start : start + c] = affine(inputs[start : start + c], a, b, case.dtype)
+        start += c
+    return out
+
+
 def run_case(case: Case) -> dict:
     """On one rank: chain the four ops over the default group, run the experts, return outputs."""
     from overlap import ops
@@ -127,19 +147,8 @@ def run_case(case: Case) -> dict:
     expand_x, dyn_scales, assist, token_nums = ops.dispatch_teardown(
         x, y, ids, cmd, group, world, rank, case.experts, quant_mode=case.quant,
         expert_token_nums_type=case.token_nums_type, **kw)
+    out = rank_experts(case, p, rank, expand_x, dyn_scales, token_nums)
     counts = token_nums if case.token_nums_type == 1 else torch.diff(token_nums, prepend=token_nums.new_zeros(1))
-    inputs = expand_x.float() * dyn_scales[:, None] if case.quant == 2 else expand_x.float()
-    out = torch.zeros(expand_x.shape, dtype=case.dtype)
-    start = 0
-    for local, c in enumerate(counts.tolist()):
-        if rank < case.shared_ranks:
-            s = rank // (case.shared_ranks // case.shared_num)
-            a, b = p["sa"][s], p["sb"][s]
-        else:
-            ex = (rank - case.shared_ranks) * case.local_experts + local
-            a, b = p["a"][ex], p["b"][ex]
-        out[start : start + c] = affine(inputs[start : start + c], a, b, case.dtype)
-        start += c
     quant_x, cmd2 = ops.combine_setup(out, ids, assist, group, world, rank, case.experts, **kw)
     shared_x = affine(x.float(), p["sa"][0], p["sb"][0], case.dtype) if case.use_shared_x else None
     x_out = ops.combine_teardown(out, quant_x, ids, expand_idx, w, cmd2, group, world, rank, case.experts,
