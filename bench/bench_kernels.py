@@ -1,6 +1,6 @@
 """Kernel throughput beside the copy bandwidth measured in the same run.
 
-Run: ``python bench/bench_kernels.py [--device cpu|cuda] [--repeats 20] [--threads N]``. For each
+Run: ``python bench/bench_kernels.py [--device cpu|cuda] [--repeats N] [--threads N]``. For each
 shape (T tokens, top-K, hidden H, bf16) it times, best of ``--repeats`` (CPU: wall clock; CUDA:
 CUDA events around each call, after a synchronize):
 
@@ -170,11 +170,13 @@ def bench_cuda(repeats: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=None, help="best of this many (default: 20 CPU, 10 CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.repeats is None:
+        args.repeats = 10 if args.device == "cuda" else 20
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16, best of {args.repeats}, "
           f"kernels mode {backend.mode()}")
     if args.device == "cuda":

@@ -4,7 +4,7 @@ Owns: turning `expert_ids` into the order rows are sent in, the per-(rank, local
 that travel with them, `expand_idx`, and the receiver-side `assist_info_for_combine` /
 `expert_token_nums`. Never communicates and never validates user input.
 
-Placement (`spec/README.md`, shared ranks first): ranks `[0, S_r)` hold shared experts, shared
+Placement (`docs/ops.md`, "Who holds which expert"; shared ranks first): ranks `[0, S_r)` hold shared experts, shared
 expert `s` on ranks `[s·R, (s+1)·R)` with `R = S_r / S_n`; routed expert `e` on rank
 `S_r + e // L`, local index `e % L`. Token `t` of rank `r` goes to its K routed experts and, when
 `S_r > 0`, to replica `s·R + r % R` of every shared expert `s`.

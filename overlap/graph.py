@@ -2,7 +2,8 @@
 
 Owns: `Node` (a frozen value with a canonical string), `Graph` (wraps an ``nx.DiGraph``), the
 passes `validate → assign_streams → insert_events → order`, `Plan` (run blocking or under asyncio,
-simulate on a cost model, print, fingerprint, export) and `check_same_order`.
+simulate on a cost model, print, fingerprint, export), `check_same_order` and the device-to-host
+clock conversion of a run's timeline (`device_to_host_clock`).
 
 **Nodes.** ``Node(op, microbatch=None, layer=None)``; its canonical string follows the grammar::
 
@@ -44,9 +45,18 @@ setup is never delayed by a teardown; the two are joined only by the events of t
 
 **Running** (`Plan.run`, `Plan.run_async`): walk the steps in order; a step waits its events on its
 stream, is submitted to its stream, and records its events. Runs of consecutive steps of one
-stream with no event in between are submitted as one job (no thread handoff between them on
-cpu). On cpu the default streams are three cached worker threads; on npu/cuda torch streams
-(compute on the current stream). Nodes are labelled for ``torch.profiler`` when it is recording.
+stream with no event in between are one job (no handoff between them). Compute runs on the
+caller's thread: on cpu the host stream (the caller waits for the events a compute step needs,
+then runs it inline: no thread handoff on the compute path), on npu/cuda the current stream. The
+comm streams are the device's pooled streams (`overlap.streams.pooled`: made once per device,
+reused by every run). `run_async`, and `run` with a timeout, put cpu compute on a pooled worker
+too, so that neither the event loop nor a caller that must give up ever runs a node itself. A
+plan in which a step waits for an event recorded later in plan order would deadlock: it is refused
+(`DeadlockError`) before anything runs. Timeline rows are collected while the plan runs and added
+once it finished: on cpu host ``perf_counter`` times around each call; on npu/cuda the device
+times of timing events recorded around each node on its stream, moved onto the host clock by one
+calibration per device (`device_to_host_clock`). Nodes are labelled for ``torch.profiler`` when it
+is recording.
 
 **Simulation** (`Plan.simulate`): a discrete-event run of the same steps on the same streams, with
 node costs and transfers on one FIFO ``"link"`` resource; a comm_wait ends no earlier than its
@@ -86,6 +96,7 @@ __all__ = [
     "insert_events",
     "order",
     "check_same_order",
+    "device_to_host_clock",
     "KINDS",
     "STREAMS",
 ]
@@ -307,7 +318,7 @@ def validate(graph: Graph | nx.DiGraph) -> nx.DiGraph:
 def assign_streams(g: nx.DiGraph) -> nx.DiGraph:
     """Return a frozen copy with a ``stream`` attribute on every node (see `STREAM_OF_KIND`)."""
     g = g.copy()
-    for node, attrs in g.nodes(data=True):
+    for _node, attrs in g.nodes(data=True):
         attrs["stream"] = STREAM_OF_KIND[attrs["kind"]]
     return nx.freeze(g)
 
@@ -409,20 +420,23 @@ def order(g: nx.DiGraph) -> Plan:
 
 
 # ---- the plan ------------------------------------------------------------------------------------
-_CPU_STREAMS: dict[str, _streams.Stream] = {}
+def _default_streams(names: Sequence[str], device: Any, *, inline: bool) -> dict[str, _streams.Stream]:
+    """The streams a plan runs on when the caller gives none.
 
-
-def _default_streams(names: Sequence[str], device: Any) -> dict[str, _streams.Stream]:
+    compute: on npu/cuda the current stream; on cpu the host stream (the calling thread runs the
+    compute itself, no handoff) when ``inline``, else the pooled ``"compute"`` worker. The comm
+    streams are the device's pooled workers / torch streams (made once per device, see
+    `overlap.streams.pooled`).
+    """
     dev = _streams.resolve_device(device)
-    if dev.type == "cpu":
-        for name in names:
-            if name not in _CPU_STREAMS or _CPU_STREAMS[name]._closed:
-                _CPU_STREAMS[name] = _streams.Stream(dev, name=name)
-        return {name: _CPU_STREAMS[name] for name in names}
     out = {}
     for name in names:
-        out[name] = (_streams.current_stream(dev) if name == "compute"
-                     else _streams.Stream(dev, name=name))
+        if name == "compute" and dev.type != "cpu":
+            out[name] = _streams.current_stream(dev)
+        elif name == "compute" and inline:
+            out[name] = _streams.host_stream()
+        else:
+            out[name] = _streams.pooled(name, dev)
     return out
 
 
@@ -430,6 +444,129 @@ def _default_streams(names: Sequence[str], device: Any) -> dict[str, _streams.St
 class _Job:
     stream: str
     steps: tuple[Step, ...]
+    # (node, kind, fn, predecessors, label) per step, computed once per plan
+    entries: tuple[tuple[Node, str, Any, tuple[Node, ...], str], ...] = ()
+
+
+def device_to_host_clock(
+    ref_host_s: float, marks_ms: Sequence[tuple[float, float]]
+) -> list[tuple[float, float]]:
+    """Convert device-event intervals onto the host ``time.perf_counter`` clock.
+
+    Args:
+        ref_host_s: the host time at which the reference device event completed (`_calibrate`).
+        marks_ms: per interval, ``(start, end)`` in milliseconds after the reference event (what
+            ``ref.elapsed_time(event)`` returns on cuda/npu).
+
+    Returns:
+        list[tuple[float, float]]: ``(start, end)`` host seconds; an end the device timestamped
+        before its start (timer resolution) is clamped to the start.
+    """
+    out = []
+    for start_ms, end_ms in marks_ms:
+        start = ref_host_s + start_ms * 1e-3
+        out.append((start, max(start, ref_host_s + end_ms * 1e-3)))
+    return out
+
+
+def _calibrate(record_and_wait: Callable[[], Any], clock: Callable[[], float] = time.perf_counter,
+               tries: int = 5) -> tuple[Any, float]:
+    """Tie a device event to the host clock: ``(event, host seconds at which it completed)``.
+
+    ``record_and_wait()`` records a timing event on an idle stream and blocks until it completed;
+    the event's instant lies between the host times taken before and after, so the midpoint of
+    the tightest of ``tries`` such brackets is used (error at most half its width).
+    """
+    best: tuple[float, Any, float] | None = None
+    for _ in range(tries):
+        before = clock()
+        event = record_and_wait()
+        after = clock()
+        if best is None or after - before < best[0]:
+            best = (after - before, event, (before + after) / 2)
+    assert best is not None
+    return best[1], best[2]
+
+
+_CLOCKS: dict[torch.device, tuple[Any, float]] = {}
+
+
+def _device_clock(dev: torch.device) -> tuple[Any, float]:
+    """The calibration of ``dev`` (npu/cuda), made once per device and reused."""
+    if dev not in _CLOCKS:
+        module = _streams._torch_module(dev)
+        module.synchronize(dev)
+
+        def record_and_wait() -> Any:
+            event = module.Event(enable_timing=True)
+            event.record(module.current_stream(dev))
+            event.synchronize()
+            return event
+
+        _CLOCKS[dev] = _calibrate(record_and_wait)
+    return _CLOCKS[dev]
+
+
+class _Run:
+    """The state of one run of a plan: results, submitted jobs, what the timeline will get."""
+
+    def __init__(self, plan: Plan, resolved: dict[str, _streams.Stream], timeline: Timeline | None) -> None:
+        self.plan = plan
+        self.resolved = resolved
+        self.timeline = timeline
+        self.results: dict[Node, Any] = {}
+        self.submitted: list[tuple[_Job, cf.Future]] = []
+        self.rows: list[tuple[str, str, float, float, str]] = []  # host-clock intervals
+        self.marks: list[tuple[str, str, str, Any, Any]] = []  # device events (npu/cuda)
+        if timeline is not None:
+            timeline.add_tracks(plan.streams)
+
+    def job_fn(self, job: _Job, stream: _streams.Stream) -> Callable[[], None]:
+        results, entries, track = self.results, job.entries, job.stream
+        rows = self.rows.append if self.timeline is not None else None
+        timer = None
+        if rows is not None and isinstance(stream, _streams._TorchStream):
+            timer = (stream._module, stream._torch, self.marks.append)
+
+        def run_job() -> None:
+            profiling = torch.autograd._profiler_enabled()
+            clock = time.perf_counter
+            for node, kind, fn, ps, label in entries:
+                inputs = {p: results[p] for p in ps}
+                if timer is not None:
+                    begin, finish = timer[0].Event(enable_timing=True), timer[0].Event(enable_timing=True)
+                    begin.record(timer[1])
+                start = clock()
+                if fn is None:
+                    out = None
+                elif profiling:
+                    with torch.profiler.record_function(label):
+                        out = fn(inputs)
+                else:
+                    out = fn(inputs)
+                results[node] = out
+                if timer is not None:
+                    finish.record(timer[1])
+                    timer[2]((track, label, kind, begin, finish))
+                elif rows is not None:
+                    rows((track, label, start, clock(), kind))
+
+        return run_job
+
+    def flush_timeline(self) -> None:
+        """Give the timeline what ran: host intervals, or device intervals once the device is done."""
+        if self.timeline is None:
+            return
+        rows = list(self.rows)
+        if self.marks:
+            for s in self.resolved.values():
+                s.synchronize()
+            dev = next(iter(self.resolved.values())).device
+            ref, ref_host = _device_clock(dev)
+            spans = device_to_host_clock(
+                ref_host, [(ref.elapsed_time(b), ref.elapsed_time(e)) for _, _, _, b, e in self.marks])
+            rows += [(track, label, a, b, kind) for (track, label, kind, _, _), (a, b) in zip(self.marks, spans)]
+        self.timeline.add_many(rows)
 
 
 @dataclass(frozen=True, eq=False)
@@ -513,100 +650,139 @@ class Plan:
     # -- running --
     def _jobs(self) -> list[_Job]:
         """Group consecutive same-stream steps: a job may wait only before its first step and
-        record only after its last."""
+        record only after its last. Computed once per plan (with each step's fn and inputs)."""
+        cached = self.__dict__.get("_jobs_cache")
+        if cached is not None:
+            return cached
+        g = self.graph
+
+        def job(steps: list[Step]) -> _Job:
+            entries = tuple((s.node, s.kind, g.nodes[s.node]["fn"], tuple(g.pred[s.node]), str(s.node))
+                            for s in steps)
+            return _Job(steps[0].stream, tuple(steps), entries)
+
         jobs: list[_Job] = []
         current: list[Step] = []
         for s in self.steps:
             if current and (s.stream != current[-1].stream or s.waits or current[-1].records):
-                jobs.append(_Job(current[0].stream, tuple(current)))
+                jobs.append(job(current))
                 current = []
             current.append(s)
         if current:
-            jobs.append(_Job(current[0].stream, tuple(current)))
+            jobs.append(job(current))
+        object.__setattr__(self, "_jobs_cache", jobs)  # frozen: a private cache, not state
         return jobs
 
-    def _submit(
-        self,
-        streams: Mapping[str, _streams.Stream] | None,
-        device: Any,
-        timeline: Timeline | None,
-    ) -> tuple[dict[Node, Any], list[tuple[_Job, cf.Future]], dict[str, _streams.Stream]]:
-        resolved = _default_streams(self.streams, device)
-        if streams is not None:
-            missing = [s for s in self.streams if s not in streams]
-            if missing:
-                raise ValueError(f"streams must map every plan stream {self.streams}, missing {missing}")
-            resolved = {name: streams[name] for name in self.streams}
-        dev = next(iter(resolved.values())).device if resolved else _streams.resolve_device(device)
+    def _check_runnable(self) -> None:
+        """A plan runs without deadlock iff every event is recorded before it is waited for, in
+        plan order (each stream runs its steps in plan order, a wait only sees earlier records).
+
+        Raises:
+            DeadlockError: names the first step that waits for an event recorded later.
+        """
+        position = {s.node: s.index for s in self.steps}
+        for s in self.steps:
+            for e in s.waits:
+                src = position[self.events[e].src]
+                if src >= s.index:
+                    raise DeadlockError(
+                        f"plan cannot run: step {s.index} ({s.node}) waits for e{e}, recorded only "
+                        f"after step {src} ({self.events[e].src}) later in plan order\n"
+                        + self.to_grid(mark=[s.index])
+                    )
+
+    def _resolve(
+        self, streams: Mapping[str, _streams.Stream] | None, device: Any, inline: bool
+    ) -> dict[str, _streams.Stream]:
+        if streams is None:
+            return _default_streams(self.streams, device, inline=inline)
+        missing = [s for s in self.streams if s not in streams]
+        if missing:
+            raise ValueError(f"streams must map every plan stream {self.streams}, missing {missing}")
+        return {name: streams[name] for name in self.streams}
+
+    def _submit(self, run: _Run, deadline: float | None, timeout: float | None = None) -> None:
+        """Queue every worker job in plan order, then run the host jobs here, inline, in order.
+
+        The host's records are deferred (`overlap.streams.defer_record`): a worker job that waits
+        for a host step is queued at once and released when the host reaches that step, so the
+        workers run as far ahead as the plan's events allow, exactly as if compute were a worker.
+        A host job first waits (here, bounded by ``deadline``) for the worker events it needs.
+        When the host stops (a failure, or the deadline), its remaining records are reached with
+        the error, so that the workers skip what depended on them, and are then cleared.
+        """
+        self._check_runnable()
+        resolved = run.resolved
+        dev = next(iter(resolved.values())).device if resolved else _streams.resolve_device(None)
         events = [_streams.Event(dev, name=f"e{e.index}") for e in self.events]
-        results: dict[Node, Any] = {}
-        g = self.graph
-        preds = {n: tuple(g.pred[n]) for n in g}
-        fns = {n: g.nodes[n]["fn"] for n in g}
-        add = timeline.add if timeline is not None else None
-        if timeline is not None:
-            timeline.add_tracks(self.streams)
-
-        def make(job: _Job) -> Callable[[], None]:
-            track = job.stream
-            entries = [(s.node, s.kind, fns[s.node], preds[s.node], str(s.node)) for s in job.steps]
-
-            def run_job() -> None:
-                profiling = torch.autograd._profiler_enabled()
-                clock = time.perf_counter
-                for node, kind, fn, ps, label in entries:
-                    inputs = {p: results[p] for p in ps}
-                    start = clock()
-                    if fn is None:
-                        out = None
-                    elif profiling:
-                        with torch.profiler.record_function(label):
-                            out = fn(inputs)
-                    else:
-                        out = fn(inputs)
-                    end = clock()
-                    results[node] = out
-                    if add is not None:
-                        add(track, label, start, end, kind)
-
-            return run_job
-
-        submitted = []
-        # Host streams run their work inside submit: submit worker jobs in plan order, and never
-        # let a host job wait for work that is not yet submitted (plan order guarantees it).
+        host_jobs: list[tuple[_Job, _streams.Stream]] = []
+        promises: dict[int, Callable[[BaseException | None], None]] = {}
         for job in self._jobs():
             stream = resolved[job.stream]
+            if stream.is_host:
+                host_jobs.append((job, stream))
+                for e in job.steps[-1].records:
+                    promises[e] = _streams.defer_record(events[e])
+                continue
             for e in job.steps[0].waits:
                 stream.wait_event(events[e])
-            submitted.append((job, stream.submit(make(job))))
+            run.submitted.append((job, stream.submit(run.job_fn(job, stream))))
             for e in job.steps[-1].records:
                 stream.record_event(events[e])
-        return results, submitted, resolved
+        error: BaseException | None = None
+        try:
+            for job, stream in host_jobs:
+                try:
+                    for e in job.steps[0].waits:
+                        left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+                        events[e].synchronize(left)
+                except CommTimeoutError as exc:
+                    error = exc
+                    raise CommTimeoutError(self._timeout_message(run.results, timeout)) from None
+                except BaseException as exc:  # noqa: BLE001 - a worker's failure: its future carries it
+                    error = exc
+                    return
+                try:
+                    run.job_fn(job, stream)()
+                except BaseException as exc:  # noqa: BLE001 - raised by `_finish`, with a note
+                    error = exc
+                    future: cf.Future = cf.Future()
+                    future.set_exception(exc)
+                    run.submitted.append((job, future))
+                    return
+                for e in job.steps[-1].records:
+                    promises.pop(e)(None)
+        finally:
+            if promises:
+                for reach in promises.values():
+                    reach(error)
+                for stream in resolved.values():
+                    stream.clear_after()
 
-    def _finish(
-        self,
-        results: dict[Node, Any],
-        submitted: list[tuple[_Job, cf.Future]],
-        resolved: dict[str, _streams.Stream],
-    ) -> dict[Node, Any]:
+    def _finish(self, run: _Run) -> dict[Node, Any]:
         error: BaseException | None = None
         failed_job: _Job | None = None
-        for job, future in submitted:
+        # Errors only travel forward in plan order: the earliest failed step is where it arose.
+        for job, future in sorted(run.submitted, key=lambda jf: jf[0].steps[0].index):
             exc = future.exception()
             if exc is not None and error is None:
                 error, failed_job = exc, job
         if error is not None:
-            for stream in resolved.values():  # clear the poison so the streams can be reused
+            assert failed_job is not None
+            for stream in run.resolved.values():  # clear the poison so the streams can be reused
                 try:
                     stream.synchronize()
                 except BaseException:  # noqa: BLE001 - the same error, reported below
                     pass
-            failed = next((s.node for s in failed_job.steps if s.node not in results),
+            run.flush_timeline()
+            failed = next((s.node for s in failed_job.steps if s.node not in run.results),
                           failed_job.steps[0].node)
             note = f"(while running plan step {failed} on stream {failed_job.stream!r})"
             if note not in getattr(error, "__notes__", ()):
                 error.add_note(note)
             raise error
+        run.flush_timeline()
+        results = run.results
         return {s.node: results[s.node] for s in self.steps}
 
     def run(
@@ -620,11 +796,16 @@ class Plan:
         """Run the plan and block until every node has finished.
 
         Args:
-            streams: a `Stream` per plan stream name; None: the defaults for ``device`` (cpu:
-                three cached worker threads; npu/cuda: compute on the current stream).
+            streams: a `Stream` per plan stream name; None: the defaults for ``device``: compute
+                on the calling thread (cpu: the host stream, no handoff; npu/cuda: the current
+                stream), comm on the device's pooled streams (made once, reused by every run).
+                With a ``timeout`` on cpu, compute runs on a pooled worker instead, so that the
+                caller can give up on a node that never returns.
             device: the device when ``streams`` is None (None: ``torch.get_default_device()``).
             timeline: if given, one interval per node is added (track = stream name, kind =
-                node kind, ``time.perf_counter`` seconds; on npu/cuda these are launch times).
+                node kind, ``time.perf_counter`` seconds). On cpu the host times around the
+                node's call; on npu/cuda the device times of events recorded around it on its
+                stream, read once the plan finished and moved onto the host clock.
             timeout: seconds to wait for the whole plan; None waits forever.
 
         Returns:
@@ -634,14 +815,18 @@ class Plan:
             BaseException: the first exception raised by a node (original traceback, with a note
                 naming the step); the streams are clean again afterwards.
             CommTimeoutError: ``timeout`` passed; the message names the unfinished nodes.
+            DeadlockError: a step waits for an event recorded later in plan order.
         """
         if timeout is not None:
             _check_seconds(timeout, "timeout")
-        results, submitted, resolved = self._submit(streams, device, timeline)
-        done, pending = cf.wait([f for _, f in submitted], timeout=timeout)
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        run = _Run(self, self._resolve(streams, device, inline=timeout is None), timeline)
+        self._submit(run, deadline, timeout)
+        left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+        _, pending = cf.wait([f for _, f in run.submitted], timeout=left)
         if pending:
-            raise CommTimeoutError(self._timeout_message(results, timeout))
-        return self._finish(results, submitted, resolved)
+            raise CommTimeoutError(self._timeout_message(run.results, timeout))
+        return self._finish(run)
 
     async def run_async(
         self,
@@ -651,8 +836,8 @@ class Plan:
         timeline: Timeline | None = None,
         timeout: float | None = None,
     ) -> dict[Node, Any]:
-        """Like `run`, but ``await``-able: the event loop is never blocked (the steps run on
-        worker streams; this coroutine awaits their futures).
+        """Like `run`, but ``await``-able: the event loop is never blocked (on cpu every step
+        runs on a worker stream, compute included; this coroutine awaits their futures).
 
         Raises:
             ValueError: a stream in ``streams`` is the host stream (it would run on the loop).
@@ -663,12 +848,14 @@ class Plan:
             hosts = [name for name, s in streams.items() if s.is_host]
             if hosts:
                 raise ValueError(f"streams must be worker streams under asyncio, got host for {hosts}")
-        results, submitted, resolved = self._submit(streams, device, timeline)
-        waiters = [asyncio.wrap_future(f) for _, f in submitted]
-        _, pending = await asyncio.wait(waiters, timeout=timeout)
-        if pending:
-            raise CommTimeoutError(self._timeout_message(results, timeout))
-        return self._finish(results, submitted, resolved)
+        run = _Run(self, self._resolve(streams, device, inline=False), timeline)
+        self._submit(run, None)
+        waiters = [asyncio.wrap_future(f) for _, f in run.submitted]
+        if waiters:
+            _, pending = await asyncio.wait(waiters, timeout=timeout)
+            if pending:
+                raise CommTimeoutError(self._timeout_message(run.results, timeout))
+        return self._finish(run)
 
     def _timeout_message(self, results: Mapping[Node, Any], timeout: float | None) -> str:
         left = [str(s.node) for s in self.steps if s.node not in results]

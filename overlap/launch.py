@@ -40,10 +40,13 @@ class RankError(RuntimeError):
 
 
 def threads_per_rank(world: int, cores: int | None = None) -> int:
-    """Intra-op threads for each of `world` local ranks: the cores shared out, at least 1."""
+    """Intra-op threads for each of `world` local ranks: the cores shared out, at least 1, keeping one
+    core of each rank's share for its comm threads (setup/teardown workers, the transport) once the
+    share is 4 cores or more, so that ranks x threads never oversubscribe the host."""
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(world, 1))
+    share = max(1, cores // max(world, 1))
+    return share - 1 if share >= 4 else share
 
 
 def rank_device(kind: str, local_rank: int) -> torch.device:

@@ -1,6 +1,7 @@
 """Streams and events, one abstraction over ``torch.npu``, ``torch.cuda`` and the CPU.
 
-Owns: `Stream`, `Event`, `current_stream`, the `stream` context and `synchronize`.
+Owns: `Stream`, `Event`, `current_stream`, `host_stream`, the per-device stream pool (`pooled`),
+the `stream` context and `synchronize`.
 
 * **npu / cuda**: a `Stream` wraps a ``torch.<dev>.Stream`` and an `Event` a ``torch.<dev>.Event``.
   `Stream.submit` runs the callable at once on the calling thread under the torch stream context,
@@ -26,15 +27,21 @@ Semantics shared by every backend (as in ``torch.cuda``):
   thread calling ``future.result()``, ``Event.synchronize()`` or ``Stream.synchronize()``. A
   stream's ``synchronize()`` reports the poison once and leaves the stream clean again.
 
+Pool: `pooled(name, device)` hands out one stream per (device, name) for the life of the process,
+so that runners (`overlap.graph.Plan.run`) reuse their streams instead of making new ones per run.
+
 Shutdown: workers are daemon threads, `Stream.close` stops one (after the work already queued),
-and an ``atexit`` hook closes every live worker without blocking the interpreter's exit.
+and an ``atexit`` hook empties the pool and closes every live worker without blocking the
+interpreter's exit.
 
 This module must never import ``torch_npu`` unless an ``npu`` device is used, never create a
-stream when given ``None``, and never run a CPU job on a thread other than its stream's worker.
+stream when given ``None``, and never run a CPU job on a thread other than its stream's worker
+(the host stream's worker is the thread that submits).
 """
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import concurrent.futures as cf
 import contextlib
@@ -56,6 +63,9 @@ __all__ = [
     "stream",
     "synchronize",
     "resolve_device",
+    "host_stream",
+    "pooled",
+    "defer_record",
 ]
 
 _DEVICE_TYPES = ("cpu", "cuda", "npu")
@@ -107,16 +117,37 @@ def _torch_module(device: torch.device) -> Any:
 
 
 class _Marker:
-    """One record of a CPU event: set when the stream reaches it; carries the stream's poison."""
+    """One record of a CPU event: set when the stream reaches it; carries the stream's poison.
 
-    __slots__ = ("done", "error")
+    A bare ``_thread`` lock held until `set` (not a ``threading.Event``, whose Condition costs
+    several µs of Python per wait): a waiter blocks in C on the lock and passes it on.
+    """
 
-    def __init__(self) -> None:
-        self.done = threading.Event()
+    __slots__ = ("_lock", "is_set", "error")
+
+    def __init__(self, done: bool = False) -> None:
+        self._lock = _thread.allocate_lock()
+        self.is_set = done
         self.error: BaseException | None = None
+        if not done:
+            self._lock.acquire()
+
+    def set(self) -> None:
+        self.is_set = True
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until `set` (or ``timeout`` seconds); return whether it was set."""
+        if self.is_set:
+            return True
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        self._lock.release()  # let the next waiter through
+        return True
 
 
-_RUN, _RECORD, _WAIT = 0, 1, 2
+_DONE = _Marker(done=True)  # the record of a host event: reached at once, never poisoned
+_RUN, _RECORD, _WAIT, _CLEAR = 0, 1, 2, 3
 
 
 def _add_note(exc: BaseException, note: str) -> None:
@@ -198,6 +229,10 @@ class Stream:
     def close(self, timeout: float | None = 1.0) -> None:
         """Stop accepting work; the work already queued still runs (cpu workers). Idempotent."""
 
+    def clear_after(self) -> None:
+        """Let work submitted from now on run even if earlier work failed (cpu workers; elsewhere
+        nothing to do). Returns at once."""
+
     def __enter__(self) -> Stream:
         _stack().append(self)
         return self
@@ -245,11 +280,13 @@ class _CpuStream(Stream):
                 self._num_finished += 1
             elif tag == _RECORD:  # a: _Marker
                 a.error = self._error
-                a.done.set()
-            else:  # _WAIT, a: _Marker
-                a.done.wait()
+                a.set()
+            elif tag == _WAIT:  # a: _Marker
+                a.wait()
                 if a.error is not None and self._error is None:
                     self._error = a.error
+            else:  # _CLEAR: later work runs again, whatever poisoned the earlier work
+                self._error = None
 
     def _put(self, item: tuple) -> None:
         if self._closed:
@@ -273,7 +310,7 @@ class _CpuStream(Stream):
 
     def wait_event(self, event: Event) -> None:
         marker = _check_cpu_event(event)
-        if marker is not None:
+        if marker is not None and not (marker.is_set and marker.error is None):  # else: no-op
             self._put((_WAIT, marker, None))
 
     def synchronize(self, timeout: float | None = None) -> None:
@@ -286,6 +323,11 @@ class _CpuStream(Stream):
 
     def query(self) -> bool:
         return self._num_finished == self._num_submitted
+
+    def clear_after(self) -> None:
+        """Let work submitted from now on run even if work queued before was poisoned (that work
+        is still skipped, its futures still fail). Returns at once."""
+        self._put((_CLEAR, None, None))
 
     def close(self, timeout: float | None = 1.0) -> None:
         if self._closed:
@@ -313,9 +355,7 @@ class _HostStream(Stream):
 
     def record_event(self, event: Event | None = None) -> Event:
         event = Event(self.device) if event is None else event
-        marker = _Marker()
-        marker.done.set()
-        event._marker = marker
+        event._marker = _DONE
         return event
 
     def wait_event(self, event: Event) -> None:
@@ -419,10 +459,33 @@ class Event:
         """Return at once whether the latest record has been reached (True if never recorded)."""
         if self.device.type != "cpu":
             return self._torch is None or bool(self._torch.query())
-        return self._marker is None or self._marker.done.is_set()
+        return self._marker is None or self._marker.is_set
 
     def __repr__(self) -> str:
         return f"Event(device={str(self.device)!r}, name={self.name!r})"
+
+
+def defer_record(event: Event) -> Callable[[BaseException | None], None]:
+    """Record a cpu ``event`` at a point the caller will reach later, and return how to reach it.
+
+    The host stream runs its work inside `submit`, so it can only record what it has already run;
+    a runner that queues worker work ahead of the host's (`overlap.graph.Plan.run`) records the
+    host's events this way first: waits made from now on wait for this record. Call the returned
+    function exactly once: with None when the host reached the point, or with the exception that
+    stopped it (waiting streams are then poisoned with it, as by a failed worker job).
+
+    Raises:
+        TypeError: ``event`` is not a cpu `Event`.
+    """
+    _check_cpu_event(event)
+    marker = _Marker()
+    event._marker = marker
+
+    def reach(error: BaseException | None = None) -> None:
+        marker.error = error
+        marker.set()
+
+    return reach
 
 
 def _check_cpu_event(event: Event) -> _Marker | None:
@@ -436,7 +499,7 @@ def _check_cpu_event(event: Event) -> _Marker | None:
 def _wait_marker(marker: _Marker, timeout: float | None, what: str) -> None:
     if timeout is not None and timeout < 0:
         raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout}")
-    if not marker.done.wait(timeout):
+    if not marker.wait(timeout):
         raise CommTimeoutError(f"{what} not reached within {timeout} s")
 
 
@@ -449,6 +512,37 @@ def _stack() -> list[Stream]:
     if stack is None:
         stack = _local.stack = []
     return stack
+
+
+def host_stream() -> Stream:
+    """The cpu host stream: the calling thread itself (work submitted to it runs inside `submit`)."""
+    return _host
+
+
+_pool: dict[tuple[torch.device, str], Stream] = {}
+_pool_lock = threading.Lock()
+
+
+def pooled(name: str, device: torch.device | str | None = None) -> Stream:
+    """The process-wide stream called ``name`` on ``device``: made on first use, then reused.
+
+    One per (device, name) for the life of the process (a cpu worker thread, or a torch stream on
+    npu/cuda, where a device without an index means the current one); closed at interpreter exit.
+    A pooled cpu worker that was closed is replaced by a new one.
+
+    Args:
+        name: the stream's label (``"comm_setup"``).
+        device: the device (None: ``torch.get_default_device()``).
+    """
+    dev = resolve_device(device)
+    if dev.type != "cpu" and dev.index is None:
+        dev = torch.device(dev.type, _torch_module(dev).current_device())
+    key = (dev, name)
+    with _pool_lock:
+        s = _pool.get(key)
+        if s is None or getattr(s, "_closed", False):
+            s = _pool[key] = Stream(dev, name=name)
+        return s
 
 
 def current_stream(device: torch.device | str | None = None) -> Stream:
@@ -511,5 +605,6 @@ def synchronize(device: torch.device | str | None = None, timeout: float | None 
 @atexit.register
 def _close_all() -> None:
     deadline = time.monotonic() + 1.0
+    _pool.clear()
     for worker in list(_workers):
         worker.close(timeout=max(0.0, deadline - time.monotonic()))

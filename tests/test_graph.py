@@ -228,21 +228,16 @@ def test_run_timeout_names_unfinished_nodes():
 async def test_run_async_does_not_block_the_event_loop():
     import asyncio
 
-    ticks = 0
-
-    async def ticker():
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.002)
-
-    fns = {"dispatch_teardown@mb0": lambda inputs: time.sleep(0.05) or "landed"}
+    gate = threading.Event()
+    fns = {"dispatch_teardown@mb0": lambda inputs: "landed" if gate.wait(30) else "the loop never opened the gate"}
     plan = build(moe_edges(1), fns=fns).plan()
-    task = asyncio.create_task(ticker())
-    results = await plan.run_async(timeout=30)
-    task.cancel()
+
+    async def opener():
+        await asyncio.sleep(0)
+        gate.set()  # runs only if the plan's run left the event loop free
+
+    results, _ = await asyncio.gather(plan.run_async(timeout=60), opener())
     assert results[Node.parse("dispatch_teardown@mb0")] == "landed"
-    assert ticks >= 3
 
 
 # ---- the MoE-shaped overlap check ----------------------------------------------------------------
@@ -301,7 +296,10 @@ def moe_graph(timeline: Timeline) -> Graph:
     return build(moe_edges(), fns=fns, **attrs)
 
 
-def test_moe_two_microbatches_overlap_and_simulation_predicts_run(tmp_path):
+def test_moe_two_microbatches_simulation_and_run_agree_on_order(tmp_path):
+    """The simulator's analytic answer, and the run's per-stream and link order equal to the
+    simulated ones. How much the run overlapped (and its speed) is measured by
+    `bench/bench_graph_overlap.py`, not asserted: timing is not a test."""
     measured = Timeline()
     plan = moe_graph(measured).plan()
     simulated = plan.simulate()
@@ -311,9 +309,9 @@ def test_moe_two_microbatches_overlap_and_simulation_predicts_run(tmp_path):
     # Analytically: 4 transfers of 20 ms, the last one exposed -> 75 % hidden, makespan 140 ms.
     assert sim.hidden_fraction == pytest.approx(0.75)
     assert sim.makespan == pytest.approx(0.140)
-    assert meas.comm_source == "comm" and meas.hidden_fraction > 0.5
-    assert meas.speedup > 1.1
-    assert 0.8 * sim.makespan < meas.makespan < 1.6 * sim.makespan
+    assert meas.comm_source == "comm"
+    assert [iv.name for iv in measured.intervals if iv.kind == "comm"] == [
+        "dispatch_setup@mb0", "dispatch_setup@mb1", "combine_setup@mb0", "combine_setup@mb1"]
     for track in plan.streams:
         assert simulated.order(track) == measured.order(track)
     assert simulated.order("link") == measured.order("link")
@@ -362,3 +360,220 @@ def test_dot_marks_event_edges_dashed():
     assert dot.count("style=dashed") == len(plan.events) == 5
     assert '"route@mb0" -> "combine_teardown@mb0";' in dot
     assert dot == build(moe_edges(1), seed=7).plan().to_dot()
+
+
+# ---- host-inline compute, pooled streams, deadlock, device clock (appended) ---------------------
+def thread_recording_fns(nodes):
+    seen: dict[str, int] = {}
+
+    def make(name):
+        def fn(inputs):
+            seen[name] = threading.get_ident()
+            return name
+        return fn
+    return {n: make(n) for n in nodes}, seen
+
+
+def test_compute_runs_on_the_calling_thread_and_comm_streams_are_reused():
+    edges = moe_edges(2)
+    nodes = sorted({n for e in edges for n in e})
+    comm_threads = []
+    for _ in range(3):
+        fns, seen = thread_recording_fns(nodes)
+        build(edges, fns=fns).plan().run()
+        me = threading.get_ident()
+        compute = {n for n in nodes if Node.parse(n).default_kind == "compute"}
+        assert {seen[n] for n in compute} == {me}
+        setup = {seen[n] for n in nodes if Node.parse(n).default_kind == "comm_issue"}
+        teardown = {seen[n] for n in nodes if Node.parse(n).default_kind == "comm_wait"}
+        assert len(setup) == len(teardown) == 1 and me not in setup | teardown and setup != teardown
+        comm_threads.append((setup.pop(), teardown.pop()))
+    assert len(set(comm_threads)) == 1  # the same two workers every run: made once, reused
+    before = threading.active_count()
+    for _ in range(10):
+        build(edges).plan().run()
+    assert threading.active_count() == before
+
+
+def test_run_with_a_timeout_runs_compute_on_a_worker():
+    fns, seen = thread_recording_fns(["a", "b"])
+    build([("a", "b")], fns=fns).plan().run(timeout=30)
+    assert seen["a"] == seen["b"] != threading.get_ident()
+
+
+def test_run_rejects_a_plan_that_would_deadlock():
+    plan = build([("a_setup@mb0", "a_teardown@mb0"), ("a_teardown@mb0", "b@mb0"),
+                  ("b@mb0", "c_setup@mb0"), ("c_setup@mb0", "c_teardown@mb0")]).plan()
+    steps = list(plan.steps)
+    a, c = steps[0], steps[3]
+    steps[0] = Step(0, c.node, c.kind, c.stream, c.waits, c.records)
+    steps[3] = Step(3, a.node, a.kind, a.stream, a.waits, a.records)
+    broken = Plan(plan.streams, tuple(steps), plan.events, plan.graph)
+    with pytest.raises(DeadlockError, match=r"step 0 \(c_setup@mb0\) waits for e\d, recorded only after "
+                                            r"step 2 \(b@mb0\)(.|\n)*>> +0 \|"):
+        broken.run()
+
+
+def test_host_compute_error_stops_the_run_and_names_the_step():
+    ran: list[str] = []
+
+    def log(name):
+        return lambda inputs: ran.append(name)
+
+    def explode(inputs):
+        raise ZeroDivisionError("expert kernel failed")
+
+    edges = moe_edges(2)
+    nodes = sorted({n for e in edges for n in e})
+    fns = {n: log(n) for n in nodes}
+    fns["experts@mb0"] = explode
+    plan = build(edges, fns=fns).plan()
+    with pytest.raises(ZeroDivisionError, match="expert kernel failed") as info:
+        plan.run()
+    assert any("experts@mb0" in n and "'compute'" in n for n in info.value.__notes__)
+    after = [str(s.node) for s in plan.steps[[str(s.node) for s in plan.steps].index("experts@mb0") + 1:]]
+    assert not set(after) & set(ran)  # nothing after the failed step was started
+    assert len(build(edges).plan().run()) == 12  # the pooled streams are clean again
+
+
+def test_worker_error_reaches_the_host_wait_and_stops_the_run():
+    ran: list[str] = []
+
+    def explode(inputs):
+        raise ConnectionResetError("peer gone")
+
+    edges = moe_edges(1)
+    fns = {"dispatch_teardown@mb0": explode, "experts@mb0": lambda inputs: ran.append("experts")}
+    with pytest.raises(ConnectionResetError, match="peer gone") as info:
+        build(edges, fns=fns).plan().run()
+    assert any("dispatch_teardown@mb0" in n for n in info.value.__notes__)
+    assert ran == []
+    assert len(build(edges).plan().run()) == 6
+
+
+def test_host_wait_honours_the_timeout():
+    from overlap import streams as st
+
+    gate = threading.Event()
+    fns = {"dispatch_teardown@mb0": lambda inputs: gate.wait(30)}
+    plan = build(moe_edges(1), fns=fns).plan()
+    given = {"compute": st.host_stream(), "comm_setup": st.Stream("cpu", name="t_setup"),
+             "comm_teardown": st.Stream("cpu", name="t_teardown")}
+    try:
+        with pytest.raises(CommTimeoutError, match=r"within 0.05 s; 4 nodes unfinished: "
+                                                  r"dispatch_teardown@mb0, experts@mb0,"):
+            plan.run(given, timeout=0.05)
+        gate.set()
+        assert len(plan.run(given, timeout=30)) == 6
+    finally:
+        gate.set()
+        for name in ("comm_setup", "comm_teardown"):
+            given[name].close()
+
+
+def test_timeline_gets_one_interval_per_node_after_the_run():
+    edges = moe_edges(2)
+    plan = build(edges).plan()
+    tl = Timeline()
+    t0 = time.perf_counter()
+    plan.run(timeline=tl)
+    t1 = time.perf_counter()
+    ivs = tl.intervals
+    assert sorted(iv.name for iv in ivs) == sorted(str(n) for n in plan.nodes)
+    assert all(t0 <= iv.start <= iv.end <= t1 for iv in ivs)
+    assert {iv.track: iv.kind for iv in ivs} == {"compute": "compute", "comm_setup": "comm_issue",
+                                                "comm_teardown": "comm_wait"}
+    assert tl.order("compute") == [str(s.node) for s in plan.steps if s.stream == "compute"]
+    assert tl.tracks[:3] == plan.streams
+
+
+def test_device_to_host_clock_and_calibration_are_pure():
+    from overlap.graph import _calibrate, device_to_host_clock
+
+    # Intervals in ms after the reference event; the reference completed at host second 100.
+    assert device_to_host_clock(100.0, [(0.0, 2.5), (1.0, 1.0), (3.0, 2.999)]) == [
+        (100.0, 100.0025), (100.001, 100.001), (100.003, 100.003)]
+    # Brackets of width 4, 1, 3 (fake clock): the tightest one's midpoint and its event win.
+    ticks = iter([0.0, 4.0, 10.0, 11.0, 20.0, 23.0])
+    events = iter(["e0", "e1", "e2"])
+    assert _calibrate(lambda: next(events), clock=lambda: next(ticks), tries=3) == ("e1", 10.5)
+
+
+class _FakeDevice:
+    """A stand-in for torch.cuda on CPU: kernels 'run' at launch, advancing a device clock (ms)."""
+
+    now_ms = 0.0
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            self.t = None
+
+        def record(self, stream=None) -> None:
+            self.t = _FakeDevice.now_ms
+
+        def elapsed_time(self, other) -> float:
+            return other.t - self.t
+
+        def synchronize(self) -> None:
+            pass
+
+        def query(self) -> bool:
+            return True
+
+    class Stream:
+        def __init__(self) -> None:
+            self.synced = 0
+
+        def wait_event(self, event) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            self.synced += 1
+
+        def query(self) -> bool:
+            return True
+
+    @staticmethod
+    def stream(s):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def test_device_timeline_path_with_a_fake_device(monkeypatch):
+    """The npu/cuda branch of Plan.run (events around each node, read after, moved onto the host
+    clock) on CPU, with a fake device whose kernels advance its clock by each node's cost."""
+    import torch
+
+    from overlap import graph as graph_mod
+    from overlap import streams as st
+
+    monkeypatch.setattr(st, "_torch_module", lambda dev: _FakeDevice)
+    ref = _FakeDevice.Event()
+    ref.record()  # the reference event at device time 0 ms completed at host second 50
+    monkeypatch.setitem(graph_mod._CLOCKS, torch.device("cuda"), (ref, 50.0))
+    cost_ms = {"route@mb0": 3.0, "dispatch_setup@mb0": 0.5, "dispatch_teardown@mb0": 2.0,
+               "experts@mb0": 7.0, "combine_setup@mb0": 0.5, "combine_teardown@mb0": 1.0}
+
+    def kernel(name):
+        def fn(inputs):
+            _FakeDevice.now_ms += cost_ms[name]
+            return name
+        return fn
+
+    plan = build(moe_edges(1), fns={n: kernel(n) for n in cost_ms}).plan()
+    given = {name: st._TorchStream("cuda", name=name, torch_stream=_FakeDevice.Stream())
+             for name in plan.streams}
+    tl = Timeline()
+    out = plan.run(given, timeline=tl)
+    assert out[Node.parse("experts@mb0")] == "experts@mb0"
+    assert all(s._torch.synced >= 1 for s in given.values())  # read only after the device finished
+    expected, t = {}, 0.0
+    for s in plan.steps:  # every node is launched in plan order; the fake device runs it at once
+        expected[str(s.node)] = (s.stream, 50.0 + t / 1e3, 50.0 + (t + cost_ms[str(s.node)]) / 1e3)
+        t += cost_ms[str(s.node)]
+    got = {iv.name: (iv.track, iv.start, iv.end) for iv in tl.intervals}
+    assert got.keys() == expected.keys()
+    for name, (track, start, end) in expected.items():
+        assert got[name][0] == track
+        assert got[name][1:] == pytest.approx((start, end), abs=1e-9)

@@ -109,6 +109,18 @@ def test_weighted_combine_through_the_public_function_equals_the_reference(n, to
     assert bool((outs["triton"][n:] == 3.0).all())
 
 
+def test_combine_in_kernel_cast_runs_and_lands_on_a_neighbour_of_the_accumulator():
+    """The GPU's path (the kernel casts): the interpreter truncates, so only a neighbour is checked here."""
+    rows, positions, weights, shared_positions, extra = _combine_case(6, 3, 1030, 1, True, torch.bfloat16, seed=5)
+    acc = torch.empty(6, 1030)
+    tk.combine_accumulate(rows, positions, weights, shared_positions=shared_positions, extra=extra, out=acc)
+    out = torch.empty(6, 1030, dtype=torch.bfloat16)
+    tk.combine_accumulate(rows, positions, weights, shared_positions=shared_positions, extra=extra, out=out)
+    nearest = acc.to(torch.bfloat16)
+    toward_zero = (acc.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)  # drop the low 16 bits
+    assert bool(((out == nearest) | (out == toward_zero)).all())
+
+
 # ---------------------------------------------------------------------------------------------
 # gather / scatter
 # ---------------------------------------------------------------------------------------------

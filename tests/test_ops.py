@@ -4,12 +4,11 @@ needed); plus the shapes and dtypes of every output and the fire-and-forget beha
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
 
+from .gates import LinkGates
 from .reference import Case, build, dense_reference, run_case
 
 CASES = [
@@ -102,24 +101,24 @@ def test_expand_idx_counts_earlier_entries_to_the_same_expert(rank_pools):
         assert expand_idx.dtype == torch.int32 and expand_idx.tolist() == expected
 
 
-def _in_flight_case(case: Case, latency_s: float) -> dict:
-    """Setup returns while the (emulated) transfer is still in flight; dropping and overwriting
-    every caller tensor before the teardowns leaves the result unchanged."""
+def _in_flight_case(case: Case) -> dict:
+    """Setup returns while its transfer is held open on the link (a gate, not a time); dropping and
+    overwriting every caller tensor before the teardowns leaves the result unchanged."""
     from overlap import ops
 
-    ops.configure(link=ops.EmulatedLink(latency_s=latency_s, bandwidth_bytes_per_s=1e12))
+    gates = LinkGates(hold={0, 1})  # exchange 0: the dispatch, 1: the combine
+    ops.configure(link=gates.link())
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         p = build(case)
         g = dist.group.WORLD.group_name
         x, ids = p["x"][rank].clone(), p["ids"][rank].clone()
-        t0 = time.perf_counter()
         y, expand_idx, cmd = ops.dispatch_setup(x, ids, g, world, rank, case.experts)
-        setup_s = time.perf_counter() - t0
         was_in_flight = [not t.is_complete for t in ops.in_flight(g)]
         x.fill_(7.0)  # overwrite the caller's tokens and the staging buffer: the send keeps its copy
         y.fill_(0)
         del x
+        gates.release(0)
         expand_x, _, assist, nums = ops.dispatch_teardown(p["x"][rank], y, ids, cmd, g, world, rank, case.experts)
         out = torch.zeros_like(expand_x)
         start = 0
@@ -130,64 +129,69 @@ def _in_flight_case(case: Case, latency_s: float) -> dict:
         qx, cmd2 = ops.combine_setup(out, ids, assist, g, world, rank, case.experts)
         combine_in_flight = [not t.is_complete for t in ops.in_flight(g)]
         out.fill_(3.0)  # expand_x may be reused as soon as combine_setup returns
+        gates.release(1)
         x_out = ops.combine_teardown(out, qx, ids, expand_idx, p["weights"][rank], cmd2, g, world, rank, case.experts)
-        return {"setup_s": setup_s, "in_flight": was_in_flight, "combine_in_flight": combine_in_flight,
-                "x_out": x_out, "remaining": len(ops.in_flight(g))}
+        return {"in_flight": was_in_flight, "combine_in_flight": combine_in_flight, "x_out": x_out,
+                "remaining": len(ops.in_flight(g)), "expired": gates.expired}
     finally:
+        gates.release_all()
         ops.configure(link=None)
 
 
 def test_setup_returns_before_the_transfer_lands_and_owns_its_buffers(rank_pools):
     case = Case(world=2, batches=(4, 4))
-    latency = 0.5
-    results = rank_pools(2).run(_in_flight_case, case, latency)
+    results = rank_pools(2).run(_in_flight_case, case)
     reference = dense_reference(case)
     for rank, res in enumerate(results):
+        # Each setup returned while its gate was closed: the transfer could not have landed yet.
         assert res["in_flight"] == [True] and res["combine_in_flight"] == [True]
-        assert res["setup_s"] < latency
+        assert res["expired"] == []  # no setup waited for its own transfer
         assert res["remaining"] == 0
         assert torch.equal(res["x_out"], reference[rank])
 
 
-def _await_case(case: Case, latency_s: float) -> dict:
-    """An in-flight transfer is awaitable under asyncio without blocking the event loop."""
+def _await_case(case: Case) -> dict:
+    """An in-flight transfer is awaitable under asyncio without blocking the event loop: while one
+    task awaits the held transfer, another task on the same loop runs and opens the gate."""
     import asyncio
 
     from overlap import ops
 
-    ops.configure(link=ops.EmulatedLink(latency_s=latency_s, bandwidth_bytes_per_s=1e12))
+    gates = LinkGates(hold={0})
+    ops.configure(link=gates.link())
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         p = build(case)
         g = dist.group.WORLD.group_name
         x, ids = p["x"][rank], p["ids"][rank]
 
-        async def main() -> tuple[int, bool]:
-            ticks = 0
-
-            async def ticker() -> None:
-                nonlocal ticks
-                while True:
-                    ticks += 1
-                    await asyncio.sleep(0.01)
-
-            task = asyncio.create_task(ticker())
+        async def main() -> dict:
             y, _, cmd = ops.dispatch_setup(x, ids, g, world, rank, case.experts)
             handle = ops.transfer_of(cmd)
-            await handle
-            landed = handle.is_complete
-            task.cancel()
-            ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, case.experts)
-            return ticks, landed
+            seen = {}
 
-        ticks, landed = asyncio.run(main())
-        return {"ticks": ticks, "landed": landed}
+            async def opener() -> None:
+                await asyncio.sleep(0)
+                seen["pending_while_loop_ran"] = not waiter.done() and not handle.is_complete
+                gates.release(0)
+
+            async def wait() -> None:
+                await handle
+
+            waiter = asyncio.ensure_future(wait())
+            await asyncio.gather(waiter, opener())
+            seen["landed"] = handle.is_complete
+            ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, case.experts)
+            return seen
+
+        seen = asyncio.run(main())
+        seen["expired"] = gates.expired
+        return seen
     finally:
+        gates.release_all()
         ops.configure(link=None)
 
 
 def test_transfer_handles_are_awaitable_without_blocking_the_loop(rank_pools):
-    latency = 0.3
-    for res in rank_pools(2).run(_await_case, Case(world=2, batches=(4, 4)), latency):
-        assert res["landed"]
-        assert res["ticks"] >= 5  # the loop kept running while the transfer was in flight
+    for res in rank_pools(2).run(_await_case, Case(world=2, batches=(4, 4))):
+        assert res == {"pending_while_loop_ran": True, "landed": True, "expired": []}

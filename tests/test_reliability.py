@@ -328,7 +328,8 @@ def _disagreeing_case(name: str) -> tuple[str, str, torch.Tensor]:
         outcome = _outcome(ops.dispatch_teardown, x, y, ids, cmd, group, world, rank, experts,
                            quant_mode=case.quant, **kw)
     else:  # a combine where the peer issues a dispatch: nothing to send, a well-formed call
-        params = ops.MoeCommParams(group, world, rank, experts, 0, case.shared_num, case.shared_ranks, 0)
+        params = ops.MoeCommParams(group, world, rank, experts, shared_expert_num=case.shared_num,
+                                   shared_expert_rank_num=case.shared_ranks)
         capacity = params.capacity(x.shape[0], ids.shape[1])
         expand_x = torch.zeros(capacity, case.hidden, dtype=case.dtype)
         assist = torch.zeros(capacity * 128, dtype=torch.int32)
@@ -409,8 +410,8 @@ def _combine_inputs(c: dict) -> tuple[torch.Tensor, torch.Tensor]:
     from overlap.ops import MoeCommParams
 
     case = c["case"]
-    params = MoeCommParams(c["group"], c["world"], c["rank"], case.experts, 0, case.shared_num, case.shared_ranks,
-                           case.global_bs)
+    params = MoeCommParams(c["group"], c["world"], c["rank"], case.experts, shared_expert_num=case.shared_num,
+                           shared_expert_rank_num=case.shared_ranks, global_bs=case.global_bs)
     capacity = params.capacity(c["x"].shape[0], c["ids"].shape[1])
     from overlap.ops.portable import _quant_expand_x_shape
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .reference import Case, affine, build, common_kwargs, dense_reference, run_case
+from .reference import Case, affine, build, common_kwargs, dense_reference, rank_experts, run_case
 
 # --------------------------------------------------------------------------------------------
 # The host-read detector
@@ -145,20 +145,7 @@ def run_case_on(case: Case, device: str = "cpu", simulate: bool = True, watch: b
         x, y, ids, cmd, group, world, rank, case.experts, quant_mode=case.quant,
         expert_token_nums_type=case.token_nums_type, **kw)
     dispatch_trace = list(handle.plan.trace)
-    counts = token_nums if case.token_nums_type == 1 else torch.diff(token_nums, prepend=token_nums.new_zeros(1))
-    inputs = (expand_x.float() * dyn_scales[:, None] if case.quant == 2 else expand_x.float()).cpu()
-    out = torch.zeros(expand_x.shape, dtype=case.dtype)
-    start = 0
-    for local, c in enumerate(counts.tolist()):
-        if rank < case.shared_ranks:
-            s = rank // (case.shared_ranks // case.shared_num)
-            a, b = p["sa"][s], p["sb"][s]
-        else:
-            ex = (rank - case.shared_ranks) * case.local_experts + local
-            a, b = p["a"][ex], p["b"][ex]
-        out[start : start + c] = affine(inputs[start : start + c], a, b, case.dtype)
-        start += c
-    out = out.to(dev)
+    out = rank_experts(case, p, rank, expand_x, dyn_scales, token_nums).to(dev)
     quant_x, cmd2 = watched(ops.combine_setup, out, ids, assist, group, world, rank, case.experts, **kw)
     handle2 = ops.transfer_of(cmd2)
     shared_x = affine(p["x"][rank].float(), p["sa"][0], p["sb"][0], case.dtype).to(dev) if case.use_shared_x \

@@ -38,11 +38,16 @@ def test_worker_runs_in_submission_order_and_returns_at_once(pair):
 def test_event_orders_work_across_streams(pair):
     a, b = pair
     seen: list[str] = []
-    a.submit(time.sleep, 0.05)
+    gate = threading.Event()
+    a.submit(gate.wait, 30)
     a.submit(seen.append, "a")
     event = a.record_event()
     b.wait_event(event)
-    b.submit(seen.append, "b").result(timeout=10)
+    after = b.submit(seen.append, "b")
+    b_ran_first = after.done() or seen != []
+    gate.set()
+    after.result(timeout=30)
+    assert not b_ran_first
     assert seen == ["a", "b"]
     assert event.query()
 
@@ -150,15 +155,48 @@ def test_bad_arguments_are_named(pair):
 @pytest.mark.asyncio
 async def test_futures_are_awaitable_without_blocking_the_loop(pair):
     a, _ = pair
-    ticks = 0
+    gate = threading.Event()
+    future = a.submit(lambda: 42 if gate.wait(30) else "the loop never opened the gate")
 
-    async def ticker():
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.002)
+    async def opener():
+        await asyncio.sleep(0)
+        gate.set()  # only possible if awaiting the future left the loop free to run this task
 
-    task = asyncio.create_task(ticker())
-    assert await asyncio.wrap_future(a.submit(lambda: (time.sleep(0.05), 42)[1])) == 42
-    task.cancel()
-    assert ticks >= 3  # the loop kept running while the worker slept
+    result, _ = await asyncio.gather(asyncio.wrap_future(future), opener())
+    assert result == 42
+
+
+# ---- pooled streams, host stream, many waiters (appended) ---------------------------------------
+def test_pooled_gives_one_stream_per_device_and_name_and_replaces_a_closed_one():
+    a = streams.pooled("t_pool", "cpu")
+    assert streams.pooled("t_pool", "cpu") is a and streams.pooled("t_pool") is a
+    b = streams.pooled("t_pool_other", "cpu")
+    assert b is not a and not a.is_host
+    a.close()
+    c = streams.pooled("t_pool", "cpu")
+    assert c is not a and c.submit(lambda: 5).result(timeout=10) == 5
+    c.close()
+    b.close()
+
+
+def test_host_stream_is_the_callers_thread():
+    host = streams.host_stream()
+    assert host.is_host and host is current_stream("cpu")
+    assert host.submit(threading.get_ident).result() == threading.get_ident()
+
+
+def test_one_record_releases_every_waiter(pair):
+    a, _ = pair
+    gate = threading.Event()
+    a.submit(gate.wait)
+    event = a.record_event()
+    released: list[int] = []
+    waiters = [threading.Thread(target=lambda i=i: (event.synchronize(timeout=10), released.append(i)))
+               for i in range(5)]
+    for t in waiters:
+        t.start()
+    assert not event.query()
+    gate.set()
+    for t in waiters:
+        t.join(10)
+    assert sorted(released) == list(range(5)) and event.query()

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from overlap.errors import CommError, HandleError, OverlapError
 from overlap.ops import MoeCommParams
 
 from .reference import Case, dense_reference, run_case
@@ -105,7 +106,7 @@ def _bad_calls(world: int, rank: int, group: str):
         ("ep_world_size type", ds(ep_world_size=2.0), T, r"ep_world_size must be an int"),
         ("expert_token_nums_type", dt(expert_token_nums_type=2), V, r"expert_token_nums_type must be 0 .* or 1 .*got 2"),
         ("y shape", lambda: ops.dispatch_teardown(x, y[:5], ids, cmd, group, world, rank, E), V, r"y must have shape \(12, 1024\)"),
-        ("teardown without setup", dt(), Exception, r"comm_cmd_info was not returned by dispatch_setup"),
+        ("teardown without setup", dt(), HandleError, r"comm_cmd_info was not returned by dispatch_setup"),
         ("comm_quant_mode", cs(comm_quant_mode=2), V, r"comm_quant_mode must be in \{0\}, got 2"),
         ("expand_x rows", cs(ex=expand_x[:-1]), V, rf"expand_x must have shape \({a}, 1024\)"),
         ("expand_x dtype", cs(ex=expand_x.float()), T, r"expand_x must have dtype in \{float16, bfloat16\}"),
@@ -183,3 +184,121 @@ def test_params_rules_without_a_group():
     assert (r.num_local_experts, r.capacity(batch=4, top_k=8)) == (2, 32 * 2)
     with pytest.raises(ValueError, match=r"do not divide ep_world_size = 5"):
         MoeCommParams("g", 5, 0, 3, shared_expert_num=1, shared_expert_rank_num=2, global_bs=10)
+
+
+# ---- HCCL_BUFFSIZE: the factor-2 rule at its boundary ---------------------------------------------
+# BS = 256, K = 8, E = 16 over W = 2 (L = 8), H = 4096, S_n = 1, written out:
+#   2 · (L · BS · W · Align512(Align32(2H) + 44) + (K + S_n) · BS · Align512(2H))
+#   = 2 · (8 · 256 · 2 · 8704 + 9 · 256 · 8192) = 2 · (35_651_584 + 18_874_368) = 109_051_904 bytes
+#   = 104 MB exactly (the factor-4 rule of CANN's 2026 page would need 208 MB).
+BUFFSIZE_NEED_MB = 104
+
+
+@pytest.mark.parametrize("megabytes,accepted", [(BUFFSIZE_NEED_MB, True), (BUFFSIZE_NEED_MB - 1, False),
+                                                (200, True), (1, False)])
+def test_hccl_buffsize_factor_two_boundary(monkeypatch, megabytes, accepted):
+    monkeypatch.setenv("HCCL_BUFFSIZE", str(megabytes))
+    params = MoeCommParams("g", 2, 0, 16)
+    if accepted:
+        params.check_batch(256, 8, 4096)
+    else:
+        with pytest.raises(ValueError, match=rf"HCCL_BUFFSIZE must be >= 104 MB \(109051904 bytes .*factor-2.*got {megabytes}$"):
+            params.check_batch(256, 8, 4096)
+
+
+def test_hccl_buffsize_must_be_an_integer(monkeypatch):
+    monkeypatch.setenv("HCCL_BUFFSIZE", "lots")
+    with pytest.raises(ValueError, match=r"HCCL_BUFFSIZE must be an integer number of MB, got 'lots'"):
+        MoeCommParams("g", 2, 0, 16).check_batch(4, 2, 1024)
+
+
+def _hccl_buffsize_adequate(megabytes: str) -> bool:
+    """An adequate HCCL_BUFFSIZE lets the exchange run; the result is still right."""
+    from overlap import ops
+
+    os.environ["HCCL_BUFFSIZE"] = megabytes
+    try:
+        x, ids = _inputs(bs=256, k=8, experts=16, hidden=4096)
+        rank, world, g = dist.get_rank(), dist.get_world_size(), dist.group.WORLD.group_name
+        y, _, cmd = ops.dispatch_setup(x, ids, g, world, rank, 16)
+        _, _, _, nums = ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, 16)
+        return int(nums.sum())
+    finally:
+        del os.environ["HCCL_BUFFSIZE"]
+
+
+def test_adequate_hccl_buffsize_is_accepted_by_the_op(rank_pools):
+    received = rank_pools(2).run(_hccl_buffsize_adequate, str(BUFFSIZE_NEED_MB))
+    assert sum(received) == 2 * 256 * 8  # every routed row arrived somewhere (both ranks route alike)
+
+
+# ---- handles ------------------------------------------------------------------------------------
+
+
+def _handle_misuse() -> dict:
+    from overlap import ops
+
+    x, ids = _inputs()
+    rank, world, g = dist.get_rank(), dist.get_world_size(), dist.group.WORLD.group_name
+    out = {}
+    y, expand_idx, cmd = ops.dispatch_setup(x, ids, g, world, rank, 8)
+    expand_x, _, assist, _ = ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, 8)
+    try:
+        ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, 8)
+    except Exception as exc:
+        out["twice"] = (type(exc).__name__, isinstance(exc, OverlapError), str(exc))
+    qx, cmd2 = ops.combine_setup(expand_x, ids, assist, g, world, rank, 8)
+    scales = torch.full((4, 2), 0.5)
+    y2, expand_idx2, cmd3 = ops.dispatch_setup(x, ids, g, world, rank, 8)
+    try:  # a combine teardown given a dispatch's handle
+        ops.combine_teardown(expand_x, qx, ids, expand_idx2, scales, cmd3, g, world, rank, 8)
+    except Exception as exc:
+        out["wrong op"] = (type(exc).__name__, isinstance(exc, OverlapError), str(exc))
+    ops.combine_teardown(expand_x, qx, ids, expand_idx, scales, cmd2, g, world, rank, 8)
+    ops.dispatch_teardown(x, y2, ids, cmd3, g, world, rank, 8)  # the misuse left the handle usable
+    out["left"] = len(ops.in_flight(g))
+    return out
+
+
+def test_handle_misuse_raises_handle_error_and_leaves_the_handle_usable(rank_pools):
+    for res in rank_pools(2).run(_handle_misuse):
+        name, is_overlap_error, message = res["twice"]
+        assert (name, is_overlap_error) == ("HandleError", True)
+        assert re.search(r"ticket \d+ was already torn down", message), message
+        name, is_overlap_error, message = res["wrong op"]
+        assert (name, is_overlap_error) == ("HandleError", True)
+        assert re.search(r"combine_teardown was given the comm_cmd_info of a dispatch_setup", message), message
+        assert res["left"] == 0
+
+
+# ---- a foreign message on the group during an exchange -------------------------------------------
+
+
+def _foreign_p2p() -> tuple[str, str] | None:
+    """Rank 0 starts a dispatch on a fresh group; rank 1 instead sends a plain tensor of a header's
+    size to rank 0 on that group (another job's traffic). Rank 0's teardown must say so."""
+    from overlap import ops
+
+    group = dist.new_group(ranks=[0, 1])
+    name = group.group_name
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, ids = _inputs()
+    if rank == 1:
+        dist.send(torch.zeros(32, dtype=torch.int64), dst=0, group=group)
+        dist.recv(torch.empty(32, dtype=torch.int64), src=0, group=group)  # rank 0's header
+        return None
+    y, _, cmd = ops.dispatch_setup(x, ids, name, world, rank, 8)
+    try:
+        with ops.comm_options(timeout_s=60):
+            ops.dispatch_teardown(x, y, ids, cmd, name, world, rank, 8)
+    except Exception as exc:
+        return type(exc).__name__, str(exc), isinstance(exc, CommError)
+    return "no error", "", False
+
+
+def test_a_foreign_message_on_the_group_is_detected(rank_pools):
+    res = rank_pools(2).run(_foreign_p2p)
+    assert res[1] is None
+    name, message, is_comm_error = res[0]
+    assert is_comm_error, (name, message)
+    assert re.search(r"rank 1 sent no overlap header on group .*another collective ran on the group", message), message

@@ -203,7 +203,7 @@ def record(model: torch.nn.Module | None = None) -> Iterator[Recorder]:
 
     Args:
         model: when given, each layer is tagged by the number in its module name (``l3`` for
-            ``model.layers.3.mlp.experts``); otherwise by load order.
+            ``model.layers.3.mlp.experts``); otherwise layers are numbered in the order they run.
     """
     if model is not None:
         for name, module in model.named_modules():
@@ -305,8 +305,6 @@ class OverlapEP(EPImplementation):
         NotImplementedError: a call that needs gradients (training).
     """
 
-    _load_order = 0
-
     def __init__(self, experts: torch.nn.Module, ep_mesh, tp_mesh) -> None:
         super().__init__(experts, ep_mesh, tp_mesh)
         self.config = getattr(experts, "config", None)
@@ -314,8 +312,9 @@ class OverlapEP(EPImplementation):
         self.ep_size = ep_mesh.size()
         self.ep_rank = ep_mesh.get_local_rank()
         self.moe_expert_num = self.num_local_experts * self.ep_size
-        OverlapEP._load_order += 1
-        self.layer_index = OverlapEP._load_order - 1  # `record(model)` sets it from the module name
+        # The `.l<j>` of this layer's nodes: the number in the module's name, set by `record(model)`;
+        # None (until then): the scheduler numbers layers in the order they run in its context.
+        self.layer_index: int | None = None
         experts.__dict__["_overlap_ep"] = self  # lets `record(model)` name the layer
         self._experts_module = experts
         self._carried: tuple[int, int] | None = None  # (H, K) while routes travel as columns of x

@@ -32,7 +32,8 @@ from torch import Tensor
 from . import context, npu, portable
 from .params import MoeCommParams
 from .staging import transport_kind
-from .transport import EmulatedLink, Transfer, comm_options, configure, in_flight, shutdown, transfer_of
+from .transport import (EmulatedLink, GroupStatus, Transfer, abort, collective, comm_options, configure, group_status,
+                        in_flight, recover, settle, shutdown, transfer_of)
 
 BACKENDS = ("npu", "portable")
 
@@ -276,9 +277,12 @@ __all__ = [
     "BACKENDS",
     "OPS",
     "EmulatedLink",
+    "GroupStatus",
     "MoeCommParams",
     "Transfer",
+    "abort",
     "backend_for",
+    "collective",
     "combine_setup",
     "combine_teardown",
     "comm_options",
@@ -286,7 +290,10 @@ __all__ = [
     "context",
     "dispatch_setup",
     "dispatch_teardown",
+    "group_status",
     "in_flight",
+    "recover",
+    "settle",
     "shutdown",
     "transfer_of",
     "transport_kind",

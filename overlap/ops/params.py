@@ -1,7 +1,7 @@
 """The parameters the four ops share, validated once.
 
-Owns: every documented range and relation of the scalar parameters (`spec/README.md`, "Refuse
-before communicating"), the derived quantities (local experts L, shared replicas R, capacity A,
+Owns: every documented range and relation of the scalar parameters (`docs/ops.md`, "Ranges", refused
+before communicating), the derived quantities (local experts L, shared replicas R, capacity A,
 staging row sizes), and the shape/dtype checks of the ops' tensors. Every check runs before any
 communication and raises `ValueError` (bad value) or `TypeError` (bad type) naming the parameter,
 the value and the allowed range. Never communicates, never reads device memory except where a
@@ -15,7 +15,7 @@ HCCL_BUFFSIZE: where the variable is set we check the 2025 reference pages' rule
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import torch
 from torch import Tensor
@@ -84,6 +84,7 @@ class MoeCommParams:
     ep_world_size: int
     ep_rank_id: int
     moe_expert_num: int
+    _: KW_ONLY  # the rest by keyword: a row of bare positional zeros says nothing
     expert_shard_type: int = 0
     shared_expert_num: int = 1
     shared_expert_rank_num: int = 0

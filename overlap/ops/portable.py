@@ -49,6 +49,13 @@ def _header(op: str, params: MoeCommParams, batch: int, hidden: int, row_bytes: 
     return transport.make_header(op, values, batch, max(params.num_moe_local_experts, 1))
 
 
+def _host_record(numel: int) -> Tensor:
+    """A setup's `comm_cmd_info`: `(numel,)` int32 in host memory, whatever the tokens' device. It is
+    an opaque record (torch_npu's shape); keeping it on the host lets a teardown read the ticket
+    inside it without a device read."""
+    return torch.zeros(numel, dtype=torch.int32)
+
+
 def _as_bytes(rows: Tensor) -> Tensor:
     """`(N, C)` contiguous rows viewed as `(N, C·itemsize)` uint8."""
     return rows.contiguous().view(torch.uint8).view(rows.shape[0], rows.shape[1] * rows.element_size())
@@ -82,8 +89,9 @@ def dispatch_setup(
     comm_alg: str = "",
     y_dtype: torch.dtype | int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type,
-                           shared_expert_num, shared_expert_rank_num, global_bs, quant_mode, 0, comm_type, comm_alg)
+    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type=expert_shard_type,
+                           shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
+                           global_bs=global_bs, quant_mode=quant_mode, comm_type=comm_type, comm_alg=comm_alg)
     x = check_tensor("x", x, shape=(None, None), dtypes=HALF_TYPES)
     batch, hidden = x.shape
     top_k = expert_ids.shape[1] if isinstance(expert_ids, Tensor) and expert_ids.dim() == 2 else 0
@@ -130,7 +138,7 @@ def dispatch_setup(
     send_rows = layout.send_counts.sum(dim=1).tolist()
 
     local = params.num_local_experts
-    comm_cmd_info = torch.zeros((num_staged + ep_world_size * local) * 16, dtype=torch.int32, device=x.device)
+    comm_cmd_info = _host_record((num_staged + ep_world_size * local) * 16)
     handle = transport.start("dispatch", group, group_ep, send_buf=send_buf, send_rows=send_rows,
                              block_counts=layout.send_counts, header=_header("dispatch", params, batch, hidden,
                                                                              row_bytes), label=_label("dispatch"))
@@ -157,8 +165,9 @@ def dispatch_teardown(
     comm_type: int = 0,
     comm_alg: str = "",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type,
-                           shared_expert_num, shared_expert_rank_num, global_bs, quant_mode, 0, comm_type, comm_alg)
+    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type=expert_shard_type,
+                           shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
+                           global_bs=global_bs, quant_mode=quant_mode, comm_type=comm_type, comm_alg=comm_alg)
     x = check_tensor("x", x, shape=(None, None), dtypes=HALF_TYPES)
     batch, hidden = x.shape
     check_tensor("expert_ids", expert_ids, shape=(batch, None), dtypes=INT_TYPES)
@@ -171,8 +180,8 @@ def dispatch_teardown(
                  dtypes=(torch.int8,) if quant_mode == 2 else (x.dtype,), rule="(BS * (K + shared_expert_num), row)")
     check_tensor("comm_cmd_info", comm_cmd_info, shape=(None,), dtypes=(torch.int32,))
 
-    handle = transport.claim(comm_cmd_info, "dispatch")
-    recv, counts = handle.take(transport.current_timeout())
+    handle = transport.claim(comm_cmd_info, "dispatch", group_ep)
+    recv, counts = handle.take(transport.teardown_timeout())
     local = params.num_local_experts
     counts = counts[:, :local]  # (W, L): rows per (source rank, local expert)
     capacity = params.capacity(batch, top_k)
@@ -314,8 +323,7 @@ def _dispatch_setup_deferred(x: Tensor, expert_ids: Tensor, x_active_mask: Tenso
         kernels.gather_rows(x, send_token, out=y[:num_candidates, :hidden])
     y[:num_candidates].masked_fill_(~is_sent[:, None], 0)  # rows past those sent stay zero, as on the host
     send_buf = _as_bytes(y[:num_candidates]).clone()
-    comm_cmd_info = torch.zeros((num_staged + params.ep_world_size * params.num_local_experts) * 16, dtype=torch.int32,
-                                device=x.device)
+    comm_cmd_info = _host_record((num_staged + params.ep_world_size * params.num_local_experts) * 16)
     handle = transport.start("dispatch", group, group_ep, send_buf=send_buf, send_rows=None, block_counts=send_counts,
                              header=_header("dispatch", params, batch, hidden, row_bytes), label=_label("dispatch"),
                              checks=checks)
@@ -400,9 +408,10 @@ def combine_setup(
     comm_type: int = 0,
     comm_alg: str = "",
 ) -> tuple[Tensor, Tensor]:
-    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type,
-                           shared_expert_num, shared_expert_rank_num, global_bs, 0, comm_quant_mode, comm_type,
-                           comm_alg)
+    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type=expert_shard_type,
+                           shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
+                           global_bs=global_bs, comm_quant_mode=comm_quant_mode, comm_type=comm_type,
+                           comm_alg=comm_alg)
     expand_x, batch, top_k, capacity = _check_expand_x(params, expand_x, expert_ids)
     hidden = expand_x.shape[1]
     check_tensor("assist_info_for_combine", assist_info_for_combine, shape=(capacity * 128,), dtypes=(torch.int32,),
@@ -433,7 +442,7 @@ def combine_setup(
                              block_counts=block_counts, checks=checks,
                              header=_header("combine", params, batch, hidden, row_bytes), label=_label("combine"))
     quant_expand_x = torch.zeros(_quant_expand_x_shape(capacity, hidden), dtype=torch.int8, device=expand_x.device)
-    comm_cmd_info = torch.zeros((capacity + ep_world_size) * 16, dtype=torch.int32, device=expand_x.device)
+    comm_cmd_info = _host_record((capacity + ep_world_size) * 16)
     transport.write_ticket(comm_cmd_info, handle)
     return quant_expand_x, comm_cmd_info
 
@@ -460,9 +469,10 @@ def combine_teardown(
     comm_type: int = 0,
     comm_alg: str = "",
 ) -> Tensor:
-    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type,
-                           shared_expert_num, shared_expert_rank_num, global_bs, 0, comm_quant_mode, comm_type,
-                           comm_alg)
+    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type=expert_shard_type,
+                           shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
+                           global_bs=global_bs, comm_quant_mode=comm_quant_mode, comm_type=comm_type,
+                           comm_alg=comm_alg)
     if shared_expert_x is not None and shared_expert_rank_num != 0:
         raise ValueError(f"shared_expert_x must be None when shared_expert_rank_num > 0 (shared experts live on "
                          f"their own ranks), got shared_expert_rank_num = {shared_expert_rank_num}")
@@ -477,8 +487,8 @@ def combine_teardown(
     if shared_expert_x is not None:
         check_tensor("shared_expert_x", shared_expert_x, shape=(batch, hidden), dtypes=(expand_x.dtype,))
 
-    handle = transport.claim(comm_cmd_info, "combine")
-    recv, _ = handle.take(transport.current_timeout())
+    handle = transport.claim(comm_cmd_info, "combine", group_ep)
+    recv, _ = handle.take(transport.teardown_timeout())
     num_shared_rows = num_active * shared_expert_num if shared_expert_rank_num > 0 else 0
     expected = num_shared_rows + num_active * top_k
     if recv.shape[0] != expected:

@@ -3,7 +3,8 @@
 Owns: one ordered worker per process group that carries every exchange of that group; the
 in-flight `Transfer` handles and their registry (tickets); the header that lets every rank check
 every other rank's parameters and op order before any payload moves; bounded waits; the in-flight
-budget; and the emulated link. Never computes layouts or touches the ops' semantics.
+budget; the emulated link; and what happens on a fault (abort, agreement, recovery, the library's
+own collectives). Never computes layouts or touches the ops' semantics.
 
 One exchange (a setup's send, completed by its teardown) is::
 
@@ -18,7 +19,26 @@ One exchange (a setup's send, completed by its teardown) is::
 
 All exchanges of a group go through its single worker in setup order, so every rank issues its
 collectives in the same order however the caller interleaves setups, teardowns and compute. Do not
-run other collectives on a group while one of its exchanges is in flight.
+run other collectives on a group while one of its exchanges is in flight; the library's own
+(`collective`, `settle`) wait bounded and raise only our errors (on gloo, point-to-point messages
+and collectives travel on separate tags).
+
+Faults (docs/faults.md)::
+
+    abort(group, error)      cancel this rank's exchanges of the group; the worker sends an abort
+                             header (op ABORT, the error as text) at its next exchange number
+    peers                    their exchange at that number sees the abort header instead of a
+                             header -> CommError naming the rank and its error; no payload moves
+                             on any rank; the rest of their epoch fails locally, without talking
+    every rank's abort       the epoch ends at the first number where anyone aborted, the same on
+                             every rank; the next epoch numbers on from there: the group is usable
+    settle(group, error)     at the end of a unit every rank runs: abort if failed, then one
+                             all_gather so that ranks that did not fail learn of it and abort too
+    timeout / dead peer      gloo closes the pair: the group is broken -> recover(group) builds
+                             a new one (dist.new_group) for the survivors
+
+No gloo operation is ever cancelled: a posted receive always gets the message it waits for (a
+header, or an abort header in its place), so the streams between ranks never fall out of step.
 """
 
 from __future__ import annotations
@@ -30,14 +50,17 @@ import os
 import queue
 import threading
 import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import CapacityError, CommError, CommTimeoutError, HandleError
+from ..errors import CapacityError, CommError, CommTimeoutError, HandleError, OverlapError
 from . import staging
 
 MAGIC = 0x4F564C50  # "OVLP": marks a comm_cmd_info written by this transport
@@ -51,6 +74,8 @@ PARAM_FIELDS = (
 _H_MAGIC, _H_OP, _H_SEQ, _H_ROWS, _H_LMAX, _H_BATCH = range(6)
 _H_PARAMS = 6  # PARAM_FIELDS follow
 _H_INVALID = staging.INVALID_SLOT  # set when a setup's deferred input check failed
+OP_ABORT = 9  # an abort header: _H_ROWS holds the reason's length, its bytes fill _H_PARAMS up to _H_INVALID
+_REASON_BYTES = (_H_INVALID - _H_PARAMS) * 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,7 +129,12 @@ class _Options:
 
 DEFAULT_TIMEOUT_S = 300.0
 _options = _Options()
+_KEEP = "keep"
+# Per-call overrides: context variables, so that they follow the caller into the threads a pipeline
+# runs its ops on (`contextvars.copy_context().run(...)`), unlike a thread-local.
 _timeout_override: contextvars.ContextVar[float | None] = contextvars.ContextVar("overlap_timeout_s", default=None)
+_link_override: contextvars.ContextVar[EmulatedLink | None | str] = contextvars.ContextVar("overlap_link",
+                                                                                          default=_KEEP)
 
 
 def configure(
@@ -137,17 +167,41 @@ def configure(
         _options.max_in_flight = max_in_flight
 
 
-def comm_options(*, timeout_s: float | None = None) -> contextlib.AbstractContextManager[None]:
-    """Override the teardown timeout for the calls made inside the block (this context: it follows
-    the caller onto the threads the pipeline runs ops on)."""
+@contextlib.contextmanager
+def comm_options(
+    *,
+    timeout_s: float | None = None,
+    link: EmulatedLink | None | str = _KEEP,
+) -> Iterator[None]:
+    """Override options for the calls made inside the block (this context: the thread, and the
+    threads that run copies of it, as the scheduler's microbatch workers do).
+
+    Args:
+        timeout_s: seconds a teardown (and the exchange itself) may take; None: no override.
+        link: an `EmulatedLink`, or None for the plain transport, for the setups in the block;
+            "keep": no override.
+
+    A setup captures the effective timeout and link; its teardown, on any thread, uses them unless
+    the teardown itself runs inside a `comm_options(timeout_s=...)` block.
+    """
     if timeout_s is not None and not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    from .context import bound
-
-    return bound(_timeout_override, timeout_s)
+    if link != _KEEP and link is not None and not isinstance(link, EmulatedLink):
+        raise TypeError(f"link must be an EmulatedLink, None or 'keep', got {type(link).__name__}")
+    timeout_token = _timeout_override.set(timeout_s) if timeout_s is not None else None
+    link_token = _link_override.set(link) if link != _KEEP else None
+    try:
+        yield
+    finally:
+        if link_token is not None:
+            _link_override.reset(link_token)
+        if timeout_token is not None:
+            _timeout_override.reset(timeout_token)
 
 
 def current_timeout() -> float:
+    """The timeout a setup made here would use: comm_options, else configure, else
+    `OVERLAP_TIMEOUT_S`, else 300 s. Raises `ValueError` for a bad `OVERLAP_TIMEOUT_S`."""
     override = _timeout_override.get()
     if override is not None:
         return override
@@ -156,8 +210,16 @@ def current_timeout() -> float:
     return _env_float("OVERLAP_TIMEOUT_S", DEFAULT_TIMEOUT_S)
 
 
+def teardown_timeout() -> float | None:
+    """A teardown's own override (`comm_options(timeout_s=...)` around it), else None: the
+    transfer's timeout, captured at its setup."""
+    return _timeout_override.get()
+
+
 def current_link() -> EmulatedLink | None:
-    return _options.link
+    """The link a setup made here would use: comm_options, else configure."""
+    override = _link_override.get()
+    return _options.link if override == _KEEP else override  # type: ignore[return-value]
 
 
 def max_in_flight() -> int:
@@ -198,7 +260,8 @@ class Transfer:
     """One in-flight exchange. Owns its send buffer and, once landed, what it received.
 
     Created by `start`; found again by a teardown through the ticket in `comm_cmd_info`; consumed
-    once by `take`. Its times (`time.perf_counter`) show when the link carried it.
+    once by `take`. Its times (`time.perf_counter`) show when the link carried it. `seq` is the
+    exchange number on its group, given when the worker starts it (-1 until then).
     """
 
     ticket: int
@@ -211,6 +274,10 @@ class Transfer:
     block_counts: Tensor  # (W, L_max) int64 rows per (peer, its local expert); on cpu once resolved
     label: str = ""
     timeout_s: float = DEFAULT_TIMEOUT_S
+    link: EmulatedLink | None = None  # captured at setup
+    epoch: int = 0  # the group's abort epoch this transfer was set up in (see `abort`)
+    cancelled: bool = False  # set by `abort`: the worker drops its result
+    abort_reason: str = ""  # why (sent to the peers if the worker had not started it)
     issued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     finished_at: float | None = None
@@ -263,9 +330,12 @@ class Transfer:
         return loop.run_in_executor(None, self.wait).__await__()
 
 
-_ticket_counter = itertools.count(1)
 _registry: dict[int, Transfer] = {}
 _registry_lock = threading.Lock()
+_last_ticket = 0  # tickets are 1, 2, ...; under _registry_lock
+_cancelled: dict[int, str] = {}  # ticket -> why `abort` cancelled it (the most recent _CANCELLED_KEPT)
+_CANCELLED_KEPT = 4096
+_NONCE = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF  # marks this process's comm_cmd_info
 
 
 def in_flight(group_name: str | None = None) -> list[Transfer]:
@@ -274,27 +344,57 @@ def in_flight(group_name: str | None = None) -> list[Transfer]:
         return [t for t in _registry.values() if group_name is None or t.group_name == group_name]
 
 
+def _group_tag(group_name: str) -> int:
+    return zlib.crc32(group_name.encode()) & 0x7FFFFFFF
+
+
+def _check_word(values: list[int]) -> int:
+    data = b"".join(int(v).to_bytes(8, "little", signed=True) for v in values)  # host ints: no tensor read
+    return zlib.crc32(data) & 0x7FFFFFFF
+
+
 def write_ticket(comm_cmd_info: Tensor, transfer: Transfer) -> None:
-    """Record the ticket in the setup's `comm_cmd_info` (and as a host-side attribute)."""
-    for i, value in enumerate((MAGIC, transfer.ticket, OP_CODES[transfer.op], transfer.seq)):
-        comm_cmd_info[i] = value  # a fill per entry: no host-to-device copy that would wait on a device
-    comm_cmd_info._overlap_ticket = transfer.ticket  # type: ignore[attr-defined]
+    """Record the ticket in the setup's `comm_cmd_info` (a host tensor: see `read_ticket`).
+
+    Words 0..5: magic, ticket, op code, the group's tag, this process's nonce, a check word over
+    the five: a teardown can tell a copy of a real handle from a forged or foreign one.
+    """
+    head = [MAGIC, transfer.ticket, OP_CODES[transfer.op], _group_tag(transfer.group_name), _NONCE]
+    comm_cmd_info[:6] = torch.tensor([*head, _check_word(head)], dtype=torch.int32)
 
 
-def claim(comm_cmd_info: Tensor, op: str) -> Transfer:
-    """Find and remove the transfer a teardown completes; `HandleError` on any misuse."""
-    ticket = getattr(comm_cmd_info, "_overlap_ticket", None)
-    if ticket is None:
-        head = comm_cmd_info[:4].tolist() if comm_cmd_info.numel() >= 4 else []
-        if len(head) < 4 or head[0] != MAGIC:
-            raise HandleError(f"comm_cmd_info was not returned by {op}_setup: {op}_teardown without its setup")
-        ticket = head[1]
+def read_ticket(comm_cmd_info: Tensor, op: str) -> int:
+    """The ticket inside a setup's `comm_cmd_info`, checked; `HandleError` if it holds none or one
+    this process never issued. Reads host memory only: the portable setups keep `comm_cmd_info` on
+    the host (a device tensor given here is read, which waits for its stream)."""
+    head = comm_cmd_info[:6].tolist() if comm_cmd_info.numel() >= 6 else []
+    if len(head) < 6 or head[0] != MAGIC:
+        raise HandleError(f"comm_cmd_info was not returned by {op}_setup: {op}_teardown without its setup")
+    if head[4] != _NONCE or head[5] != _check_word(head[:5]):
+        raise HandleError(f"comm_cmd_info names ticket {head[1]}, which this process never issued (forged, "
+                          f"corrupted, or from another process): pass the comm_cmd_info {op}_setup returned")
+    return int(head[1])
+
+
+def claim(comm_cmd_info: Tensor, op: str, group_name: str | None = None) -> Transfer:
+    """Find and remove the transfer a teardown on `group_name` completes; `HandleError` on any
+    misuse (nothing is removed then), `CommError` if `abort` cancelled it."""
+    ticket = read_ticket(comm_cmd_info, op)
     with _registry_lock:
         transfer = _registry.get(ticket)
         if transfer is None:
+            if ticket in _cancelled:
+                raise CommError(f"{op}_teardown: ticket {ticket} was cancelled by overlap.ops.abort "
+                                f"({_cancelled[ticket]}); its exchange will not complete: set up again")
+            if not 0 < ticket <= _last_ticket:
+                raise HandleError(f"comm_cmd_info names ticket {ticket}, which this process never issued: pass the "
+                                  f"comm_cmd_info {op}_setup returned")
             raise HandleError(f"comm_cmd_info ticket {ticket} was already torn down (a teardown runs once per setup)")
         if transfer.op != op:
             raise HandleError(f"{op}_teardown was given the comm_cmd_info of a {transfer.op}_setup (ticket {ticket})")
+        if group_name is not None and transfer.group_name != group_name:
+            raise HandleError(f"{op}_teardown on group {group_name!r} was given the comm_cmd_info of an exchange on "
+                              f"group {transfer.group_name!r} (ticket {ticket}): tear it down on its own group")
         del _registry[ticket]
     return transfer
 
@@ -305,7 +405,14 @@ def claim(comm_cmd_info: Tensor, op: str) -> Transfer:
 
 
 class _GroupWorker:
-    """Carries one group's exchanges, in order, on one daemon thread."""
+    """Carries one group's exchanges, in order, on one daemon thread.
+
+    Exchange numbers (`seq`) are given here, when an exchange starts, so a setup refused before
+    reaching the worker takes none. The stream of exchanges is cut by aborts (`abort`): at the
+    first exchange number where any rank sends an abort header, every rank's stream of that epoch
+    ends; the rest of the epoch fails locally, without communicating, and the next epoch (after
+    this rank's own `abort`, an `_AbortMarker` in the queue) goes on from the next number.
+    """
 
     def __init__(self, group: dist.ProcessGroup, group_name: str) -> None:
         self.group = group
@@ -313,34 +420,134 @@ class _GroupWorker:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.peers = [dist.get_global_rank(group, r) for r in range(self.world)]
-        self.seq = itertools.count()
-        self.broken: BaseException | None = None
-        self.queue: queue.SimpleQueue[Transfer | None] = queue.SimpleQueue()
+        self.lock = threading.Lock()  # guards the state below against setups and aborts
+        self.next_seq = 0  # worker thread only
+        self.epoch = 0  # epoch of new setups: + 1 at every local abort
+        self.stream_epoch = 0  # epoch of the exchanges the worker runs now
+        self.ended: _Ended | None = None  # the stream of `stream_epoch` ended at an abort
+        self.broken: BaseException | None = None  # the first failure that left the group unusable
+        self.pending: set[Transfer] = set()  # submitted, not yet finished
+        self.issued_in_epoch = 0
+        self.last_abort: int | None = None  # id() of the error of the last abort, while nothing was issued since
+        self.device = torch.device("cpu")
+        self.queue: queue.SimpleQueue[Transfer | _AbortMarker | threading.Event | None] = queue.SimpleQueue()
         self.link_free_at = 0.0
         self.side_stream: torch.cuda.Stream | None = None
         self.thread = threading.Thread(target=self._loop, name=f"overlap-comm-{group_name}", daemon=True)
         self.thread.start()
 
+    def unusable_error(self) -> CommError:
+        """The error a use of a broken group raises (never nested: it quotes the first failure)."""
+        hint = ("the group's gloo/NCCL connections cannot be trusted any more: call overlap.ops.recover(group) on "
+                "every surviving rank and use the group it returns (see docs/faults.md)")
+        return CommError(f"group {self.group_name!r} is unusable after an earlier failure ({self.broken}); {hint}")
+
+    def refusal(self) -> CommError | None:
+        """Why a setup must be refused now (call with `lock` held), or None."""
+        if self.broken is not None:
+            return self.unusable_error()
+        if self.ended is not None and self.stream_epoch == self.epoch:
+            return CommError(f"{self.ended.describe(self.group_name)}; every exchange of that epoch was cancelled: "
+                             f"call overlap.ops.abort({self.group_name!r}, error) on this rank to go on (an "
+                             f"overlap.scheduler context does it when it exits with the error)")
+        return None
+
     def _loop(self) -> None:
         while True:
-            transfer = self.queue.get()
-            if transfer is None:
+            item = self.queue.get()
+            if item is None:
                 return
+            if isinstance(item, threading.Event):  # group_status(wait_s=...): everything before ran
+                item.set()
+                continue
+            if isinstance(item, _AbortMarker):
+                self._close_epoch(item)
+                continue
+            transfer = item
             transfer.started_at = time.perf_counter()
+            result: tuple[Tensor, Tensor] | None = None
+            error: BaseException | None = None
             try:
                 if self.broken is not None:
-                    raise CommError(f"group {self.group_name!r} is unusable after an earlier failure: {self.broken}")
-                transfer._result = self._run_on_device(transfer)
+                    raise _Refused(str(self.unusable_error()))
+                if self.ended is not None:  # the stream of this epoch ended at an abort: no exchange
+                    raise _Refused(f"{transfer.op} exchange{_where(transfer)} cancelled: "
+                                   f"{self.ended.describe(self.group_name)}")
+                transfer.seq = self.next_seq
+                self.next_seq += 1
+                transfer.header[_H_SEQ] = transfer.seq
+                self.device = transfer.send_buf.device
+                if transfer.cancelled:  # its own abort: tell every peer at this exchange number
+                    aborters = self._abort_exchange(transfer.seq, transfer.abort_reason, transfer.timeout_s)
+                    with self.lock:
+                        self.ended = _Ended(transfer.seq, aborters)
+                else:
+                    result = self._run_on_device(transfer)
+            except _StreamAborted as exc:  # a peer aborted at this number: every rank's stream ends here
+                with self.lock:
+                    self.ended = _Ended(exc.seq, exc.aborters)
+                error = CommError(str(exc))
             except _ParameterMismatch as exc:
-                transfer._error = exc  # every rank stopped after the headers: the group stays usable
+                error = exc  # every rank stopped after the headers: the group stays usable
+            except _Refused as exc:
+                error = CommError(str(exc))
             except (CommError, CommTimeoutError) as exc:
-                transfer._error = self.broken = exc
+                error = exc
+                with self.lock:
+                    self.broken = self.broken or exc
             except BaseException as exc:  # surfaces on the teardown, with the cause chained
                 error = CommError(f"{transfer.op} exchange on group {self.group_name!r} failed: {exc}")
                 error.__cause__ = exc
-                transfer._error = self.broken = error
+                with self.lock:
+                    self.broken = self.broken or error
             transfer.finished_at = time.perf_counter()
-            transfer._done.set()
+            with self.lock:
+                if not transfer.cancelled:
+                    transfer._result, transfer._error = result, error
+                    transfer._done.set()
+                self.pending.discard(transfer)
+
+    def _close_epoch(self, marker: _AbortMarker) -> None:
+        """This rank's abort of `marker.epoch`: tell the peers unless the stream already ended (or
+        the group is broken), then let the next epoch run from the next exchange number."""
+        if self.broken is None and self.ended is None:
+            seq = self.next_seq
+            self.next_seq += 1
+            try:
+                self._abort_exchange(seq, marker.reason, marker.timeout_s)
+            except BaseException as exc:  # a peer is dead or silent: nobody can agree any more
+                error = CommError(f"the abort of group {self.group_name!r} at exchange #{seq} could not reach every "
+                                  f"rank: {exc}")
+                error.__cause__ = exc
+                with self.lock:
+                    self.broken = self.broken or error
+        with self.lock:
+            self.stream_epoch = marker.epoch + 1
+            self.ended = None
+        marker.done.set()
+
+    def _abort_exchange(self, seq: int, reason: str, timeout_s: float) -> dict[int, str]:
+        """Send an abort header (exchange `seq`, the reason as text) to every peer and receive
+        theirs; no payload follows on any rank. Returns `{rank: reason}` of every rank that
+        aborted at this number (this one included)."""
+        header = make_abort_header(seq, reason)
+        probe = Transfer(ticket=0, op="abort", group_name=self.group_name, seq=seq, header=header,
+                         send_buf=torch.empty(0, 1, dtype=torch.uint8), send_rows=[0] * self.world,
+                         block_counts=torch.zeros(self.world, 1, dtype=torch.int64), timeout_s=timeout_s)
+        outs = {r: header.clone() for r in range(self.world) if r != self.rank}
+        ins = {r: torch.empty(HEADER_LEN, dtype=torch.int64) for r in outs}
+        device = _wire_device(self.group, self.device)
+        if device.type != "cpu":  # NCCL moves device tensors only
+            outs = {r: h.to(device) for r, h in outs.items()}
+            ins = {r: h.to(device) for r, h in ins.items()}
+        probe.delivered = {self.rank}
+        self._p2p(outs, ins, probe, time.perf_counter() + timeout_s)
+        aborters = {self.rank: reason}
+        for r, h in ins.items():
+            h = h.cpu()
+            if int(h[_H_MAGIC]) == MAGIC and int(h[_H_OP]) == OP_ABORT:
+                aborters[r] = _decode_reason(h)
+        return aborters
 
     def _run_on_device(self, transfer: Transfer) -> tuple[Tensor, Tensor]:
         """CPU: exchange on this thread. CUDA: on a side stream that first waits for the setup's
@@ -434,7 +641,7 @@ class _GroupWorker:
                 chunks.append(buf[count_bytes:].view(-1, row_bytes))
         recv_rows = torch.cat(chunks) if chunks else transfer.send_buf[:0]
 
-        link = _options.link
+        link = transfer.link
         if link is not None:
             out_bytes = sum(s.numel() for s in sends.values())
             in_bytes = sum(b.numel() for b in recvs.values())
@@ -454,12 +661,76 @@ class _ParameterMismatch(CommError):
     """Ranks called the same exchange with different parameters or in a different op order."""
 
 
+class _StreamAborted(CommError):
+    """A peer sent an abort header where this rank's exchange expected its header."""
+
+    def __init__(self, message: str, seq: int, aborters: dict[int, str]) -> None:
+        super().__init__(message)
+        self.seq, self.aborters = seq, aborters
+
+
+class _Refused(CommError):
+    """An exchange the worker did not run: its group is broken, or its epoch was aborted."""
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """Where the stream of an epoch ended: the exchange number and who aborted there, with why."""
+
+    seq: int
+    aborters: dict[int, str]
+
+    def describe(self, group_name: str) -> str:
+        who = "; ".join(f"rank {r}: {why}" for r, why in sorted(self.aborters.items()))
+        ranks = sorted(self.aborters)
+        names = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+        return f"group {group_name!r} was aborted by {names} at exchange #{self.seq} ({who})"
+
+
+@dataclass(eq=False)
+class _AbortMarker:
+    """Queued by `abort`: ends this rank's epoch `epoch` on the worker (see `_GroupWorker`)."""
+
+    epoch: int
+    reason: str
+    timeout_s: float
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _where(transfer: Transfer) -> str:
+    return f" ({transfer.label})" if transfer.label else ""
+
+
+def make_abort_header(seq: int, reason: str) -> Tensor:
+    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    header[_H_MAGIC], header[_H_OP], header[_H_SEQ] = MAGIC, OP_ABORT, seq
+    data = reason.encode("utf-8", "replace")[:_REASON_BYTES]
+    header[_H_ROWS] = len(data)
+    padded = data + b"\0" * (-len(data) % 8)
+    if padded:
+        words = torch.frombuffer(bytearray(padded), dtype=torch.int64)
+        header[_H_PARAMS : _H_PARAMS + words.numel()] = words
+    return header
+
+
+def _decode_reason(header: Tensor) -> str:
+    length = max(0, min(int(header[_H_ROWS]), _REASON_BYTES))
+    raw = header[_H_PARAMS:].contiguous().numpy().tobytes()[:length]
+    return raw.decode("utf-8", "replace")
+
+
 class _InvalidInput(_ParameterMismatch, ValueError):
     """This rank's setup input failed a check deferred to the transport's thread (device tensors)."""
 
 
 def _check_headers(transfer: Transfer, headers: dict[int, Tensor], me: int) -> None:
     mine = transfer.header
+    aborters = {r: _decode_reason(h) for r, h in headers.items()
+                if int(h[_H_MAGIC]) == MAGIC and int(h[_H_OP]) == OP_ABORT}
+    if aborters:  # every rank sees the same aborts at this number: no payload moves anywhere
+        ended = _Ended(int(mine[_H_SEQ]), aborters)
+        raise _StreamAborted(f"{transfer.op} exchange{_where(transfer)} failed: {ended.describe(transfer.group_name)}",
+                             ended.seq, aborters)
     if transfer.plan is not None and transfer.plan.error is not None:
         raise _InvalidInput(str(transfer.plan.error))  # the peers saw the flag in our header too
     for r in sorted(headers):
@@ -492,6 +763,9 @@ _workers: dict[str, _GroupWorker] = {}
 _workers_lock = threading.Lock()
 
 
+_replaced: dict[str, str] = {}  # old group name -> the name of the group `recover` built for it
+
+
 def _worker_for(group: dist.ProcessGroup, group_name: str) -> _GroupWorker:
     with _workers_lock:
         worker = _workers.get(group_name)
@@ -511,6 +785,7 @@ def shutdown() -> None:
         worker.thread.join(timeout=5)
     with _registry_lock:
         _registry.clear()
+        _cancelled.clear()
 
 
 def make_header(op: str, params_values: dict[str, int], batch: int, lmax: int) -> Tensor:
@@ -538,6 +813,9 @@ def start(
 ) -> Transfer:
     """Queue an exchange on the group's worker and return its handle at once.
 
+    Every option is read and every refusal raised before anything is taken: a refused call
+    leaves no ticket, no in-flight slot and no exchange number behind.
+
     Args:
         op: "dispatch" or "combine".
         send_buf: `(N, row_bytes)` uint8, owned by the transfer from now on (pass a private copy).
@@ -549,37 +827,337 @@ def start(
         checks: input checks deferred to the worker (`staging.DeferredCheck`).
 
     Raises:
+        ValueError: a bad `OVERLAP_TIMEOUT_S`.
         CapacityError: `max_in_flight` exchanges of this op are already set up on the group.
+        CommError: the group is broken, was replaced by `recover`, or a peer aborted it and this
+            rank has not called `abort` yet.
     """
-    busy = [t for t in in_flight(group_name) if t.op == op]
-    if len(busy) >= _options.max_in_flight:
-        raise CapacityError(
-            f"{op}_setup: {len(busy)} {op} exchanges already in flight on group {group_name!r} (tickets "
-            f"{[t.ticket for t in busy]}); at most max_in_flight = {_options.max_in_flight} (the double buffer): "
-            f"tear one down first or raise it with overlap.ops.configure(max_in_flight=...)")
+    timeout_s, link = current_timeout(), current_link()
+    if group_name in _replaced:
+        raise CommError(f"{op}_setup: group {group_name!r} was replaced by overlap.ops.recover with group "
+                        f"{_replaced[group_name]!r}: pass the new group's group_name")
     plan = staging.begin(group, group_name, send_buf, checks)  # ValueError before any state changes
     worker = _worker_for(group, group_name)
-    if worker.broken is not None:
-        raise CommError(f"group {group_name!r} is unusable after an earlier failure: {worker.broken}")
-    seq = next(worker.seq)
-    header = header.clone()
-    header[_H_SEQ] = seq
-    transfer = Transfer(ticket=next(_ticket_counter), op=op, group_name=group_name, seq=seq, header=header,
-                        send_buf=send_buf, send_rows=send_rows,
+    transfer = Transfer(ticket=0, op=op, group_name=group_name, seq=-1, header=header.clone(), send_buf=send_buf,
+                        send_rows=send_rows,
                         block_counts=block_counts if send_rows is None else block_counts.to("cpu", torch.int64),
-                        label=label, timeout_s=current_timeout(),
-                        plan=plan)
+                        label=label, timeout_s=timeout_s, link=link, plan=plan)
     if send_buf.device.type == "cuda":
         transfer.ready_event = torch.cuda.Event()
         transfer.ready_event.record(torch.cuda.current_stream(send_buf.device))
-    with _registry_lock:
-        _registry[transfer.ticket] = transfer
-    worker.submit(transfer)
+    global _last_ticket
+    with worker.lock:
+        refusal = worker.refusal()
+        if refusal is not None:
+            raise refusal
+        with _registry_lock:
+            busy = [t for t in _registry.values() if t.group_name == group_name and t.op == op]
+            if len(busy) >= _options.max_in_flight:
+                raise CapacityError(
+                    f"{op}_setup: {len(busy)} {op} exchanges already in flight on group {group_name!r} (tickets "
+                    f"{[t.ticket for t in busy]}); at most max_in_flight = {_options.max_in_flight} (the double "
+                    f"buffer): tear one down first or raise it with overlap.ops.configure(max_in_flight=...)")
+            _last_ticket += 1
+            transfer.ticket = _last_ticket
+            _registry[transfer.ticket] = transfer
+        transfer.epoch = worker.epoch
+        worker.issued_in_epoch += 1
+        worker.last_abort = None
+        worker.pending.add(transfer)
+        worker.submit(transfer)
     return transfer
+
+
+# --------------------------------------------------------------------------------------------
+# Faults: abort, agreement, library-owned collectives, recovery
+# --------------------------------------------------------------------------------------------
+
+
+def _group_and_name(group: dist.ProcessGroup | str) -> tuple[dist.ProcessGroup, str]:
+    if isinstance(group, str):
+        try:
+            return dist.distributed_c10d._resolve_process_group(group), group
+        except Exception as exc:  # torch raises ValueError or RuntimeError depending on the version
+            raise ValueError(f"group must be a torch.distributed process group or its group_name, got "
+                             f"{group!r}") from exc
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or its group_name, got {type(group).__name__}")
+    return group, group.group_name
+
+
+def _wire_device(group: dist.ProcessGroup, device: torch.device | None) -> torch.device:
+    """Where the group's messages must live: the device for NCCL, the host for gloo (which also
+    carries device exchanges, staged through host buffers)."""
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    return device if device is not None and device.type == "cuda" else torch.device("cuda",
+                                                                                     torch.cuda.current_device())
+
+
+def _reason(error: BaseException | str | None) -> str:
+    if error is None:
+        return "aborted"
+    if isinstance(error, str):
+        return error
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def abort(
+    group: dist.ProcessGroup | str,
+    error: BaseException | str | None = None,
+    *,
+    tickets: Iterable[int] | None = None,
+    timeout_s: float | None = None,
+) -> list[int]:
+    """Abort this rank's work on `group` and tell every peer; returns at once.
+
+    Cancels this rank's in-flight exchanges of the group (or only `tickets`): they leave the
+    registry (the budget is free again), their result is dropped, a teardown blocked on one wakes
+    with `CommError`, and a later teardown of one raises `CommError` ("cancelled"). Then, on the
+    group's worker, an abort header carrying `error`'s type and message goes to every peer at this
+    rank's next exchange number, unless a peer's abort ended the stream first. Every peer's
+    exchange at that number, and every later one it had set up, fails with `CommError` naming this
+    rank and its error, at once (a peer waiting on this rank sees it within milliseconds; a peer
+    not waiting sees it at its next exchange on the group).
+
+    Each rank of the group must call `abort` once for the same failure (a peer after its own
+    `CommError`); then sequence numbers, registry and budget agree on every rank and the group is
+    usable again; until then setups on a rank whose stream a peer ended raise `CommError`.
+    Aborting twice for the same exception object, with nothing set up between, does nothing.
+    If the peers cannot be reached within the timeout (one is dead or silent), the group is
+    marked broken on this rank: see `recover`.
+
+    Args:
+        group: the process group or its group_name.
+        error: what failed (its type and first line travel to the peers, at most 208 bytes).
+        tickets: the tickets to cancel (default: every in-flight exchange of the group).
+        timeout_s: how long the worker waits for the peers' headers (default: `current_timeout()`).
+
+    Returns:
+        The tickets cancelled.
+    """
+    group_obj, group_name = _group_and_name(group)
+    reason = _reason(error)
+    timeout = current_timeout() if timeout_s is None else timeout_s
+    if not timeout > 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    wanted = None if tickets is None else {int(t) for t in tickets}
+    if group_name in _replaced:  # `recover` cancelled everything of the old group already
+        return []
+    worker = _worker_for(group_obj, group_name)
+    cancel_error = CommError(f"exchange cancelled by overlap.ops.abort on group {group_name!r} on this rank ({reason})")
+    with worker.lock:
+        if error is not None and worker.last_abort == id(error) and worker.issued_in_epoch == 0:
+            return []
+        with _registry_lock:
+            victims = [t for t in _registry.values()
+                       if t.group_name == group_name and (wanted is None or t.ticket in wanted)]
+            for t in victims:
+                del _registry[t.ticket]
+                _cancelled[t.ticket] = reason
+            while len(_cancelled) > _CANCELLED_KEPT:
+                del _cancelled[next(iter(_cancelled))]
+        victims += [t for t in worker.pending
+                    if t not in victims and t.epoch == worker.epoch and (wanted is None or t.ticket in wanted)]
+        for t in victims:
+            t.cancelled, t.abort_reason = True, reason
+            if not t._done.is_set():
+                t._error = cancel_error
+                t._done.set()
+        worker.queue.put(_AbortMarker(worker.epoch, reason, timeout))
+        worker.epoch += 1
+        worker.issued_in_epoch = 0
+        worker.last_abort = id(error) if error is not None else None
+    return sorted(t.ticket for t in victims)
+
+
+def settle(
+    group: dist.ProcessGroup | str,
+    error: BaseException | None = None,
+    *,
+    tickets: Iterable[int] | None = None,
+    timeout_s: float | None = None,
+) -> None:
+    """End a unit of work that every rank of `group` runs (a scheduler context): every rank calls
+    it, with the exception that ended its part or None.
+
+    A failed rank aborts first (`abort`, so that peers waiting on it wake at once); then one small
+    `all_gather` (W x 32 int64) tells every rank which ranks failed and why. If any did, every
+    rank has aborted the same epoch (`tickets`: the setups made inside the unit), the group is
+    usable again, and a rank that had not failed raises `CommError` naming the failed ranks and
+    their errors (a failed rank returns: its caller re-raises its own error).
+
+    Raises:
+        CommError: a peer failed; or the agreement itself failed (the group is then broken).
+        CommTimeoutError: a peer did not reach the agreement within the timeout.
+    """
+    group_obj, group_name = _group_and_name(group)
+    if error is not None:
+        abort(group_obj, error, tickets=tickets, timeout_s=timeout_s)
+    worker = _workers.get(group_name)
+    device = _wire_device(group_obj, worker.device if worker is not None else None)
+    mine = make_abort_header(0, _reason(error)) if error is not None else torch.zeros(HEADER_LEN, dtype=torch.int64)
+    world = dist.get_world_size(group_obj)
+    gathered = [torch.zeros(HEADER_LEN, dtype=torch.int64, device=device) for _ in range(world)]
+    collective(lambda: dist.all_gather(gathered, mine.to(device), group=group_obj, async_op=True),
+               "the failure agreement (all_gather)", group_obj, timeout_s=timeout_s)
+    failed = {r: _decode_reason(h.cpu()) for r, h in enumerate(gathered) if int(h[_H_OP]) == OP_ABORT}
+    if not failed or error is not None:
+        return
+    ranks = sorted(failed)
+    names = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+    who = "; ".join(f"rank {r}: {why}" for r, why in sorted(failed.items()))
+    exc = CommError(f"{names} failed in the same unit of work on group {group_name!r} ({who}); this rank's part "
+                    f"was aborted too, on every rank: the group is usable again")
+    abort(group_obj, exc, tickets=tickets, timeout_s=timeout_s)
+    raise exc
+
+
+def collective(
+    fn: Callable[[], Any],
+    what: str,
+    group: dist.ProcessGroup | str,
+    *,
+    timeout_s: float | None = None,
+) -> Any:
+    """Run a collective of the library's own on `group` (`fn()`), raising only our errors.
+
+    `fn` should issue it with `async_op=True` and return the work: it is then waited for at most
+    `timeout_s` (default `current_timeout()`). A broken group raises at once, without calling
+    `fn`. A backend failure becomes `CommError`, a timeout `CommTimeoutError`; either marks the
+    group broken (the backend's connections cannot be trusted after it), the message says what
+    to call. Returns what `fn` returned.
+
+        t = torch.tensor([num_tokens])
+        transport.collective(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g, async_op=True),
+                             "token count all-reduce", g)
+    """
+    group_obj, group_name = _group_and_name(group)
+    timeout = current_timeout() if timeout_s is None else timeout_s
+    if group_name in _replaced:
+        raise CommError(f"{what}: group {group_name!r} was replaced by overlap.ops.recover with group "
+                        f"{_replaced[group_name]!r}: use the new group")
+    worker = _workers.get(group_name)
+    if worker is not None and worker.broken is not None:
+        raise worker.unusable_error()
+    try:
+        out = fn()
+        if isinstance(out, dist.Work) and out.wait(timedelta(seconds=timeout)) is False:
+            raise TimeoutError(f"the work did not complete within {timeout:g} s")
+        return out
+    except OverlapError:
+        raise
+    except Exception as exc:  # a backend error: never let it escape raw
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        timed_out = isinstance(exc, TimeoutError) or "timed out" in text.lower() or "timeout" in text.lower()
+        cls = CommTimeoutError if timed_out else CommError
+        error = cls(f"{what} on group {group_name!r} {'timed out' if timed_out else 'failed'}: {text}")
+        worker = _worker_for(group_obj, group_name)
+        with worker.lock:
+            worker.broken = worker.broken or error
+        raise cls(f"{error}; the group is unusable: call overlap.ops.recover(group) on every surviving rank "
+                  f"(docs/faults.md)") from exc
+
+
+def recover(
+    group: dist.ProcessGroup | str,
+    ranks: Iterable[int] | None = None,
+    *,
+    timeout: timedelta | None = None,
+) -> dist.ProcessGroup:
+    """Build a fresh process group for the surviving ranks of a broken `group` and move the
+    library's state to it; every surviving rank calls it with the same `ranks`.
+
+    The old group's exchanges on this rank are cancelled and its worker retired; ops on the old
+    group_name then raise `CommError` naming the new one. The new group is made with
+    `dist.new_group(ranks, use_local_synchronization=True)`, so only the survivors take part;
+    torch.distributed needs its store (the default group's rendezvous) for that.
+
+    Args:
+        group: the broken group (or its group_name).
+        ranks: global ranks of the survivors (default: every rank of `group`); must include this rank.
+        timeout: for creating the new group (default: torch's).
+
+    Returns:
+        The new group (pass its group_name as group_ep, and rebuild anything that holds the old group).
+
+    Raises:
+        ValueError: `ranks` is not a subset of the group's ranks, or lacks this rank.
+        CommError: torch.distributed could not build the group; the message says what to call.
+    """
+    group_obj, group_name = _group_and_name(group)
+    members = dist.get_process_group_ranks(group_obj)
+    survivors = sorted(members if ranks is None else {int(r) for r in ranks})
+    if not set(survivors) <= set(members):
+        raise ValueError(f"ranks must be global ranks of group {group_name!r} ({members}), got {survivors}")
+    if dist.get_rank() not in survivors:
+        raise ValueError(f"ranks must include this rank ({dist.get_rank()}), got {survivors}")
+    reason = f"group {group_name!r} was replaced by overlap.ops.recover"
+    with _workers_lock:
+        worker = _workers.pop(group_name, None)
+    if worker is not None:
+        with worker.lock:
+            worker.broken = worker.broken or CommError(reason)
+            for t in worker.pending:
+                t.cancelled = True
+                if not t._done.is_set():
+                    t._error = CommError(f"exchange cancelled: {reason}")
+                    t._done.set()
+        worker.queue.put(None)  # its thread may still sit in a backend wait; it is a daemon
+    with _registry_lock:
+        for t in [t for t in _registry.values() if t.group_name == group_name]:
+            del _registry[t.ticket]
+            _cancelled[t.ticket] = reason
+    try:
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        new = dist.new_group(survivors, backend=dist.get_backend(group_obj), use_local_synchronization=True,
+                             **kwargs)
+    except Exception as exc:
+        raise CommError(
+            f"overlap.ops.recover could not build a new group of ranks {survivors}: {exc}. torch.distributed needs "
+            f"its store for that; if the store is gone (the rank hosting it died), call overlap.ops.shutdown(), "
+            f"dist.destroy_process_group() and dist.init_process_group(...) with a new store on the surviving "
+            f"ranks, then build the EP group again") from exc
+    _replaced[group_name] = new.group_name
+    return new
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    """What this rank's transport knows about one group (`group_status`)."""
+
+    group_name: str
+    next_exchange: int  # the number the worker gives the next exchange it starts
+    epoch: int  # local aborts so far
+    in_flight: int  # set up, not torn down
+    aborted: str | None  # a peer's abort this rank has not answered with its own `abort`
+    broken: str | None  # why the group is unusable
+
+
+def group_status(group_name: str, *, wait_s: float = 0.0) -> GroupStatus:
+    """This rank's view of a group's exchange numbering, aborts and health. With `wait_s`, first
+    wait (at most that long) until the worker has run everything queued so far."""
+    with _workers_lock:
+        worker = _workers.get(group_name)
+    if worker is None:
+        return GroupStatus(group_name, 0, 0, len(in_flight(group_name)), None, None)
+    if wait_s > 0:
+        flushed = threading.Event()
+        worker.queue.put(flushed)
+        flushed.wait(wait_s)
+    with worker.lock:
+        aborted = worker.ended.describe(group_name) if worker.ended is not None and \
+            worker.stream_epoch == worker.epoch else None
+        return GroupStatus(group_name, worker.next_seq, worker.epoch, len(in_flight(group_name)), aborted,
+                           None if worker.broken is None else str(worker.broken))
 
 
 def transfer_of(comm_cmd_info: Tensor) -> Transfer | None:
     """The in-flight transfer a setup's `comm_cmd_info` names, without claiming it (None if none)."""
-    ticket = getattr(comm_cmd_info, "_overlap_ticket", None)
+    try:
+        ticket = read_ticket(comm_cmd_info, "transfer_of")
+    except HandleError:
+        return None
     with _registry_lock:
-        return _registry.get(ticket) if ticket is not None else None
+        return _registry.get(ticket)

@@ -67,6 +67,7 @@ class Scheduler:
     _tokens: list[contextvars.Token] = field(default_factory=list, repr=False)
     _before: set[int] = field(default_factory=set, repr=False)
     _direct: LaneRecorder | None = field(default=None, repr=False)
+    _groups: dict[str, dist.ProcessGroup] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         policy.check_microbatches(self.microbatches, self.min_tokens)
@@ -112,10 +113,33 @@ class Scheduler:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        """Settle every group the context used, the same way on every rank, then check for leaks.
+
+        Every rank settles (`ops.settle`: one small all-gather per group) with the exception that
+        ended its part, or None. If any rank failed, every rank's setups made inside the context
+        are cancelled on every rank, sequence numbers and budgets agree again, and a rank that did
+        not fail itself raises `CommError` naming the ranks that did (a failed rank re-raises its
+        own error). The group is usable by the next context. Without a failure, a setup made
+        inside the context and never torn down raises `HandleError`.
+        """
         hook_token, executor_token = self._tokens.pop(), self._tokens.pop()
         op_context._hook.reset(hook_token)
         _executor.reset(executor_token)
         self._flush_direct()
+        groups = dict(self._groups)
+        if self.group is not None:
+            groups.setdefault(self.group.group_name, self.group)
+        settle_error: BaseException | None = None
+        for name, group in groups.items():
+            tickets = [t.ticket for t in ops.in_flight(name) if t.ticket not in self._before]
+            try:
+                ops.settle(group, exc, tickets=tickets)
+            except Exception as error:  # noqa: BLE001 - the first one is raised below
+                settle_error = settle_error or error
+        if settle_error is not None:
+            if exc is None:
+                raise settle_error
+            exc.add_note(f"(then settling the scheduler context failed too: {settle_error})")
         group_name = None if self.group is None else self.group.group_name
         left = [t for t in ops.in_flight(group_name) if t.ticket not in self._before]
         if left:
@@ -160,6 +184,11 @@ class Scheduler:
             return self.group
         return call.group if call is not None else dist.group.WORLD
 
+    def _use(self, group: dist.ProcessGroup) -> dist.ProcessGroup:
+        """Note that the context runs exchanges on `group` (it is settled at exit)."""
+        self._groups.setdefault(group.group_name, group)
+        return group
+
     # -- the executors --
 
     def run_layer(self, layer: MoEProtocol, x: Tensor, *, routes: Routes | None = None,
@@ -177,7 +206,7 @@ class Scheduler:
         """
         self._flush_direct()
         call = LayerCall.of(layer)
-        split = policy.agree(x.shape[0], self._group(call), self.microbatches if microbatches is None else microbatches,
+        split = policy.agree(x.shape[0], self._use(self._group(call)), self.microbatches if microbatches is None else microbatches,
                              self.min_tokens if min_tokens is None else min_tokens)
         if split.count == 0:  # no rank has a token: no exchange at all (every rank sees the same total)
             return x[:0]
@@ -201,7 +230,7 @@ class Scheduler:
         values come from the first microbatch). With no row on any rank, `module(x)` runs as is.
         """
         self._flush_direct()
-        split = policy.agree(x.shape[0], self._group(), self.microbatches, self.min_tokens)
+        split = policy.agree(x.shape[0], self._use(self._group()), self.microbatches, self.min_tokens)
         if split.count == 0:
             return module(x, **kwargs)
         recording = Recording()

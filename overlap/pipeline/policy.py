@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import CommError
 from ..ops import transport
 
 MAX_TOKENS_PER_CALL = 512  # the ops' BS limit
@@ -88,18 +87,17 @@ def largest_batch(num_tokens: int, group: dist.ProcessGroup | None) -> int:
     group must enter (so call it only where no exchange of the group is in flight).
 
     Raises:
-        CommError: the all-reduce failed (the group is broken: a peer died or timed out).
+        CommError: the all-reduce failed, or the group is broken (a peer died or timed out).
+        CommTimeoutError: a peer did not join within the timeout.
     """
+    group = group if group is not None else dist.group.WORLD
     t = torch.tensor([num_tokens], dtype=torch.int64)
-    backend = dist.get_backend(group)
-    if backend == "nccl":  # NCCL reduces device tensors only
+    if dist.get_backend(group) == "nccl":  # NCCL reduces device tensors only
         t = t.cuda()
-    try:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    except Exception as exc:  # the backend's own error type differs per backend and version
-        name = getattr(group, "group_name", "WORLD")
-        raise CommError(f"agreeing on the largest batch over group {name!r} failed: {exc}; the group is unusable "
-                        f"(see the README's 'When something fails')") from exc
+    # Through the transport: a broken group raises CommError at once, a backend failure becomes
+    # CommError / CommTimeoutError (never the backend's own exception), bounded by the timeout.
+    transport.collective(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True),
+                         "agreeing on the largest batch (all-reduce)", group)
     return int(t.item())
 
 

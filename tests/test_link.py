@@ -1,0 +1,96 @@
+"""The emulated link's model: an exchange completes no earlier than `latency_s + bytes /
+bandwidth_bytes_per_s` after it starts (bytes: the larger of what this rank sends to and receives
+from its peers), and the exchanges of one group are carried one after another. Only lower bounds
+and orderings are asserted: they hold however loaded the machine is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from overlap import ops
+
+from .gates import LinkGates
+from .reference import Case, build
+
+LATENCY_S = 0.02
+MODEL_S = 0.4  # bytes / bandwidth of the first exchange (bandwidth chosen from its byte count)
+
+
+def test_duration_is_latency_plus_bytes_over_bandwidth():
+    link = ops.EmulatedLink(latency_s=0.5, bandwidth_bytes_per_s=1000.0)
+    assert link.duration(0) == 0.5
+    assert link.duration(1000) == 1.5
+    assert link.duration(250) == 0.75
+    assert ops.EmulatedLink(latency_s=0.0, bandwidth_bytes_per_s=4e9).duration(2_000_000_000) == 0.5
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"latency_s": -1e-3}, r"latency_s must be >= 0, got -0.001"),
+    ({"bandwidth_bytes_per_s": 0.0}, r"bandwidth_bytes_per_s must be > 0, got 0.0"),
+    ({"bandwidth_bytes_per_s": -5.0}, r"bandwidth_bytes_per_s must be > 0, got -5.0"),
+])
+def test_link_rejects_bad_parameters(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ops.EmulatedLink(**kwargs)
+
+
+def test_configure_rejects_a_link_of_the_wrong_type():
+    with pytest.raises(TypeError, match=r"link must be an EmulatedLink or None, got tuple"):
+        ops.configure(link=(1e-3, 1e9))
+
+
+def _payload_bytes(case: Case, rank: int) -> int:
+    """max(bytes sent to, bytes received from) the peers: routed rows times the staging row
+    (Align256(H) bf16 elements), counted from the routing. The block counts sent with the rows
+    are left out, so the bound below is a little lower than the modelled time."""
+    p = build(case)
+    local = case.local_experts
+    row = -(-case.hidden // 256) * 256 * 2
+    sent = sum(1 for e in p["ids"][rank].flatten().tolist() if e // local != rank)
+    received = sum(1 for src in range(case.world) if src != rank
+                   for e in p["ids"][src].flatten().tolist() if e // local == rank)
+    return max(sent, received) * row
+
+
+def _link_case(case: Case, bandwidth: float) -> list[dict]:
+    """Two dispatches in flight at once on the group (the first is held on the link until the second
+    is set up), then both torn down: their link times."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    p = build(case)
+    g = dist.group.WORLD.group_name
+    x, ids = p["x"][rank], p["ids"][rank]
+    gates = LinkGates(hold={0})
+    ops.configure(link=gates.link(latency_s=LATENCY_S, bandwidth_bytes_per_s=bandwidth))
+    try:
+        first = ops.dispatch_setup(x, ids, g, world, rank, case.experts)
+        second = ops.dispatch_setup(x, ids, g, world, rank, case.experts)
+        handles = [ops.transfer_of(first[2]), ops.transfer_of(second[2])]
+        first_open = not handles[0].is_complete
+        gates.release(0)
+        for y, _, cmd in (first, second):
+            ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, case.experts)
+    finally:
+        gates.release_all()
+        ops.configure(link=None)
+    return [{"started": h.started_at, "finished": h.finished_at, "first_open": first_open,
+             "expired": gates.expired} for h in handles]
+
+
+def test_exchanges_take_at_least_the_modelled_time_one_after_another(rank_pools):
+    case = Case(world=2, batches=(16, 16), experts=8, top_k=2, seed=21)
+    nbytes = [_payload_bytes(case, r) for r in range(case.world)]
+    bandwidth = max(nbytes) / MODEL_S  # the rank that moves the most bytes models MODEL_S
+    results = rank_pools(2).run(_link_case, case, bandwidth)
+    for rank, (a, b) in enumerate(results):
+        modelled = LATENCY_S + nbytes[rank] / bandwidth
+        assert modelled >= LATENCY_S + 0.5 * MODEL_S  # both ranks move a comparable amount
+        # Lower bounds: they cannot flake on a slow machine.
+        assert a["finished"] - a["started"] >= modelled, (rank, a, modelled)
+        assert b["finished"] - b["started"] >= modelled, (rank, b, modelled)
+        # One link per group: the second exchange starts only after the first has completed,
+        # and so completes no earlier than two modelled durations after the first started.
+        assert b["started"] >= a["finished"], (rank, a, b)
+        assert b["finished"] - a["started"] >= 2 * modelled
+        assert a["first_open"] and a["expired"] == []  # both were in flight together
