@@ -34,54 +34,25 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import transformers
-from transformers import AutoModelForCausalLM
-from transformers.distributed import DistributedConfig
 
 import overlap
 import overlap.integrations.transformers as overlap_hf
 import overlap.ops
+from overlap.integrations import tiny_models
 
 VOCAB = 512
 
 
-def family_config(name: str):
-    """The bench's model of each family (8 experts, top-2, hidden 1024)."""
-    common = dict(hidden_size=1024, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8,
-                  vocab_size=VOCAB, max_position_embeddings=4096, eos_token_id=None)
-    if name == "qwen3_moe":
-        return transformers.Qwen3MoeConfig(intermediate_size=256, moe_intermediate_size=128, num_experts=8,
-                                           num_experts_per_tok=2, head_dim=128, **common)
-    if name == "olmoe":
-        return transformers.OlmoeConfig(intermediate_size=128, num_experts=8, num_experts_per_tok=2, **common)
-    if name == "qwen2_moe":
-        return transformers.Qwen2MoeConfig(intermediate_size=256, moe_intermediate_size=128,
-                                           shared_expert_intermediate_size=128, num_experts=8,
-                                           num_experts_per_tok=2, **common)
-    if name == "gpt_oss":
-        return transformers.GptOssConfig(hidden_size=1024, intermediate_size=256, num_hidden_layers=2,
-                                         num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-                                         num_local_experts=8, num_experts_per_tok=2, vocab_size=VOCAB)
-    if name == "deepseek_v3":
-        return transformers.DeepseekV3Config(intermediate_size=256, moe_intermediate_size=128, n_routed_experts=8,
-                                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
-                                             n_group=1, topk_group=1, kv_lora_rank=64, q_lora_rank=None,
-                                             qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, **common)
-    raise ValueError(f"family must be one of {FAMILIES}, got {name!r}")
-
-
-FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3")
+FAMILIES = tuple(f for f in tiny_models.FAMILIES if f != "mixtral")
 
 
 def build(path: str, family: str) -> None:
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(family_config(family), dtype=torch.bfloat16).save_pretrained(path)
+    """The bench's model of each family: 8 experts, top-2, hidden 1024, experts of 128."""
+    tiny_models.save_random_model(tiny_models.family_config(family, moe_intermediate=128, vocab_size=VOCAB), path)
 
 
 def load(path: str, implementation: str):
-    world = dist.get_world_size()
-    config = DistributedConfig(fsdp_size=world, ep_size=world, ep_implementation=implementation)
-    return AutoModelForCausalLM.from_pretrained(path, distributed_config=config, dtype=torch.bfloat16)
+    return tiny_models.load_expert_parallel(path, implementation, layout="dp")
 
 
 def timed_side_by_side(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, object]]:

@@ -21,7 +21,6 @@ after the last. `rank_loop` is also what the test suite runs (a short soak, on i
 from __future__ import annotations
 
 import argparse
-import os
 import threading
 import time
 

@@ -21,10 +21,9 @@ import time
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-from transformers.distributed import DistributedConfig
 
 import overlap.integrations.transformers as overlap_hf  # registers ep_implementation="overlap"
+from overlap.integrations.tiny_models import family_config, load_expert_parallel, save_random_model
 
 # overlap rounds each weighted expert output in the model's dtype as transformers does, so with the same
 # expert GEMMs the logits are bit-equal to "all_to_all". Hosts whose GEMMs round differently per row count
@@ -40,19 +39,12 @@ def tolerance(dtype: torch.dtype, scale: float) -> float:
 
 
 def build(path: str, layers: int) -> None:
-    config = Qwen3MoeConfig(hidden_size=1024, intermediate_size=256, moe_intermediate_size=128, num_experts=8,
-                            num_experts_per_tok=2, num_hidden_layers=layers, num_attention_heads=8,
-                            num_key_value_heads=2, head_dim=128, vocab_size=512, max_position_embeddings=4096,
-                            eos_token_id=None)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    """A random Qwen3-MoE of `layers` layers (8 experts of 128, top-2, hidden 1024)."""
+    save_random_model(family_config("qwen3_moe", layers=layers, moe_intermediate=128, vocab_size=512), path)
 
 
 def load(path: str, layout: str, implementation: str):
-    world = dist.get_world_size()
-    sizes = {"dp": {"fsdp_size": world}, "tp": {"tp_size": world}}[layout]
-    config = DistributedConfig(ep_size=world, ep_implementation=implementation, **sizes)
-    return AutoModelForCausalLM.from_pretrained(path, distributed_config=config, dtype=torch.bfloat16)
+    return load_expert_parallel(path, implementation, layout=layout)
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,7 @@ from .launch import rank_device
 from .moe import MoELayer
 from .numerics import compare
 from .ops.params import MAX_EXPERTS, MAX_HIDDEN, MAX_SHARED_EXPERTS, MAX_TOP_K, MAX_WORLD_SIZE, MIN_HIDDEN
-from .pipeline import scheduler, serial_forward
+from .pipeline import Scheduler, scheduler, serial_forward
 from .timeline import Timeline
 
 DEFAULT_COMM_RATIO = 1.0
@@ -191,7 +192,8 @@ def _device_and_group(device: str) -> tuple[torch.device, dist.ProcessGroup]:
         torch.cuda.set_device(dev)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
     backend = ops.staging.backend_for(dev, local_world)
-    group = dist.group.WORLD if dist.get_backend() == backend else dist.new_group(backend=backend)
+    world = dist.group.WORLD
+    group = world if world is not None and dist.get_backend() == backend else dist.new_group(backend=backend)
     return dev, group
 
 
@@ -208,7 +210,7 @@ def _max(values: list[float], group: dist.ProcessGroup, op: dist.ReduceOp.RedOpT
 
 
 def _calibrate(layer: MoELayer, x: torch.Tensor, link: Link, group: dist.ProcessGroup, dev: torch.device,
-               serial: Callable[[], tuple[torch.Tensor, object]], compute_s: float) -> ops.EmulatedLink | None:
+               serial: Callable[[], tuple[torch.Tensor, Scheduler]], compute_s: float) -> ops.EmulatedLink | None:
     """The link to time on. With a comm ratio R: start from the bytes one layer moves (T·K rows
     of H each way), then twice rescale the bandwidth from a serial run's measured link time M and
     compute C, so that M = R·C (latency stays as given)."""
@@ -228,8 +230,8 @@ def _calibrate(layer: MoELayer, x: torch.Tensor, link: Link, group: dist.Process
         finally:
             ops.configure(link=None)
         rep = s.report()
-        exchanges = sum(1 for iv in s.timeline.intervals if iv.kind == "comm")
-        comm, compute, exchanges = _max([rep.comm_busy, rep.compute_busy, float(exchanges)], group, dev=dev)
+        count = sum(1 for iv in s.timeline.intervals if iv.kind == "comm")
+        comm, compute, exchanges = _max([rep.comm_busy, rep.compute_busy, float(count)], group, dev=dev)
         fixed = exchanges * latency
         want = ratio * compute - fixed
         if want <= 0:
@@ -279,13 +281,13 @@ def measure(shape: Shape, microbatches: int, link: Link, reps: int, device: str 
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(shape.tokens, shape.hidden, generator=g).to(torch.bfloat16).to(dev)
 
-    def serial() -> tuple[torch.Tensor, object]:
+    def serial() -> tuple[torch.Tensor, Scheduler]:
         with scheduler(group=group) as s:  # records the op calls; runs them as written
             out = serial_forward(layer, x)
         _sync(dev)
         return out, s
 
-    def overlapped() -> tuple[torch.Tensor, object]:
+    def overlapped() -> tuple[torch.Tensor, Scheduler]:
         with scheduler(group=group, microbatches=microbatches) as s:
             out = layer(x)
         _sync(dev)
@@ -299,7 +301,7 @@ def measure(shape: Shape, microbatches: int, link: Link, reps: int, device: str 
         emulated = _calibrate(layer, x, link, group, dev, serial, compute0)
 
     times: tuple[list[float], list[float]] = ([], [])
-    scheds: tuple[list[object], list[object]] = ([], [])
+    scheds: tuple[list[Scheduler], list[Scheduler]] = ([], [])
     outs: list[torch.Tensor] = [x, x]
     ops.configure(link=emulated)
     try:
@@ -353,8 +355,8 @@ def measure(shape: Shape, microbatches: int, link: Link, reps: int, device: str 
         candidate = torch.tensor([rank if hidden_here <= hidden else dist.get_world_size(group)], device=dev)
         dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
         pictured = int(candidate.item())
-        payload = [[(iv.track, iv.name, iv.start, iv.end, iv.kind) for iv in o_sched.timeline.intervals]
-                   if rank == pictured else None]
+        payload: list[Any] = [[(iv.track, iv.name, iv.start, iv.end, iv.kind) for iv in o_sched.timeline.intervals]
+                              if rank == pictured else None]
         dist.broadcast_object_list(payload, src=dist.get_global_rank(group, pictured), group=group)
         timeline = Timeline(o_sched.timeline.tracks)
         for track, name, start, end, kind in payload[0]:

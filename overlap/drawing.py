@@ -142,7 +142,7 @@ def save_plan_png(plan: Plan, path: str | os.PathLike, *, title: str | None = No
     ax.set_ylim(-0.95, len(plan.streams) - 0.35)
     ax.set_xlim(-0.8, len(plan.steps) - 0.2)
     ax.tick_params(left=True, bottom=True, labelleft=True, labelbottom=True)
-    handles = [Patch(color=STREAM_COLORS[st], label=f"{st} stream") for st in plan.streams]
+    handles: list[Any] = [Patch(color=STREAM_COLORS[st], label=f"{st} stream") for st in plan.streams]
     handles += [Line2D([], [], color=DATA_COLOR, label="dependency, no event (same stream, or implied by a path)"),
                 Line2D([], [], color=EVENT_COLOR, linestyle="--", label="dependency across streams: one event "
                                                                          "(recorded, then waited)")]

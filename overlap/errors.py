@@ -8,6 +8,17 @@ communication that did not complete.
 from __future__ import annotations
 
 
+def add_note(exc: BaseException, note: str) -> None:
+    """Attach `note` to `exc` once (`BaseException.add_note` on Python >= 3.11; the same
+    `__notes__` list, which tracebacks print, on 3.10)."""
+    notes = getattr(exc, "__notes__", None)
+    if notes is None:
+        notes = []
+        exc.__notes__ = notes  # type: ignore[attr-defined]
+    if note not in notes:
+        notes.append(note)
+
+
 class OverlapError(RuntimeError):
     """Base of every error `overlap` defines itself."""
 
@@ -42,6 +53,7 @@ class CapacityError(OverlapError):
 
 
 __all__ = [
+    "add_note",
     "OverlapError",
     "HandleError",
     "PlanError",

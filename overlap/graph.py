@@ -82,7 +82,7 @@ import networkx as nx
 import torch
 
 from . import streams as _streams
-from .errors import CommTimeoutError, DeadlockError, PlanError
+from .errors import CommTimeoutError, DeadlockError, PlanError, add_note
 from .timeline import Timeline
 
 __all__ = [
@@ -778,8 +778,7 @@ class Plan:
             failed = next((s.node for s in failed_job.steps if s.node not in run.results),
                           failed_job.steps[0].node)
             note = f"(while running plan step {failed} on stream {failed_job.stream!r})"
-            if note not in getattr(error, "__notes__", ()):
-                error.add_note(note)
+            add_note(error, note)
             raise error
         run.flush_timeline()
         results = run.results

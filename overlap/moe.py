@@ -61,7 +61,10 @@ class MoELayer(nn.Module):
                  group: dist.ProcessGroup | None = None, num_shared_experts: int = 0, quant_mode: int = 0,
                  dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> None:
         super().__init__()
-        self.group = group if group is not None else dist.group.WORLD
+        world_group = group if group is not None else dist.group.WORLD
+        if world_group is None:
+            raise RuntimeError("torch.distributed is not initialised: call dist.init_process_group(...) first")
+        self.group: dist.ProcessGroup = world_group
         self.world = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         if num_experts % self.world:

@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from .errors import CommTimeoutError
+from .errors import CommTimeoutError, add_note
 
 __all__ = [
     "Stream",
@@ -113,7 +113,7 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
 
 
 def _torch_module(device: torch.device) -> Any:
-    return torch.cuda if device.type == "cuda" else torch.npu
+    return torch.cuda if device.type == "cuda" else torch.npu  # type: ignore[attr-defined]  # torch_npu adds it
 
 
 class _Marker:
@@ -150,9 +150,7 @@ _DONE = _Marker(done=True)  # the record of a host event: reached at once, never
 _RUN, _RECORD, _WAIT, _CLEAR = 0, 1, 2, 3
 
 
-def _add_note(exc: BaseException, note: str) -> None:
-    if note not in getattr(exc, "__notes__", ()):
-        exc.add_note(note)
+_add_note = add_note
 
 
 class Stream:

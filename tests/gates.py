@@ -13,9 +13,8 @@ teardown waits). A gate that is never released gives up after `safety_s` and rec
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from overlap.ops import EmulatedLink
 

@@ -38,11 +38,11 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
-from transformers.distributed import DistributedConfig
+from transformers import AutoModelForCausalLM
 from transformers.distributed.expert_parallel import EPImplementationInterface
 
 import overlap.integrations.transformers as ohf
+from overlap.integrations.tiny_models import family_config, load_expert_parallel, save_random_model
 
 TOL_ULPS = 8
 VOCAB = 256
@@ -54,50 +54,21 @@ def tolerance(dtype: torch.dtype, scale: float) -> float:
     return TOL_ULPS * 2.0 ** (math.floor(math.log2(scale)) - MANTISSA_BITS[dtype])
 
 
-def qwen3_config(layers: int = 2, experts: int = 4, **kw) -> Qwen3MoeConfig:
-    base = dict(hidden_size=1024, intermediate_size=128, moe_intermediate_size=64, num_experts=experts,
-                num_experts_per_tok=2, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
-                head_dim=128, vocab_size=VOCAB, max_position_embeddings=4096, eos_token_id=None)
-    return Qwen3MoeConfig(**{**base, **kw})
+def qwen3_config(layers: int = 2, experts: int = 4, **kw):
+    return family_config("qwen3_moe", layers=layers, experts=experts, vocab_size=VOCAB, **kw)
 
 
-def mixtral_config(layers: int = 1, experts: int = 4, **kw) -> MixtralConfig:
-    base = dict(hidden_size=1024, intermediate_size=64, num_local_experts=experts, num_experts_per_tok=2,
-                num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
-                vocab_size=VOCAB, max_position_embeddings=4096, eos_token_id=None)
-    return MixtralConfig(**{**base, **kw})
+def mixtral_config(layers: int = 1, experts: int = 4, **kw):
+    return family_config("mixtral", layers=layers, experts=experts, vocab_size=VOCAB, **kw)
 
 
 def save_model(config, path: str, dtype: torch.dtype = torch.bfloat16) -> str:
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(path)
-    return path
+    return save_random_model(config, path, dtype=dtype)
 
 
 def _family_config(name: str):
     """One config per model family, 8 experts (2 local experts per rank on 4 ranks)."""
-    import transformers
-
-    common = dict(hidden_size=1024, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8,
-                  vocab_size=VOCAB, max_position_embeddings=4096, eos_token_id=None)
-    if name == "qwen3_moe":
-        return qwen3_config(layers=1, experts=8)
-    if name == "olmoe":
-        return transformers.OlmoeConfig(intermediate_size=64, num_experts=8, num_experts_per_tok=2, **common)
-    if name == "qwen2_moe":  # a shared expert inside the model's own MoE block
-        return transformers.Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=64,
-                                           shared_expert_intermediate_size=64, num_experts=8,
-                                           num_experts_per_tok=2, **common)
-    if name == "gpt_oss":  # issue 15's model: experts with biases, a clamped activation, bf16 routing weights
-        return transformers.GptOssConfig(hidden_size=1024, intermediate_size=256, num_hidden_layers=2,
-                                         num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-                                         num_local_experts=8, num_experts_per_tok=2, vocab_size=VOCAB)
-    if name == "deepseek_v3":  # grouped routing, shared experts, MLA attention, fp32 routing weights
-        return transformers.DeepseekV3Config(intermediate_size=128, moe_intermediate_size=64, n_routed_experts=8,
-                                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
-                                             n_group=1, topk_group=1, kv_lora_rank=64, q_lora_rank=None,
-                                             qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, **common)
-    raise ValueError(name)
+    return family_config(name, experts=8, vocab_size=VOCAB)
 
 
 FAMILIES = ["olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3"]
@@ -122,10 +93,8 @@ def models(tmp_path_factory):
 def _load(path: str, layout: str, impl: str, world: int, dtype: torch.dtype = torch.bfloat16):
     """layout: "dp" (each rank its own batch: fsdp = ep = world), "tp" (the group shares one
     batch: tp = ep = world), "mixed" (tp = 2 share a batch, ep = world over fsdp * tp)."""
-    sizes = {"dp": dict(fsdp_size=world), "tp": dict(tp_size=world),
-             "mixed": dict(tp_size=2, fsdp_size=world // 2)}[layout]
-    config = DistributedConfig(ep_size=world, ep_implementation=impl, **sizes)
-    return AutoModelForCausalLM.from_pretrained(path, distributed_config=config, dtype=dtype)
+    assert world == dist.get_world_size()
+    return load_expert_parallel(path, impl, layout=layout, dtype=dtype)
 
 
 def _prompt(layout: str, lengths: tuple[int, ...], batch: int = 1) -> torch.Tensor:
@@ -232,10 +201,7 @@ def two_batch_generate_case(path: str, new_tokens: int = 3, parts: int = 2) -> d
 
 
 def error_case(path: str, layout: str, dtype: torch.dtype = torch.bfloat16, grad: bool = False) -> str:
-    world = dist.get_world_size()
-    config = DistributedConfig(ep_size=world, ep_implementation="overlap",
-                               **({"fsdp_size": world} if layout == "dp" else {"tp_size": world}))
-    model = AutoModelForCausalLM.from_pretrained(path, distributed_config=config, dtype=dtype)
+    model = load_expert_parallel(path, "overlap", layout=layout, dtype=dtype)
     ids = torch.randint(0, VOCAB, (1, 8))
     with torch.set_grad_enabled(grad):
         model(ids)

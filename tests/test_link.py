@@ -6,7 +6,6 @@ and orderings are asserted: they hold however loaded the machine is."""
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from overlap import ops

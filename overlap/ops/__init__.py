@@ -32,8 +32,21 @@ from torch import Tensor
 from . import context, npu, portable
 from .params import MoeCommParams
 from .staging import transport_kind
-from .transport import (EmulatedLink, GroupStatus, Transfer, abort, collective, comm_options, configure, group_status,
-                        in_flight, recover, settle, shutdown, transfer_of)
+from .transport import (
+    EmulatedLink,
+    GroupStatus,
+    Transfer,
+    abort,
+    collective,
+    comm_options,
+    configure,
+    group_status,
+    in_flight,
+    recover,
+    settle,
+    shutdown,
+    transfer_of,
+)
 
 BACKENDS = ("npu", "portable")
 

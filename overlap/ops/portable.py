@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import kernels
+from .. import kernels  # type: ignore[attr-defined]  # kernels/ ships as overlap.kernels (package-dir)
 from ..kernels.layout import align
 from ..kernels.quant import quantized_row_bytes
 from . import context, staging, transport

@@ -238,7 +238,7 @@ def resolve_group(group_ep: str, ep_world_size: int, ep_rank_id: int) -> dist.Pr
         raise RuntimeError("torch.distributed is not initialised: call dist.init_process_group(...) and pass "
                            "group_ep=<group>.group_name")
     try:
-        group = dist.distributed_c10d._resolve_process_group(group_ep)
+        group = dist.distributed_c10d._resolve_process_group(group_ep)  # type: ignore[arg-type]
     except Exception as exc:  # torch raises ValueError or RuntimeError depending on the version
         raise ValueError(f"group_ep must name a torch.distributed process group (its group_name), got "
                          f"{group_ep!r}") from exc
@@ -596,6 +596,7 @@ class _GroupWorker:
         device = transfer.send_buf.device
         lmax = transfer.block_counts.shape[1]
         row_bytes = transfer.send_buf.shape[1]
+        assert transfer.send_rows is not None  # internal: resolved on this thread before the exchange
         offsets = list(itertools.accumulate([0, *transfer.send_rows]))
 
         # Phase 1: headers. Each carries the shared parameters, so a disagreement is seen by all.
@@ -876,7 +877,7 @@ def start(
 def _group_and_name(group: dist.ProcessGroup | str) -> tuple[dist.ProcessGroup, str]:
     if isinstance(group, str):
         try:
-            return dist.distributed_c10d._resolve_process_group(group), group
+            return dist.distributed_c10d._resolve_process_group(group), group  # type: ignore[arg-type]
         except Exception as exc:  # torch raises ValueError or RuntimeError depending on the version
             raise ValueError(f"group must be a torch.distributed process group or its group_name, got "
                              f"{group!r}") from exc
@@ -1112,7 +1113,7 @@ def recover(
     try:
         kwargs = {} if timeout is None else {"timeout": timeout}
         new = dist.new_group(survivors, backend=dist.get_backend(group_obj), use_local_synchronization=True,
-                             **kwargs)
+                             **kwargs)  # type: ignore[arg-type]
     except Exception as exc:
         raise CommError(
             f"overlap.ops.recover could not build a new group of ranks {survivors}: {exc}. torch.distributed needs "

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import ops
-from ..errors import HandleError
+from ..errors import HandleError, add_note
 from ..graph import Plan
 from ..ops import context as op_context
 from ..timeline import OverlapReport, Timeline
@@ -36,6 +36,13 @@ from .recording import LaneRecorder, Recording, add_transfers
 
 EXECUTORS = ("planned", "fibers")
 Executor = Literal["planned", "fibers"]
+
+
+def _world() -> dist.ProcessGroup:
+    world = dist.group.WORLD
+    if world is None:
+        raise RuntimeError("torch.distributed is not initialised: call dist.init_process_group(...) first")
+    return world
 
 
 def current_scheduler() -> Scheduler | None:
@@ -139,7 +146,7 @@ class Scheduler:
         if settle_error is not None:
             if exc is None:
                 raise settle_error
-            exc.add_note(f"(then settling the scheduler context failed too: {settle_error})")
+            add_note(exc, f"(then settling the scheduler context failed too: {settle_error})")
         group_name = None if self.group is None else self.group.group_name
         left = [t for t in ops.in_flight(group_name) if t.ticket not in self._before]
         if left:
@@ -182,7 +189,7 @@ class Scheduler:
     def _group(self, call: LayerCall | None = None) -> dist.ProcessGroup:
         if self.group is not None:
             return self.group
-        return call.group if call is not None else dist.group.WORLD
+        return call.group if call is not None else _world()
 
     def _use(self, group: dist.ProcessGroup) -> dist.ProcessGroup:
         """Note that the context runs exchanges on `group` (it is settled at exit)."""
@@ -278,7 +285,7 @@ class Pipelined(torch.nn.Module):
         if kwargs:
             raise TypeError(f"a protocol layer on the planned executor takes only x, got keyword arguments "
                             f"{sorted(kwargs)}: wrap it with executor='fibers'")
-        return sched.run_layer(self.module, x)
+        return sched.run_layer(self.module, x)  # type: ignore[arg-type]  # checked in __init__
 
 
 def wrap(module: torch.nn.Module, *, executor: Executor | None = None) -> Pipelined:

@@ -173,13 +173,13 @@ def fsdp_gathered(module: Any) -> Iterator[None]:
     another (and its all-gathers would share the group with in-flight exchanges). So: gather
     everything once up front, with nothing in flight, keep it gathered, and reshard at the end.
     """
-    fsdp_modules = []
+    fsdp_modules: list[Any] = []
     if isinstance(module, torch.nn.Module):
         try:
             from torch.distributed.fsdp import FSDPModule
         except ImportError:  # torch without FSDP2
-            FSDPModule = None  # noqa: N806
-        if FSDPModule is not None:
+            pass
+        else:
             fsdp_modules = [m for m in module.modules() if isinstance(m, FSDPModule)]
     if not fsdp_modules:
         yield

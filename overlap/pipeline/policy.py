@@ -91,6 +91,8 @@ def largest_batch(num_tokens: int, group: dist.ProcessGroup | None) -> int:
         CommTimeoutError: a peer did not join within the timeout.
     """
     group = group if group is not None else dist.group.WORLD
+    if group is None:
+        raise RuntimeError("torch.distributed is not initialised: call dist.init_process_group(...) first")
     t = torch.tensor([num_tokens], dtype=torch.int64)
     if dist.get_backend(group) == "nccl":  # NCCL reduces device tensors only
         t = t.cuda()

@@ -73,7 +73,7 @@ class LayerCall:
 
     @property
     def group(self) -> dist.ProcessGroup:
-        return dist.distributed_c10d._resolve_process_group(self.group_ep)
+        return dist.distributed_c10d._resolve_process_group(self.group_ep)  # type: ignore[arg-type]
 
     def with_global_bs(self, global_bs: int) -> LayerCall:
         """The same call with `global_bs` set (unless the layer set its own)."""
