@@ -48,6 +48,7 @@ class SyntheticLink:
             threading.Timer(end - now, landed.set).start()
             self.timeline.add("link", name, start, end, "comm")
             return landed
+
         return fn
 
     @staticmethod
@@ -62,6 +63,7 @@ def busy(seconds: float):
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             pass
+
     return fn
 
 
@@ -97,10 +99,13 @@ def main() -> None:
         sim = plan.simulate().report()
         plan.run(timeline=measured, timeout=120)
         meas = measured.report()
-        rows.append((meas.hidden_fraction, sim.hidden_fraction, meas.speedup, sim.speedup,
-                     meas.makespan / sim.makespan))
-    print(f"{'run':>3}  {'hidden meas':>11}  {'hidden sim':>10}  {'speedup meas':>12}  {'speedup sim':>11}  "
-          f"{'makespan meas/sim':>17}")
+        rows.append(
+            (meas.hidden_fraction, sim.hidden_fraction, meas.speedup, sim.speedup, meas.makespan / sim.makespan)
+        )
+    print(
+        f"{'run':>3}  {'hidden meas':>11}  {'hidden sim':>10}  {'speedup meas':>12}  {'speedup sim':>11}  "
+        f"{'makespan meas/sim':>17}"
+    )
     for i, r in enumerate(rows):
         print(f"{i:>3}  {r[0]:>11.3f}  {r[1]:>10.3f}  {r[2]:>12.3f}  {r[3]:>11.3f}  {r[4]:>17.3f}")
     med = [statistics.median(c) for c in zip(*rows)]

@@ -89,13 +89,25 @@ def kernel_cases(inp: dict, tokens: int, top_k: int, hidden: int) -> list[tuple[
     return [
         ("gather", lambda: kernels.gather_rows(x, inp["send_token"], out=gathered), 2 * n_rows),
         ("scatter", lambda: kernels.scatter_rows(rows, inp["perm"], scattered), 2 * n_rows),
-        ("combine", lambda: kernels.weighted_combine(rows, inp["positions"], inp["weights"], out=out),
-         n_rows + n_tok),
-        ("quantize", lambda: kernels.quantize_packed(x, inp["send_token"], staging),
-         n_rows + tokens * top_k * (hidden + 4)),
-        ("layout", lambda: kernels.dispatch_layout(inp["ids"], num_active=tokens, ep_world_size=8, ep_rank_id=0,
-                                                   moe_expert_num=NUM_EXPERTS, shared_expert_num=0,
-                                                   shared_expert_rank_num=0), 0),
+        ("combine", lambda: kernels.weighted_combine(rows, inp["positions"], inp["weights"], out=out), n_rows + n_tok),
+        (
+            "quantize",
+            lambda: kernels.quantize_packed(x, inp["send_token"], staging),
+            n_rows + tokens * top_k * (hidden + 4),
+        ),
+        (
+            "layout",
+            lambda: kernels.dispatch_layout(
+                inp["ids"],
+                num_active=tokens,
+                ep_world_size=8,
+                ep_rank_id=0,
+                moe_expert_num=NUM_EXPERTS,
+                shared_expert_num=0,
+                shared_expert_rank_num=0,
+            ),
+            0,
+        ),
     ]
 
 
@@ -104,8 +116,10 @@ def _outputs(value: object) -> list[torch.Tensor]:
         return [value.clone()]
     if isinstance(value, tuple):
         return [t.clone() for t in value]
-    return [getattr(value, f).clone() for f in ("send_token", "send_scale_row", "send_counts", "expand_idx",
-                                                 "expert_counts")]
+    return [
+        getattr(value, f).clone()
+        for f in ("send_token", "send_scale_row", "send_counts", "expand_idx", "expert_counts")
+    ]
 
 
 def _eager(fn: Callable[[], object]) -> object:
@@ -123,8 +137,9 @@ def bench_cpu(repeats: int) -> None:
         rows = inp["rows"]
         copy_dst = torch.empty_like(rows)
         n_copy = 2 * rows.numel() * rows.element_size()
-        copy_rate = n_copy / min(best_time(rows.clone, repeats, "cpu"),
-                                 best_time(partial(copy_dst.copy_, rows), repeats, "cpu"))
+        copy_rate = n_copy / min(
+            best_time(rows.clone, repeats, "cpu"), best_time(partial(copy_dst.copy_, rows), repeats, "cpu")
+        )
         label = f"{tokens} x {top_k} x {hidden}"
         print(f"{label:>18}  {'copy_':>8}  {copy_rate / 1e9:7.2f}  {100:6.0f}%")
         cases = kernel_cases(inp, tokens, top_k, hidden)
@@ -177,8 +192,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.repeats is None:
         args.repeats = 10 if args.device == "cuda" else 20
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16, best of {args.repeats}, "
-          f"kernels mode {backend.mode()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16, best of {args.repeats}, "
+        f"kernels mode {backend.mode()}"
+    )
     if args.device == "cuda":
         bench_cuda(args.repeats)
     else:

@@ -58,8 +58,9 @@ def rank_main(tokens: int, ratios: list[float], microbatches: list[int], reps: i
     rows = []
     for ratio in ratios:
         latency = 20e-6
-        link = ops.EmulatedLink(latency_s=latency,
-                                bandwidth_bytes_per_s=nbytes / max(ratio * compute_s - 2 * latency, 1e-6))
+        link = ops.EmulatedLink(
+            latency_s=latency, bandwidth_bytes_per_s=nbytes / max(ratio * compute_s - 2 * latency, 1e-6)
+        )
         ops.configure(link=link)
         try:
             fns = [lambda: layer(x)]
@@ -70,6 +71,7 @@ def rank_main(tokens: int, ratios: list[float], microbatches: list[int], reps: i
                     with overlap.scheduler(microbatches=m, min_tokens=0) as s:
                         layer(x)
                     scheds[m] = s
+
                 return run
 
             fns += [make(m) for m in microbatches]
@@ -81,10 +83,21 @@ def rank_main(tokens: int, ratios: list[float], microbatches: list[int], reps: i
             f = torch.tensor([rep.compute_busy, rep.comm_busy, rep.overlap])
             dist.all_reduce(f, op=dist.ReduceOp.MAX)
             busy, comm, hidden = (float(v) for v in f)
-            rows.append({"comm_ratio": ratio, "microbatches": m, "serial_s": serial_s, "overlapped_s": over_s,
-                         "compute_s": compute_s, "comm_s": comm, "overlapped_compute_s": busy,
-                         "hidden_fraction": hidden / comm if comm else 0.0, "speedup": serial_s / over_s,
-                         "ideal_speedup": (1 + ratio) / max(1.0, ratio), "threads": torch.get_num_threads()})
+            rows.append(
+                {
+                    "comm_ratio": ratio,
+                    "microbatches": m,
+                    "serial_s": serial_s,
+                    "overlapped_s": over_s,
+                    "compute_s": compute_s,
+                    "comm_s": comm,
+                    "overlapped_compute_s": busy,
+                    "hidden_fraction": hidden / comm if comm else 0.0,
+                    "speedup": serial_s / over_s,
+                    "ideal_speedup": (1 + ratio) / max(1.0, ratio),
+                    "threads": torch.get_num_threads(),
+                }
+            )
         if rank == 0:
             print(f"[bench_pipeline] R={ratio} done", file=sys.stderr, flush=True)
     return rows
@@ -99,15 +112,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: launch's default)")
     args = parser.parse_args()
     rows = run_ranks(2, rank_main, args.tokens, args.ratios, args.microbatches, args.reps, args.threads)
-    head = (f"{'R':>5} {'m':>2} {'serial ms':>10} {'overlap ms':>10} {'compute ms':>10} {'comm ms':>8} "
-            f"{'compute x':>9} {'hidden':>7} {'speedup':>8} {'ideal':>6} {'thr':>4}")
+    head = (
+        f"{'R':>5} {'m':>2} {'serial ms':>10} {'overlap ms':>10} {'compute ms':>10} {'comm ms':>8} "
+        f"{'compute x':>9} {'hidden':>7} {'speedup':>8} {'ideal':>6} {'thr':>4}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['comm_ratio']:>5.2f} {r['microbatches']:>2} {r['serial_s'] * 1e3:>10.1f} "
-              f"{r['overlapped_s'] * 1e3:>10.1f} {r['compute_s'] * 1e3:>10.1f} {r['comm_s'] * 1e3:>8.1f} "
-              f"{r['overlapped_compute_s'] / r['compute_s']:>8.2f}x {r['hidden_fraction'] * 100:>6.1f}% "
-              f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>5.2f}x {r['threads']:>4}")
+        print(
+            f"{r['comm_ratio']:>5.2f} {r['microbatches']:>2} {r['serial_s'] * 1e3:>10.1f} "
+            f"{r['overlapped_s'] * 1e3:>10.1f} {r['compute_s'] * 1e3:>10.1f} {r['comm_s'] * 1e3:>8.1f} "
+            f"{r['overlapped_compute_s'] / r['compute_s']:>8.2f}x {r['hidden_fraction'] * 100:>6.1f}% "
+            f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>5.2f}x {r['threads']:>4}"
+        )
 
 
 if __name__ == "__main__":

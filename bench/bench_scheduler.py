@@ -118,12 +118,13 @@ def main() -> None:
     t_sim = best_of(args.repeats, sim_plan.simulate)
     t_pp = min(ping_pong(2000) for _ in range(args.repeats))
 
-    print(f"{'':<38} {'nodes':>6} {'events':>6} {'direct':>10} {'plan.run':>10} "
-          f"{'overhead':>10} {'plan()':>10}")
+    print(f"{'':<38} {'nodes':>6} {'events':>6} {'direct':>10} {'plan.run':>10} {'overhead':>10} {'plan()':>10}")
     for label, count, events, t_direct, t_run, t_plan in rows:
-        print(f"{label:<38} {count:>6} {events:>6} {t_direct / count * 1e6:>7.2f} µs "
-              f"{t_run / count * 1e6:>7.2f} µs {(t_run - t_direct) / count * 1e6:>7.2f} µs "
-              f"{t_plan / count * 1e6:>7.1f} µs")
+        print(
+            f"{label:<38} {count:>6} {events:>6} {t_direct / count * 1e6:>7.2f} µs "
+            f"{t_run / count * 1e6:>7.2f} µs {(t_run - t_direct) / count * 1e6:>7.2f} µs "
+            f"{t_plan / count * 1e6:>7.1f} µs"
+        )
     print(f"simulate, single-stream chain: {t_sim / n * 1e6:.2f} µs/node")
     print(f"lock ping-pong (one thread wake-up, this machine now): {t_pp * 1e6:.2f} µs")
 

@@ -79,6 +79,7 @@ def recorded(model, ids: torch.Tensor, num_microbatches: int | None):
         with overlap_hf.record(model) as rec, overlap_hf.microbatches(num_microbatches):
             model(ids)
         return rec.report()
+
     return run
 
 
@@ -90,6 +91,7 @@ def two_batch(model, ids: torch.Tensor, parts: int):
         with overlap_hf.record(model) as rec, overlap.scheduler(microbatches=parts, min_tokens=1) as s:
             wrapped(ids, use_cache=False)
         return _with_fibers(rec, s)
+
     return run
 
 
@@ -97,11 +99,17 @@ def _with_fibers(rec, s):
     """The recorder's whole-run makespan with the fibers' own timeline (recorded in `s`)."""
     inner = s.report()
     outer = rec.report()
-    return overlap_hf.ForwardReport(makespan=outer.makespan, compute_busy=inner.compute_busy,
-                                    comm_busy=inner.comm_busy, overlap=inner.overlap,
-                                    hidden_fraction=inner.hidden_fraction, serial_time=outer.makespan + inner.overlap,
-                                    speedup=(outer.makespan + inner.overlap) / outer.makespan,
-                                    comm_source=inner.comm_source, compute_covers="whole model")
+    return overlap_hf.ForwardReport(
+        makespan=outer.makespan,
+        compute_busy=inner.compute_busy,
+        comm_busy=inner.comm_busy,
+        overlap=inner.overlap,
+        hidden_fraction=inner.hidden_fraction,
+        serial_time=outer.makespan + inner.overlap,
+        speedup=(outer.makespan + inner.overlap) / outer.makespan,
+        comm_source=inner.comm_source,
+        compute_covers="whole model",
+    )
 
 
 def decoding(model, ids: torch.Tensor, parts: int, steps: int):
@@ -109,6 +117,7 @@ def decoding(model, ids: torch.Tensor, parts: int, steps: int):
         with overlap_hf.record(model) as rec:
             overlap_hf.generate(model, ids, max_new_tokens=steps, parts=parts, do_sample=False)
         return rec.report()
+
     return run
 
 
@@ -148,8 +157,14 @@ def main() -> None:
             for tokens in args.tokens:
                 torch.manual_seed(1 + rank)
                 ids = torch.randint(0, VOCAB, (1, tokens))
-                timed = timed_side_by_side({"a2a": lambda m=a2a, x=ids: m(x), "overlap": recorded(ours, ids, None),
-                                            "one": recorded(ours, ids, 1)}, args.repeats)
+                timed = timed_side_by_side(
+                    {
+                        "a2a": lambda m=a2a, x=ids: m(x),
+                        "overlap": recorded(ours, ids, None),
+                        "one": recorded(ours, ids, 1),
+                    },
+                    args.repeats,
+                )
                 gloo_rows.append((family, tokens, timed["a2a"][0], timed["overlap"][0], timed["one"][0]))
                 if rank == 0:
                     print(f"[bench] {family} {tokens} tokens: done", flush=True)
@@ -162,37 +177,56 @@ def main() -> None:
                 torch.manual_seed(1 + rank)
                 ids = torch.randint(0, VOCAB, (1, n))
                 seqs = ids[:, : n - n % p].reshape(p, -1)  # the same tokens as p sequences
-                prefill = timed_side_by_side({"one": recorded(ours, ids, 1), "pipe": recorded(ours, ids, None),
-                                              "tbo": two_batch(ours, seqs, p)}, args.repeats)
+                prefill = timed_side_by_side(
+                    {"one": recorded(ours, ids, 1), "pipe": recorded(ours, ids, None), "tbo": two_batch(ours, seqs, p)},
+                    args.repeats,
+                )
                 prompts = torch.randint(0, VOCAB, (p, 16))
-                decode = timed_side_by_side({"one": decoding(ours, prompts, 1, args.decode_steps),
-                                             "split": decoding(ours, prompts, p, args.decode_steps)}, args.repeats)
+                decode = timed_side_by_side(
+                    {
+                        "one": decoding(ours, prompts, 1, args.decode_steps),
+                        "split": decoding(ours, prompts, p, args.decode_steps),
+                    },
+                    args.repeats,
+                )
             finally:
                 overlap.ops.configure(link=None)
             label = f"{args.bandwidth / 1e6:g} MB/s"
-            link_rows += [(f"prefill {n} tok, 1 microbatch ({label})", *prefill["one"]),
-                          (f"prefill {n} tok, pipelined EP calls", *prefill["pipe"]),
-                          (f"prefill {n} tok as {p} seqs, {p} fibers", *prefill["tbo"]),
-                          (f"decode {p} seqs x {args.decode_steps} steps, 1 part", *decode["one"]),
-                          (f"decode {p} seqs x {args.decode_steps} steps, {p} parts", *decode["split"])]
+            link_rows += [
+                (f"prefill {n} tok, 1 microbatch ({label})", *prefill["one"]),
+                (f"prefill {n} tok, pipelined EP calls", *prefill["pipe"]),
+                (f"prefill {n} tok as {p} seqs, {p} fibers", *prefill["tbo"]),
+                (f"decode {p} seqs x {args.decode_steps} steps, 1 part", *decode["one"]),
+                (f"decode {p} seqs x {args.decode_steps} steps, {p} parts", *decode["split"]),
+            ]
 
         if rank == 0:
             print(f"\n{world} ranks (gloo, CPU); median of {args.repeats}, slowest rank; each rank its own batch\n")
-            print(f"{'family':<12} {'tokens/rank':>11} {'all_to_all ms':>14} {'overlap ms':>11} {'overlap/a2a':>12} "
-                  f"{'1 microbatch/a2a':>17}")
+            print(
+                f"{'family':<12} {'tokens/rank':>11} {'all_to_all ms':>14} {'overlap ms':>11} {'overlap/a2a':>12} "
+                f"{'1 microbatch/a2a':>17}"
+            )
             for family, tokens, t_a2a, t_ov, t_one in gloo_rows:
-                print(f"{family:<12} {tokens:>11} {t_a2a * 1e3:14.1f} {t_ov * 1e3:11.1f} {t_ov / t_a2a:11.2f}x "
-                      f"{t_one / t_a2a:16.2f}x")
+                print(
+                    f"{family:<12} {tokens:>11} {t_a2a * 1e3:14.1f} {t_ov * 1e3:11.1f} {t_ov / t_a2a:11.2f}x "
+                    f"{t_one / t_a2a:16.2f}x"
+                )
             if link_rows:
-                print(f"\nemulated link, {args.families[0]} (compute: experts for EP-call rows, whole model for "
-                      "fiber rows)\n")
+                print(
+                    f"\nemulated link, {args.families[0]} (compute: experts for EP-call rows, whole model for "
+                    "fiber rows)\n"
+                )
                 print(f"{'run':<42} {'ms':>8} {'compute ms':>11} {'comm ms':>8} {'hidden':>7} {'of hideable':>12}")
                 for name, seconds, rep in link_rows:
-                    print(f"{name:<42} {seconds * 1e3:8.1f} {rep.compute_busy * 1e3:11.1f} {rep.comm_busy * 1e3:8.1f} "
-                          f"{rep.hidden_fraction * 100:6.1f}% {hideable(rep) * 100:11.1f}%")
+                    print(
+                        f"{name:<42} {seconds * 1e3:8.1f} {rep.compute_busy * 1e3:11.1f} {rep.comm_busy * 1e3:8.1f} "
+                        f"{rep.hidden_fraction * 100:6.1f}% {hideable(rep) * 100:11.1f}%"
+                    )
                 t = [seconds for _, seconds, _ in link_rows]
-                print(f"\ntime vs 1 microbatch / 1 part: pipelined EP calls {t[1] / t[0]:.2f}x, {args.parts} fibers "
-                      f"{t[2] / t[0]:.2f}x (prefill); {args.parts} parts {t[4] / t[3]:.2f}x (decode)")
+                print(
+                    f"\ntime vs 1 microbatch / 1 part: pipelined EP calls {t[1] / t[0]:.2f}x, {args.parts} fibers "
+                    f"{t[2] / t[0]:.2f}x (prefill); {args.parts} parts {t[4] / t[3]:.2f}x (decode)"
+                )
     finally:
         dist.barrier()
         if rank == 0:

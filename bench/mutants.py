@@ -47,20 +47,33 @@ _mutant_original = {func}
 """
 
 MUTANTS = [
-    Mutant("combine weights only k=0", "weighted_combine", '''
+    Mutant(
+        "combine weights only k=0",
+        "weighted_combine",
+        """
 def weighted_combine(rows, positions, weights, *args, **kwargs):
     only_first = weights.clone()
     only_first[:, 1:] = 1.0  # k > 0 unweighted
     return _mutant_original(rows, positions, only_first, *args, **kwargs)
-''', (("tests/test_ops.py", None),)),
-    Mutant("swapped rows in the block transpose", "block_transpose_index", '''
+""",
+        (("tests/test_ops.py", None),),
+    ),
+    Mutant(
+        "swapped rows in the block transpose",
+        "block_transpose_index",
+        """
 def block_transpose_index(counts):
     index = _mutant_original(counts).clone()
     if index.numel() >= 2:
         index[[0, 1]] = index[[1, 0]].clone()
     return index
-''', (("tests/test_layout_ops.py", None), ("tests/test_ops.py", None))),
-    Mutant("setup waits for its transfer", "dispatch_setup", '''
+""",
+        (("tests/test_layout_ops.py", None), ("tests/test_ops.py", None)),
+    ),
+    Mutant(
+        "setup waits for its transfer",
+        "dispatch_setup",
+        """
 def dispatch_setup(*args, **kwargs):
     from overlap.ops import transport as _transport
     result = _mutant_original(*args, **kwargs)
@@ -68,9 +81,18 @@ def dispatch_setup(*args, **kwargs):
     if handle is not None:
         handle.wait()
     return result
-''', (("tests/test_ops.py", "setup_returns or awaitable"), ("tests/test_overlap_deterministic.py", None),
-      ("tests/test_link.py", None)), "portable"),
-    Mutant("tokens reversed within each (expert, source rank) block", "dispatch_teardown", '''
+""",
+        (
+            ("tests/test_ops.py", "setup_returns or awaitable"),
+            ("tests/test_overlap_deterministic.py", None),
+            ("tests/test_link.py", None),
+        ),
+        "portable",
+    ),
+    Mutant(
+        "tokens reversed within each (expert, source rank) block",
+        "dispatch_teardown",
+        """
 import inspect as _inspect
 
 
@@ -113,21 +135,34 @@ def combine_setup(*args, **kwargs):
     blocks = _mutant_blocks(a["assist_info_for_combine"], _mutant_local(bound), a["ep_world_size"])
     a["expand_x"] = _mutant_reverse(a["expand_x"], blocks)  # restored: the round trip is unchanged
     return _mutant_combine_original(*bound.args, **bound.kwargs)
-''', (("tests/test_layout_ops.py", None), ("tests/test_ops.py", None)), "portable"),
-    Mutant("EmulatedLink.duration ignores bandwidth", "EmulatedLink.duration", '''
+""",
+        (("tests/test_layout_ops.py", None), ("tests/test_ops.py", None)),
+        "portable",
+    ),
+    Mutant(
+        "EmulatedLink.duration ignores bandwidth",
+        "EmulatedLink.duration",
+        """
 def _mutant_duration(self, nbytes):
     return self.latency_s
 
 
 EmulatedLink.duration = _mutant_duration
-''', (("tests/test_link.py", None),)),
+""",
+        (("tests/test_link.py", None),),
+    ),
 ]
 
 
 def copy_tree(dest: Path) -> None:
     """Tracked and untracked (not ignored) files of the working tree; kernels/ also as overlap/kernels/."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
-                           capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True, capture_output=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = REPO / rel
         if src.is_file():
@@ -166,8 +201,11 @@ def inject(root: Path, mutant: Mutant) -> Path:
         body = WRAP_FUNCTION.format(name=mutant.name, func=mutant.target, body=mutant.wrapper)
     path.write_text(source + "\n" + body)
     # Fail loudly if the module no longer imports (the wrapper must apply cleanly).
-    check = subprocess.run([sys.executable, "-c", f"import ast, sys; ast.parse(open({str(path)!r}).read())"],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-c", f"import ast, sys; ast.parse(open({str(path)!r}).read())"],
+        capture_output=True,
+        text=True,
+    )
     if check.returncode:
         raise SystemExit(f"mutant {mutant.name!r} broke {path}: {check.stderr}")
     return path
@@ -181,7 +219,10 @@ def env_for(root: Path) -> dict:
 
 
 def check_imports_from(root: Path) -> None:
-    code = "import overlap, overlap.kernels, overlap.ops.transport as t; print(overlap.__file__, overlap.kernels.__file__, t.__file__)"
+    code = (
+        "import overlap, overlap.kernels, overlap.ops.transport as t; "
+        "print(overlap.__file__, overlap.kernels.__file__, t.__file__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env_for(root), capture_output=True, text=True)
     paths = out.stdout.split()
     if out.returncode or len(paths) != 3 or not all(Path(p).resolve().is_relative_to(root.resolve()) for p in paths):
@@ -229,8 +270,11 @@ def main() -> None:
             print(f"\n== {name}{where}", flush=True)
             results = run_tests(root, mutant.tests)
             for label, caught, detail, seconds in results:
-                verdict = ("FAILED" if caught else "passed") if mutant.name == "baseline" else \
-                    ("caught" if caught else "missed")
+                verdict = (
+                    ("FAILED" if caught else "passed")
+                    if mutant.name == "baseline"
+                    else ("caught" if caught else "missed")
+                )
                 print(f"   {verdict:<7} {label:<60} {seconds:6.0f} s  {detail}", flush=True)
             caught_any = any(c for _, c, _, _ in results)
             summary.append((name, caught_any, mutant.name == "baseline"))
@@ -241,8 +285,11 @@ def main() -> None:
                 shutil.rmtree(root, ignore_errors=True)
     print("\nsummary")
     for name, caught, baseline in summary:
-        verdict = ("FAILED (the suite must pass unmutated)" if caught else "passed") if baseline else \
-            ("caught" if caught else "MISSED")
+        verdict = (
+            ("FAILED (the suite must pass unmutated)" if caught else "passed")
+            if baseline
+            else ("caught" if caught else "MISSED")
+        )
         print(f"  {verdict:<8} {name}")
     if any(caught == baseline for _, caught, baseline in summary):  # a baseline failed or a mutant got through
         sys.exit(1)

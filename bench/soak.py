@@ -62,6 +62,7 @@ def _quant_dequant(x: torch.Tensor) -> torch.Tensor:
 
 def _draw_step(g: torch.Generator, world: int) -> dict:
     """One step's problem, identical on every rank."""
+
     def pick(n: int) -> int:
         return int(torch.randint(n, (1,), generator=g))
 
@@ -69,8 +70,11 @@ def _draw_step(g: torch.Generator, world: int) -> dict:
     batches = [1 + pick(MAX_BS) for _ in range(world)]
     mode = ("random", "random", "one-rank", "few")[pick(4)]
     local = EXPERTS // world
-    pool = {"random": torch.arange(EXPERTS), "one-rank": torch.arange(local),
-            "few": torch.randperm(EXPERTS, generator=g)[:max(2, top_k)]}[mode]
+    pool = {
+        "random": torch.arange(EXPERTS),
+        "one-rank": torch.arange(local),
+        "few": torch.randperm(EXPERTS, generator=g)[: max(2, top_k)],
+    }[mode]
     xs, ids, ws, active = [], [], [], []
     for bs in batches:
         xs.append(torch.randn(bs, HIDDEN, generator=g).to(torch.bfloat16))
@@ -79,12 +83,22 @@ def _draw_step(g: torch.Generator, world: int) -> dict:
         w = torch.rand(bs, top_k, generator=g)
         ws.append((w / w.sum(-1, keepdim=True)).float())
         active.append(pick(bs + 1) if pick(4) == 0 else None)
-    return dict(top_k=top_k, batches=batches, mode=mode, x=xs, ids=ids, w=ws, active=active,
-                quant=2 if pick(4) == 0 else 0, shared_x=pick(3) == 0)
+    return dict(
+        top_k=top_k,
+        batches=batches,
+        mode=mode,
+        x=xs,
+        ids=ids,
+        w=ws,
+        active=active,
+        quant=2 if pick(4) == 0 else 0,
+        shared_x=pick(3) == 0,
+    )
 
 
-def _reference(step: dict, rank: int, a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor,
-               sb: torch.Tensor) -> torch.Tensor:
+def _reference(
+    step: dict, rank: int, a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor
+) -> torch.Tensor:
     x, ids, w = step["x"][rank], step["ids"][rank], step["w"][rank]
     n = x.shape[0] if step["active"][rank] is None else step["active"][rank]
     inp = _quant_dequant(x) if step["quant"] == 2 else x.float()
@@ -98,18 +112,21 @@ def _reference(step: dict, rank: int, a: torch.Tensor, b: torch.Tensor, sa: torc
     return acc.to(torch.bfloat16)
 
 
-def _run_step(step: dict, rank: int, world: int, group: str, a: torch.Tensor, b: torch.Tensor,
-              sa: torch.Tensor, sb: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _run_step(
+    step: dict, rank: int, world: int, group: str, a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor
+) -> tuple[torch.Tensor, int]:
     """The four ops and the experts: `(x_out, rows this rank received)`."""
     from overlap import ops
 
     x, ids, w = step["x"][rank], step["ids"][rank], step["w"][rank]
     mask = None if step["active"][rank] is None else torch.arange(x.shape[0]) < step["active"][rank]
     kw = dict(global_bs=MAX_BS * world)
-    y, expand_idx, cmd = ops.dispatch_setup(x, ids, group, world, rank, EXPERTS, x_active_mask=mask,
-                                            quant_mode=step["quant"], **kw)
-    expand_x, scales, assist, counts = ops.dispatch_teardown(x, y, ids, cmd, group, world, rank, EXPERTS,
-                                                             quant_mode=step["quant"], **kw)
+    y, expand_idx, cmd = ops.dispatch_setup(
+        x, ids, group, world, rank, EXPERTS, x_active_mask=mask, quant_mode=step["quant"], **kw
+    )
+    expand_x, scales, assist, counts = ops.dispatch_teardown(
+        x, y, ids, cmd, group, world, rank, EXPERTS, quant_mode=step["quant"], **kw
+    )
     local = EXPERTS // world
     total = int(counts.sum())
     expert = rank * local + torch.repeat_interleave(torch.arange(local), counts)  # global expert of each row
@@ -118,8 +135,21 @@ def _run_step(step: dict, rank: int, world: int, group: str, a: torch.Tensor, b:
     out[:total] = _affine(inp, a[expert], b[expert])
     quant_x, cmd2 = ops.combine_setup(out, ids, assist, group, world, rank, EXPERTS, **kw)
     shared_x = _affine(x.float(), sa, sb) if step["shared_x"] else None
-    x_out = ops.combine_teardown(out, quant_x, ids, expand_idx, w, cmd2, group, world, rank, EXPERTS,
-                                 x_active_mask=mask, shared_expert_x=shared_x, **kw)
+    x_out = ops.combine_teardown(
+        out,
+        quant_x,
+        ids,
+        expand_idx,
+        w,
+        cmd2,
+        group,
+        world,
+        rank,
+        EXPERTS,
+        x_active_mask=mask,
+        shared_expert_x=shared_x,
+        **kw,
+    )
     return x_out, total
 
 
@@ -132,8 +162,17 @@ def rank_loop(steps: int, seed: int = 0, check_every: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randn(EXPERTS, HIDDEN, generator=g) * 0.5, torch.randn(EXPERTS, HIDDEN, generator=g) * 0.1
     sa, sb = torch.randn(HIDDEN, generator=g) * 0.5, torch.randn(HIDDEN, generator=g) * 0.1
-    stats = dict(rank=rank, steps=0, checked=0, mismatches=0, first_mismatch=None, empty_receives=0,
-                 idle_experts=0, workers_start=len(transport._workers), threads_start=threading.active_count())
+    stats = dict(
+        rank=rank,
+        steps=0,
+        checked=0,
+        mismatches=0,
+        first_mismatch=None,
+        empty_receives=0,
+        idle_experts=0,
+        workers_start=len(transport._workers),
+        threads_start=threading.active_count(),
+    )
     warmup = max(1, steps // 10)
     start = time.perf_counter()
     for i in range(steps):
@@ -141,8 +180,9 @@ def rank_loop(steps: int, seed: int = 0, check_every: int = 1) -> dict:
         x_out, received = _run_step(step, rank, world, group, a, b, sa, sb)
         stats["steps"] += 1
         stats["empty_receives"] += received == 0
-        routed = torch.cat([ids[: (ids.shape[0] if n is None else n)].flatten()
-                            for ids, n in zip(step["ids"], step["active"])])
+        routed = torch.cat(
+            [ids[: (ids.shape[0] if n is None else n)].flatten() for ids, n in zip(step["ids"], step["active"])]
+        )
         stats["idle_experts"] += EXPERTS - int(torch.unique(routed).numel())
         if check_every and i % check_every == 0:
             stats["checked"] += 1
@@ -175,15 +215,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with RankPool(args.world) as pool:  # a rank that raises, hangs or dies fails the run
         stats = pool.run(rank_loop, args.steps, args.seed, args.check_every, timeout_s=24 * 3600.0)
     print(f"soak: {args.steps} steps on {args.world} gloo ranks, reference checked every {args.check_every}")
-    print("rank  seconds  ms/step  checked  mismatches  empty-recv  idle-experts  "
-          "RSS first / warm / last MiB  growth after warm-up")
+    print(
+        "rank  seconds  ms/step  checked  mismatches  empty-recv  idle-experts  "
+        "RSS first / warm / last MiB  growth after warm-up"
+    )
     for s in stats:
-        print(f"{s['rank']:>4}  {s['seconds']:7.1f}  {1e3 * s['seconds'] / s['steps']:7.2f}  {s['checked']:7d}  "
-              f"{s['mismatches']:10d}  {s['empty_receives']:10d}  {s['idle_experts']:12d}  "
-              f"{s['rss_first_mb']:7.1f} / {s['rss_warm_mb']:6.1f} / {s['rss_last_mb']:6.1f}  "
-              f"{s['rss_last_mb'] - s['rss_warm_mb']:+.1f} MiB")
-        print(f"      in flight at end: {s['in_flight_end']}, workers {s['workers_start']} -> {s['workers_end']}, "
-              f"threads {s['threads_start']} -> {s['threads_end']}")
+        print(
+            f"{s['rank']:>4}  {s['seconds']:7.1f}  {1e3 * s['seconds'] / s['steps']:7.2f}  {s['checked']:7d}  "
+            f"{s['mismatches']:10d}  {s['empty_receives']:10d}  {s['idle_experts']:12d}  "
+            f"{s['rss_first_mb']:7.1f} / {s['rss_warm_mb']:6.1f} / {s['rss_last_mb']:6.1f}  "
+            f"{s['rss_last_mb'] - s['rss_warm_mb']:+.1f} MiB"
+        )
+        print(
+            f"      in flight at end: {s['in_flight_end']}, workers {s['workers_start']} -> {s['workers_end']}, "
+            f"threads {s['threads_start']} -> {s['threads_end']}"
+        )
     if any(s["mismatches"] for s in stats):
         raise SystemExit("soak: outputs differ from the dense reference")
     return stats

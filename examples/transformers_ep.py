@@ -84,9 +84,12 @@ def main() -> None:
         verdict = ("bit-equal" if equal else "agree") if ok else "DISAGREE"
         for r in range(dist.get_world_size()):
             if r == rank:
-                print(f"rank {rank}: {ids.shape[1]} tokens, logits {verdict} (worst token |Δ| {diff:.4f} <= "
-                      f"{tol:.4f}, {TOL_ULPS} ulp); all_to_all {times['all_to_all'] * 1e3:.1f} ms, overlap "
-                      f"{times['overlap'] * 1e3:.1f} ms", flush=True)
+                print(
+                    f"rank {rank}: {ids.shape[1]} tokens, logits {verdict} (worst token |Δ| {diff:.4f} <= "
+                    f"{tol:.4f}, {TOL_ULPS} ulp); all_to_all {times['all_to_all'] * 1e3:.1f} ms, overlap "
+                    f"{times['overlap'] * 1e3:.1f} ms",
+                    flush=True,
+                )
             dist.barrier()
         if rank == 0:
             print("\noverlap run on rank 0 (makespan = the whole forward, compute = the experts, link = transfers):")

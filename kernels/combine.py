@@ -45,11 +45,16 @@ def weighted_combine(
     """
     device = device_kernels(out)
     if device is not None:
-        return device.weighted_combine(rows, positions, weights, shared_positions=shared_positions, extra=extra,
-                                       out=out)
-    if out.device.type == "cpu" and cpu_combine.is_worth_it(out, positions, shared_positions) and \
-            cpu_combine.weighted_combine(rows, positions, weights, shared_positions=shared_positions, extra=extra,
-                                         out=out):
+        return device.weighted_combine(
+            rows, positions, weights, shared_positions=shared_positions, extra=extra, out=out
+        )
+    if (
+        out.device.type == "cpu"
+        and cpu_combine.is_worth_it(out, positions, shared_positions)
+        and cpu_combine.weighted_combine(
+            rows, positions, weights, shared_positions=shared_positions, extra=extra, out=out
+        )
+    ):
         return out  # the same sum, fused and compiled (cpu_combine)
     num_tokens, hidden = out.shape
     top_k = positions.shape[1]

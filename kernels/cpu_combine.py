@@ -31,8 +31,7 @@ _enabled = os.environ.get("OVERLAP_CPU_COMPILE", "1") != "0"
 _compiled: Any = None
 
 
-def _fused_combine(rows: Tensor, index: Tensor, weights: Tensor, top_k: int, extra: Tensor | None,
-                   out: Tensor) -> None:
+def _fused_combine(rows: Tensor, index: Tensor, weights: Tensor, top_k: int, extra: Tensor | None, out: Tensor) -> None:
     # index: (n, K + S), weights: (n, K); the loop is unrolled when traced (K + S is a constant).
     acc = 0.0 + weights[:, 0:1] * rows[index[:, 0]].float()
     for k in range(1, top_k):
@@ -52,8 +51,15 @@ def is_worth_it(out: Tensor, positions: Tensor, shared_positions: Tensor | None)
     return out.shape[0] * (positions.shape[1] + num_shared) * out.shape[1] >= MIN_ELEMENTS
 
 
-def weighted_combine(rows: Tensor, positions: Tensor, weights: Tensor, *, shared_positions: Tensor | None = None,
-                     extra: Tensor | None = None, out: Tensor) -> bool:
+def weighted_combine(
+    rows: Tensor,
+    positions: Tensor,
+    weights: Tensor,
+    *,
+    shared_positions: Tensor | None = None,
+    extra: Tensor | None = None,
+    out: Tensor,
+) -> bool:
     """Run the compiled combine into `out`; arguments as `combine.weighted_combine`.
 
     Returns:
@@ -73,8 +79,11 @@ def weighted_combine(rows: Tensor, positions: Tensor, weights: Tensor, *, shared
             _compiled(rows, index, weights, positions.shape[1], extra, out)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back to the reference for good
         _enabled = False
-        warnings.warn(f"overlap.kernels: the compiled CPU combine failed ({type(exc).__name__}: {exc}); "
-                      "using the eager reference from now on (set OVERLAP_CPU_COMPILE=0 to skip it)",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"overlap.kernels: the compiled CPU combine failed ({type(exc).__name__}: {exc}); "
+            "using the eager reference from now on (set OVERLAP_CPU_COMPILE=0 to skip it)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return False
     return True

@@ -44,8 +44,7 @@ def count_values(values: Tensor, length: int) -> Tensor:
     Returns:
         `(length,)` int64.
     """
-    return torch.zeros(length, dtype=torch.int64, device=values.device).index_add_(
-        0, values, torch.ones_like(values))
+    return torch.zeros(length, dtype=torch.int64, device=values.device).index_add_(0, values, torch.ones_like(values))
 
 
 def expand_idx_from_ids(expert_ids: Tensor, num_experts: int) -> Tensor:
@@ -118,10 +117,15 @@ def dispatch_layout(
     """
     kernels = device_kernels(expert_ids)
     if kernels is not None:
-        return kernels.dispatch_layout(expert_ids, num_active=num_active, ep_world_size=ep_world_size,
-                                       ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num,
-                                       shared_expert_num=shared_expert_num,
-                                       shared_expert_rank_num=shared_expert_rank_num)
+        return kernels.dispatch_layout(
+            expert_ids,
+            num_active=num_active,
+            ep_world_size=ep_world_size,
+            ep_rank_id=ep_rank_id,
+            moe_expert_num=moe_expert_num,
+            shared_expert_num=shared_expert_num,
+            shared_expert_rank_num=shared_expert_rank_num,
+        )
     device = expert_ids.device
     num_tokens, top_k = expert_ids.shape
     num_moe_ranks = ep_world_size - shared_expert_rank_num
@@ -181,8 +185,9 @@ def block_transpose_index(counts: Tensor, *, num_rows: int | None = None) -> Ten
     in_start = (torch.cumsum(flat, 0) - flat).view_as(counts)
     out_counts = counts.t().reshape(-1)
     out_start = torch.cumsum(out_counts, 0) - out_counts
-    block = torch.repeat_interleave(torch.arange(out_counts.numel(), device=counts.device), out_counts,
-                                    output_size=num_rows)
+    block = torch.repeat_interleave(
+        torch.arange(out_counts.numel(), device=counts.device), out_counts, output_size=num_rows
+    )
     within = torch.arange(block.numel(), device=counts.device) - out_start[block]
     return in_start.t().reshape(-1)[block] + within
 

@@ -71,10 +71,31 @@ def _tiles(num_rows: int, hidden: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _combine_kernel(rows_ptr, rows_stride, pos_ptr, pos_stride_t, pos_stride_k, w_ptr, w_stride_t, w_stride_k,
-                    shared_ptr, shared_stride_s, shared_stride_t, extra_ptr, extra_stride, out_ptr, out_stride,
-                    num_tokens, hidden, TOP_K: tl.constexpr, NUM_SHARED: tl.constexpr, HAS_EXTRA: tl.constexpr,
-                    CAST_OUT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_kernel(
+    rows_ptr,
+    rows_stride,
+    pos_ptr,
+    pos_stride_t,
+    pos_stride_k,
+    w_ptr,
+    w_stride_t,
+    w_stride_k,
+    shared_ptr,
+    shared_stride_s,
+    shared_stride_t,
+    extra_ptr,
+    extra_stride,
+    out_ptr,
+    out_stride,
+    num_tokens,
+    hidden,
+    TOP_K: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
+    HAS_EXTRA: tl.constexpr,
+    CAST_OUT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     col = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     tok_mask = tok < num_tokens
@@ -99,8 +120,15 @@ def _combine_kernel(rows_ptr, rows_stride, pos_ptr, pos_stride_t, pos_stride_k, 
         tl.store(dst, acc, mask=mask)
 
 
-def combine_accumulate(rows: Tensor, positions: Tensor, weights: Tensor, *, shared_positions: Tensor | None = None,
-                       extra: Tensor | None = None, out: Tensor) -> Tensor:
+def combine_accumulate(
+    rows: Tensor,
+    positions: Tensor,
+    weights: Tensor,
+    *,
+    shared_positions: Tensor | None = None,
+    extra: Tensor | None = None,
+    out: Tensor,
+) -> Tensor:
     """Run the combine kernel into `out`; an fp32 `out` receives the accumulator itself (no cast).
 
     Shapes and dtypes as `weighted_combine`; `out` may also be fp32.
@@ -118,16 +146,44 @@ def combine_accumulate(rows: Tensor, positions: Tensor, weights: Tensor, *, shar
     extra_t = out if extra is None else extra
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
     _combine_kernel[grid](
-        rows, rows.stride(0), positions, positions.stride(0), positions.stride(1), weights, weights.stride(0),
-        weights.stride(1), shared, shared.stride(0), shared.stride(1) if shared.dim() > 1 else 0, extra_t,
-        extra_t.stride(0), out, out.stride(0), num_tokens, hidden, TOP_K=top_k, NUM_SHARED=num_shared,
-        HAS_EXTRA=extra is not None, CAST_OUT=out.dtype != torch.float32, BLOCK_T=block_t, BLOCK_H=block_h,
-        num_warps=8 if block_t * block_h >= 4096 else 4, enable_fp_fusion=False)
+        rows,
+        rows.stride(0),
+        positions,
+        positions.stride(0),
+        positions.stride(1),
+        weights,
+        weights.stride(0),
+        weights.stride(1),
+        shared,
+        shared.stride(0),
+        shared.stride(1) if shared.dim() > 1 else 0,
+        extra_t,
+        extra_t.stride(0),
+        out,
+        out.stride(0),
+        num_tokens,
+        hidden,
+        TOP_K=top_k,
+        NUM_SHARED=num_shared,
+        HAS_EXTRA=extra is not None,
+        CAST_OUT=out.dtype != torch.float32,
+        BLOCK_T=block_t,
+        BLOCK_H=block_h,
+        num_warps=8 if block_t * block_h >= 4096 else 4,
+        enable_fp_fusion=False,
+    )
     return out
 
 
-def weighted_combine(rows: Tensor, positions: Tensor, weights: Tensor, *, shared_positions: Tensor | None = None,
-                     extra: Tensor | None = None, out: Tensor) -> Tensor:
+def weighted_combine(
+    rows: Tensor,
+    positions: Tensor,
+    weights: Tensor,
+    *,
+    shared_positions: Tensor | None = None,
+    extra: Tensor | None = None,
+    out: Tensor,
+) -> Tensor:
     """`combine.weighted_combine` on the device: same arguments, same bits."""
     if interpreting() and out.dtype != torch.float32:
         # The interpreter truncates fp32 -> half casts: accumulate in fp32, round half to even with torch.
@@ -143,9 +199,20 @@ def weighted_combine(rows: Tensor, positions: Tensor, weights: Tensor, *, shared
 
 
 @triton.jit
-def _copy_rows_kernel(src_ptr, src_stride, src_idx_ptr, dst_ptr, dst_stride, dst_idx_ptr, num_rows, hidden,
-                      SRC_INDEXED: tl.constexpr, DST_INDEXED: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_H: tl.constexpr):
+def _copy_rows_kernel(
+    src_ptr,
+    src_stride,
+    src_idx_ptr,
+    dst_ptr,
+    dst_stride,
+    dst_idx_ptr,
+    num_rows,
+    hidden,
+    SRC_INDEXED: tl.constexpr,
+    DST_INDEXED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     col = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = row < num_rows
@@ -169,10 +236,21 @@ def _copy_rows(src: Tensor, src_index: Tensor | None, dst: Tensor, dst_index: Te
             raise ValueError(f"{name} must have contiguous rows (stride(1) == 1), got strides {t.stride()}")
     block_r, block_h = _tiles(num_rows, hidden)
     grid = (triton.cdiv(num_rows, block_r), triton.cdiv(hidden, block_h))
-    _copy_rows_kernel[grid](src, src.stride(0), src if src_index is None else src_index, dst, dst.stride(0),
-                            dst if dst_index is None else dst_index, num_rows, hidden,
-                            SRC_INDEXED=src_index is not None, DST_INDEXED=dst_index is not None,
-                            BLOCK_R=block_r, BLOCK_H=block_h, num_warps=8 if block_r * block_h >= 4096 else 4)
+    _copy_rows_kernel[grid](
+        src,
+        src.stride(0),
+        src if src_index is None else src_index,
+        dst,
+        dst.stride(0),
+        dst if dst_index is None else dst_index,
+        num_rows,
+        hidden,
+        SRC_INDEXED=src_index is not None,
+        DST_INDEXED=dst_index is not None,
+        BLOCK_R=block_r,
+        BLOCK_H=block_h,
+        num_warps=8 if block_r * block_h >= 4096 else 4,
+    )
 
 
 def gather_rows(src: Tensor, index: Tensor, out: Tensor | None = None) -> Tensor:
@@ -195,8 +273,9 @@ def scatter_rows(src: Tensor, index: Tensor, out: Tensor) -> Tensor:
 
 
 @triton.jit
-def _load_scaled(src_ptr, src_row, src_stride, smooth_ptr, smooth_row, smooth_stride, col, mask,
-                 HAS_SMOOTH: tl.constexpr):
+def _load_scaled(
+    src_ptr, src_row, src_stride, smooth_ptr, smooth_row, smooth_stride, col, mask, HAS_SMOOTH: tl.constexpr
+):
     x = tl.load(src_ptr + src_row[:, None] * src_stride + col[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_SMOOTH:
         x = x * tl.load(smooth_ptr + smooth_row[:, None] * smooth_stride + col[None, :], mask=mask, other=0.0)
@@ -204,10 +283,28 @@ def _load_scaled(src_ptr, src_row, src_stride, smooth_ptr, smooth_row, smooth_st
 
 
 @triton.jit
-def _quant_kernel(src_ptr, src_stride, src_idx_ptr, smooth_ptr, smooth_stride, smooth_idx_ptr, q_ptr, q_stride,
-                  scale_ptr, scale_stride, scale_byte, num_rows, hidden, HAS_INDEX: tl.constexpr,
-                  HAS_SMOOTH: tl.constexpr, HAS_SMOOTH_INDEX: tl.constexpr, PACKED: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+def _quant_kernel(
+    src_ptr,
+    src_stride,
+    src_idx_ptr,
+    smooth_ptr,
+    smooth_stride,
+    smooth_idx_ptr,
+    q_ptr,
+    q_stride,
+    scale_ptr,
+    scale_stride,
+    scale_byte,
+    num_rows,
+    hidden,
+    HAS_INDEX: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_SMOOTH_INDEX: tl.constexpr,
+    PACKED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+):
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = row < num_rows
     row = row.to(tl.int64)
@@ -231,8 +328,7 @@ def _quant_kernel(src_ptr, src_stride, src_idx_ptr, smooth_ptr, smooth_stride, s
         col = c * BLOCK_H + cols
         mask = row_mask[:, None] & (col < hidden)[None, :]
         if NUM_CHUNKS > 1:
-            x = _load_scaled(src_ptr, src_row, src_stride, smooth_ptr, smooth_row, smooth_stride, col, mask,
-                             HAS_SMOOTH)
+            x = _load_scaled(src_ptr, src_row, src_stride, smooth_ptr, smooth_row, smooth_stride, col, mask, HAS_SMOOTH)
         v = x * d[:, None]
         v = (v + 12582912.0) - 12582912.0  # round half to even: 1.5 * 2**23 pushes the fraction out
         v = tl.minimum(tl.maximum(v, -128.0), 127.0)
@@ -247,8 +343,15 @@ def _quant_kernel(src_ptr, src_stride, src_idx_ptr, smooth_ptr, smooth_stride, s
         tl.store(scale_ptr + row * scale_stride, scale, mask=row_mask)
 
 
-def _quantize(src: Tensor, index: Tensor | None, smooth: Tensor | None, smooth_index: Tensor | None, q: Tensor,
-              scale: Tensor | None, scale_byte: int) -> None:
+def _quantize(
+    src: Tensor,
+    index: Tensor | None,
+    smooth: Tensor | None,
+    smooth_index: Tensor | None,
+    q: Tensor,
+    scale: Tensor | None,
+    scale_byte: int,
+) -> None:
     num_rows = q.shape[0]
     hidden = src.shape[1]
     if num_rows == 0:
@@ -257,13 +360,30 @@ def _quantize(src: Tensor, index: Tensor | None, smooth: Tensor | None, smooth_i
     block_r = min(max(1, 2048 // block_h), triton.next_power_of_2(num_rows))
     chunks = triton.cdiv(hidden, block_h)
     grid = (triton.cdiv(num_rows, block_r),)
-    _quant_kernel[grid](src, src.stride(0), src if index is None else index, src if smooth is None else smooth,
-                        0 if smooth is None else smooth.stride(0), src if smooth_index is None else smooth_index,
-                        q, q.stride(0), q if scale is None else scale, 0 if scale is None else scale.stride(0),
-                        scale_byte, num_rows, hidden, HAS_INDEX=index is not None, HAS_SMOOTH=smooth is not None,
-                        HAS_SMOOTH_INDEX=smooth_index is not None, PACKED=scale is None, BLOCK_R=block_r,
-                        BLOCK_H=block_h, NUM_CHUNKS=chunks, num_warps=8 if block_r * block_h >= 4096 else 4,
-                        enable_fp_fusion=False)
+    _quant_kernel[grid](
+        src,
+        src.stride(0),
+        src if index is None else index,
+        src if smooth is None else smooth,
+        0 if smooth is None else smooth.stride(0),
+        src if smooth_index is None else smooth_index,
+        q,
+        q.stride(0),
+        q if scale is None else scale,
+        0 if scale is None else scale.stride(0),
+        scale_byte,
+        num_rows,
+        hidden,
+        HAS_INDEX=index is not None,
+        HAS_SMOOTH=smooth is not None,
+        HAS_SMOOTH_INDEX=smooth_index is not None,
+        PACKED=scale is None,
+        BLOCK_R=block_r,
+        BLOCK_H=block_h,
+        NUM_CHUNKS=chunks,
+        num_warps=8 if block_r * block_h >= 4096 else 4,
+        enable_fp_fusion=False,
+    )
 
 
 def quantize_rows(rows: Tensor, smooth: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -274,8 +394,9 @@ def quantize_rows(rows: Tensor, smooth: Tensor | None = None) -> tuple[Tensor, T
     return q, scale
 
 
-def quantize_packed(x: Tensor, index: Tensor | None, out: Tensor, *, scales: Tensor | None = None,
-                    scale_rows: Tensor | None = None) -> Tensor:
+def quantize_packed(
+    x: Tensor, index: Tensor | None, out: Tensor, *, scales: Tensor | None = None, scale_rows: Tensor | None = None
+) -> Tensor:
     """`quant.quantize_packed` on the device: gather, smooth, quantise and pack, one read of each row."""
     hidden = x.shape[1]
     _quantize(x, index, scales, scale_rows if scales is not None else None, out, None, align(hidden, 32))
@@ -288,8 +409,9 @@ def quantize_packed(x: Tensor, index: Tensor | None, out: Tensor, *, scales: Ten
 
 
 @triton.jit
-def _layout_count_kernel(ids_ptr, num_entries, num_active_entries, hist_all_ptr, hist_active_ptr,
-                         BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+def _layout_count_kernel(
+    ids_ptr, num_entries, num_active_entries, hist_all_ptr, hist_active_ptr, BLOCK: tl.constexpr, E_PAD: tl.constexpr
+):
     entry = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     expert = tl.load(ids_ptr + entry, mask=entry < num_entries, other=-1).to(tl.int32)
     bins = tl.arange(0, E_PAD)
@@ -301,18 +423,41 @@ def _layout_count_kernel(ids_ptr, num_entries, num_active_entries, hist_all_ptr,
 
 
 @triton.jit
-def _layout_place_kernel(ids_ptr, num_entries, num_active_entries, top_k, hist_all_ptr, cum_all_ptr, totals_ptr,
-                         expand_idx_ptr, send_token_ptr, send_scale_ptr, send_counts_ptr, expert_counts_ptr,
-                         num_experts, num_active, num_shared_rows, shared_num, shared_rank_num, world, rank,
-                         local, max_local, BLOCK: tl.constexpr, E_PAD: tl.constexpr, COUNTS_PAD: tl.constexpr):
+def _layout_place_kernel(
+    ids_ptr,
+    num_entries,
+    num_active_entries,
+    top_k,
+    hist_all_ptr,
+    cum_all_ptr,
+    totals_ptr,
+    expand_idx_ptr,
+    send_token_ptr,
+    send_scale_ptr,
+    send_counts_ptr,
+    expert_counts_ptr,
+    num_experts,
+    num_active,
+    num_shared_rows,
+    shared_num,
+    shared_rank_num,
+    world,
+    rank,
+    local,
+    max_local,
+    BLOCK: tl.constexpr,
+    E_PAD: tl.constexpr,
+    COUNTS_PAD: tl.constexpr,
+):
     pid = tl.program_id(0)
     lane = tl.arange(0, BLOCK)
     entry = pid * BLOCK + lane
     in_range = entry < num_entries
     expert = tl.load(ids_ptr + entry, mask=in_range, other=-1).to(tl.int32)
     # stable slot: earlier blocks (exclusive prefix of the block histograms) + earlier lanes of this block
-    before = tl.load(cum_all_ptr + pid * E_PAD + expert, mask=in_range, other=0) - \
-        tl.load(hist_all_ptr + pid * E_PAD + expert, mask=in_range, other=0)
+    before = tl.load(cum_all_ptr + pid * E_PAD + expert, mask=in_range, other=0) - tl.load(
+        hist_all_ptr + pid * E_PAD + expert, mask=in_range, other=0
+    )
     same_earlier = (expert[:, None] == expert[None, :]) & (lane[None, :] < lane[:, None])
     slot = before + tl.sum(same_earlier.to(tl.int32), axis=1)
     tl.store(expand_idx_ptr + entry, slot, mask=in_range)
@@ -343,8 +488,16 @@ def _layout_place_kernel(ids_ptr, num_entries, num_active_entries, top_k, hist_a
         tl.store(send_counts_ptr + cell, value, mask=cell < world * max_local)
 
 
-def dispatch_layout(expert_ids: Tensor, *, num_active: int, ep_world_size: int, ep_rank_id: int, moe_expert_num: int,
-                    shared_expert_num: int, shared_expert_rank_num: int) -> DispatchLayout:
+def dispatch_layout(
+    expert_ids: Tensor,
+    *,
+    num_active: int,
+    ep_world_size: int,
+    ep_rank_id: int,
+    moe_expert_num: int,
+    shared_expert_num: int,
+    shared_expert_rank_num: int,
+) -> DispatchLayout:
     """`layout.dispatch_layout` on the device: two kernels and one cumsum, no host read.
 
     Every output length is a host integer (`num_active`, the shapes), so `DispatchLayout.num_rows`
@@ -365,8 +518,9 @@ def dispatch_layout(expert_ids: Tensor, *, num_active: int, ep_world_size: int, 
     num_blocks = max(1, triton.cdiv(num_entries, block))
     hist_all = torch.empty(num_blocks, e_pad, dtype=torch.int32, device=device)
     hist_active = torch.empty_like(hist_all)
-    _layout_count_kernel[(num_blocks,)](ids, num_entries, num_active * top_k, hist_all, hist_active, BLOCK=block,
-                                        E_PAD=e_pad, num_warps=4)
+    _layout_count_kernel[(num_blocks,)](
+        ids, num_entries, num_active * top_k, hist_all, hist_active, BLOCK=block, E_PAD=e_pad, num_warps=4
+    )
     cum_all = torch.cumsum(hist_all, 0, dtype=torch.int32)
     totals = hist_active.sum(0, dtype=torch.int32)
 
@@ -376,9 +530,37 @@ def dispatch_layout(expert_ids: Tensor, *, num_active: int, ep_world_size: int, 
     send_counts = torch.empty(ep_world_size, max_local, dtype=torch.int64, device=device)
     expert_counts = torch.empty(moe_expert_num, dtype=torch.int64, device=device)
     _layout_place_kernel[(num_blocks,)](
-        ids, num_entries, num_active * top_k, top_k, hist_all, cum_all, totals, expand_idx, send_token,
-        send_scale_row, send_counts, expert_counts, moe_expert_num, num_active, num_shared_rows, shared_expert_num,
-        shared_expert_rank_num, ep_world_size, ep_rank_id, local, max_local, BLOCK=block, E_PAD=e_pad,
-        COUNTS_PAD=triton.next_power_of_2(ep_world_size * max_local), num_warps=4)
-    return DispatchLayout(send_token=send_token, send_scale_row=send_scale_row, send_counts=send_counts,
-                          expand_idx=expand_idx, expert_counts=expert_counts, num_shared_rows=num_shared_rows)
+        ids,
+        num_entries,
+        num_active * top_k,
+        top_k,
+        hist_all,
+        cum_all,
+        totals,
+        expand_idx,
+        send_token,
+        send_scale_row,
+        send_counts,
+        expert_counts,
+        moe_expert_num,
+        num_active,
+        num_shared_rows,
+        shared_expert_num,
+        shared_expert_rank_num,
+        ep_world_size,
+        ep_rank_id,
+        local,
+        max_local,
+        BLOCK=block,
+        E_PAD=e_pad,
+        COUNTS_PAD=triton.next_power_of_2(ep_world_size * max_local),
+        num_warps=4,
+    )
+    return DispatchLayout(
+        send_token=send_token,
+        send_scale_row=send_scale_row,
+        send_counts=send_counts,
+        expand_idx=expand_idx,
+        expert_counts=expert_counts,
+        num_shared_rows=num_shared_rows,
+    )

@@ -24,49 +24,115 @@ class _Parser(argparse.ArgumentParser):
 
 def _shape_flags(p: argparse.ArgumentParser, defaults: dict[str, int]) -> None:
     g = p.add_argument_group("layer shape (per rank)")
-    g.add_argument("--tokens", type=int, default=defaults["tokens"],
-                   help=f"tokens per rank, in [1, 8192] (default {defaults['tokens']})")
-    g.add_argument("--hidden", type=int, default=defaults["hidden"],
-                   help=f"hidden size H, in [1024, 8192] (default {defaults['hidden']})")
-    g.add_argument("--experts", type=int, default=defaults["experts"],
-                   help=f"routed experts E, in (0, 512], divisible by the ranks (default {defaults['experts']})")
-    g.add_argument("--top-k", type=int, default=defaults["top_k"],
-                   help=f"experts per token K, in (0, min(16, E)] (default {defaults['top_k']})")
-    g.add_argument("--intermediate", type=int, default=defaults["intermediate"],
-                   help=f"intermediate size of each expert's gated MLP (default {defaults['intermediate']})")
-    g.add_argument("--shared", type=int, default=defaults["shared"],
-                   help=f"shared experts, computed on every rank, in [0, 4] (default {defaults['shared']})")
-    g.add_argument("--quant", type=int, choices=(0, 2), default=0,
-                   help="dispatch quantisation: 0 none (bf16 rows), 2 dynamic int8 per row (default 0)")
+    g.add_argument(
+        "--tokens",
+        type=int,
+        default=defaults["tokens"],
+        help=f"tokens per rank, in [1, 8192] (default {defaults['tokens']})",
+    )
+    g.add_argument(
+        "--hidden",
+        type=int,
+        default=defaults["hidden"],
+        help=f"hidden size H, in [1024, 8192] (default {defaults['hidden']})",
+    )
+    g.add_argument(
+        "--experts",
+        type=int,
+        default=defaults["experts"],
+        help=f"routed experts E, in (0, 512], divisible by the ranks (default {defaults['experts']})",
+    )
+    g.add_argument(
+        "--top-k",
+        type=int,
+        default=defaults["top_k"],
+        help=f"experts per token K, in (0, min(16, E)] (default {defaults['top_k']})",
+    )
+    g.add_argument(
+        "--intermediate",
+        type=int,
+        default=defaults["intermediate"],
+        help=f"intermediate size of each expert's gated MLP (default {defaults['intermediate']})",
+    )
+    g.add_argument(
+        "--shared",
+        type=int,
+        default=defaults["shared"],
+        help=f"shared experts, computed on every rank, in [0, 4] (default {defaults['shared']})",
+    )
+    g.add_argument(
+        "--quant",
+        type=int,
+        choices=(0, 2),
+        default=0,
+        help="dispatch quantisation: 0 none (bf16 rows), 2 dynamic int8 per row (default 0)",
+    )
 
 
 def _run_flags(p: argparse.ArgumentParser, *, microbatches: list[int] | int, reps: int) -> None:
     g = p.add_argument_group("ranks and link")
-    g.add_argument("--ranks", type=int, default=2,
-                   help="local ranks to start, in [2, 384] (default 2; under torchrun the job's world size)")
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="where each rank computes: cpu (gloo group; default) or cuda (rank r on cuda:(r %% G), "
-                        "LOCAL_RANK %% G under torchrun; NCCL group)")
-    g.add_argument("--transport", choices=("gloo", "emulated"), default="emulated",
-                   help="emulated (default): gloo moves the data, completion follows a modelled link; "
-                        "gloo: as fast as gloo moves it")
+    g.add_argument(
+        "--ranks",
+        type=int,
+        default=2,
+        help="local ranks to start, in [2, 384] (default 2; under torchrun the job's world size)",
+    )
+    g.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where each rank computes: cpu (gloo group; default) or cuda (rank r on cuda:(r %% G), "
+        "LOCAL_RANK %% G under torchrun; NCCL group)",
+    )
+    g.add_argument(
+        "--transport",
+        choices=("gloo", "emulated"),
+        default="emulated",
+        help="emulated (default): gloo moves the data, completion follows a modelled link; "
+        "gloo: as fast as gloo moves it",
+    )
     link = g.add_mutually_exclusive_group()
-    link.add_argument("--comm-ratio", type=float, default=None, metavar="R",
-                      help="scale the emulated link so that one serial layer's comm takes R x its compute "
-                           "(default 1)")
-    link.add_argument("--link-gbps", type=float, default=None, metavar="GBPS",
-                      help="emulated link bandwidth in GB/s (10^9 bytes per second), instead of --comm-ratio")
-    g.add_argument("--latency-us", type=float, default=20.0,
-                   help="emulated link latency per exchange, microseconds (default 20)")
+    link.add_argument(
+        "--comm-ratio",
+        type=float,
+        default=None,
+        metavar="R",
+        help="scale the emulated link so that one serial layer's comm takes R x its compute (default 1)",
+    )
+    link.add_argument(
+        "--link-gbps",
+        type=float,
+        default=None,
+        metavar="GBPS",
+        help="emulated link bandwidth in GB/s (10^9 bytes per second), instead of --comm-ratio",
+    )
+    g.add_argument(
+        "--latency-us", type=float, default=20.0, help="emulated link latency per exchange, microseconds (default 20)"
+    )
     if isinstance(microbatches, list):
-        g.add_argument("--microbatches", type=int, nargs="+", default=microbatches, metavar="M",
-                       help=f"microbatch counts to try, each in [1, 64] (default {' '.join(map(str, microbatches))})")
+        g.add_argument(
+            "--microbatches",
+            type=int,
+            nargs="+",
+            default=microbatches,
+            metavar="M",
+            help=f"microbatch counts to try, each in [1, 64] (default {' '.join(map(str, microbatches))})",
+        )
     else:
-        g.add_argument("--microbatches", type=int, default=microbatches, metavar="M",
-                       help=f"microbatches of the overlapped run, in [1, 64] (default {microbatches}; "
-                            "the scheduler keeps at least 32 tokens in each)")
-    g.add_argument("--reps", type=int, default=reps,
-                   help=f"timed repetitions of each run; the median and min-max are reported (default {reps})")
+        g.add_argument(
+            "--microbatches",
+            type=int,
+            default=microbatches,
+            metavar="M",
+            help=f"microbatches of the overlapped run, in [1, 64] (default {microbatches}; "
+            "the scheduler keeps at least 32 tokens in each)",
+        )
+    g.add_argument(
+        "--reps",
+        type=int,
+        default=reps,
+        help=f"timed repetitions of each run; the median and min-max are reported (default {reps})",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,18 +140,27 @@ def parser() -> argparse.ArgumentParser:
     from .demo import Shape
 
     defaults = Shape().__dict__
-    p = _Parser(prog=PROG, description="Hide MoE expert-parallel communication behind compute: "
-                                "the reference layer serial vs overlapped on local ranks.")
+    p = _Parser(
+        prog=PROG,
+        description="Hide MoE expert-parallel communication behind compute: "
+        "the reference layer serial vs overlapped on local ranks.",
+    )
     sub = p.add_subparsers(dest="command", metavar="{demo,bench}")
-    d = sub.add_parser("demo", help="run one case, check it against the dense fp32 reference, report, draw (default)",
-                       description="Run the reference MoE layer serial and overlapped, check both against the "
-                                   "dense fp32 reference, print the table, write a trace and two pictures.")
+    d = sub.add_parser(
+        "demo",
+        help="run one case, check it against the dense fp32 reference, report, draw (default)",
+        description="Run the reference MoE layer serial and overlapped, check both against the "
+        "dense fp32 reference, print the table, write a trace and two pictures.",
+    )
     _shape_flags(d, defaults)
     _run_flags(d, microbatches=2, reps=5)
     d.add_argument("--out", default=None, help="output folder (default: a new overlap-demo-<time> folder)")
-    b = sub.add_parser("bench", help="serial vs overlapped for your shape, link and microbatch counts",
-                       description="Time the reference layer serial and overlapped for each microbatch count "
-                                   "(and, without shape flags, three built-in shapes).")
+    b = sub.add_parser(
+        "bench",
+        help="serial vs overlapped for your shape, link and microbatch counts",
+        description="Time the reference layer serial and overlapped for each microbatch count "
+        "(and, without shape flags, three built-in shapes).",
+    )
     _shape_flags(b, defaults)
     _run_flags(b, microbatches=[1, 2, 4], reps=5)
     b.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON to FILE")
@@ -148,19 +223,22 @@ def _print_demo(row: dict) -> int:
     """The demo's results, after every progress line: the timeline, the table, the check, the files."""
     from . import demo
 
-    print(f"overlapped run, rank {row['pictured_rank']}, median repetition (# compute, > setup, "
-          "< teardown, = link):")
+    print(f"overlapped run, rank {row['pictured_rank']}, median repetition (# compute, > setup, < teardown, = link):")
     print(row["timeline_text"])
     print()
     print(demo.format_table([row]))
     print()
-    print(f"transport: {row['transport']} (device {row['device']}; gloo: cpu tensors over gloo, gloo-staged: "
-          "device tensors through pinned host buffers over gloo, nccl: device tensors over NCCL)")
+    print(
+        f"transport: {row['transport']} (device {row['device']}; gloo: cpu tensors over gloo, gloo-staged: "
+        "device tensors through pinned host buffers over gloo, nccl: device tensors over NCCL)"
+    )
     ok = row["within_tolerance"]
-    print(f"serial and overlapped outputs {'within' if ok else 'OUTSIDE'} the tolerance of the dense fp32 "
-          f"reference: worst {max(row['worst_ulps_serial'], row['worst_ulps_overlapped']):.2f} bf16 ulp "
-          f"(serial {row['worst_ulps_serial']:.2f}, overlapped {row['worst_ulps_overlapped']:.2f}; "
-          f"tolerance {row['tolerance_ulps']:g})")
+    print(
+        f"serial and overlapped outputs {'within' if ok else 'OUTSIDE'} the tolerance of the dense fp32 "
+        f"reference: worst {max(row['worst_ulps_serial'], row['worst_ulps_overlapped']):.2f} bf16 ulp "
+        f"(serial {row['worst_ulps_serial']:.2f}, overlapped {row['worst_ulps_overlapped']:.2f}; "
+        f"tolerance {row['tolerance_ulps']:g})"
+    )
     print("wrote: " + ", ".join(row["files"]))
     return 0 if ok else 1
 

@@ -77,8 +77,7 @@ class Shape:
 
     def __str__(self) -> str:
         quant = " int8" if self.quant == 2 else ""
-        return (f"T{self.tokens} H{self.hidden} E{self.experts} K{self.top_k} I{self.intermediate} "
-                f"S{self.shared}{quant}")
+        return f"T{self.tokens} H{self.hidden} E{self.experts} K{self.top_k} I{self.intermediate} S{self.shared}{quant}"
 
 
 @dataclass(frozen=True)
@@ -202,15 +201,26 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _max(values: list[float], group: dist.ProcessGroup, op: dist.ReduceOp.RedOpType = dist.ReduceOp.MAX,
-         dev: torch.device | None = None) -> list[float]:
+def _max(
+    values: list[float],
+    group: dist.ProcessGroup,
+    op: dist.ReduceOp.RedOpType = dist.ReduceOp.MAX,
+    dev: torch.device | None = None,
+) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=dev)
     dist.all_reduce(t, op=op, group=group)
     return t.tolist()
 
 
-def _calibrate(layer: MoELayer, x: torch.Tensor, link: Link, group: dist.ProcessGroup, dev: torch.device,
-               serial: Callable[[], tuple[torch.Tensor, Scheduler]], compute_s: float) -> ops.EmulatedLink | None:
+def _calibrate(
+    layer: MoELayer,
+    x: torch.Tensor,
+    link: Link,
+    group: dist.ProcessGroup,
+    dev: torch.device,
+    serial: Callable[[], tuple[torch.Tensor, Scheduler]],
+    compute_s: float,
+) -> ops.EmulatedLink | None:
     """The link to time on. With a comm ratio R: start from the bytes one layer moves (T·K rows
     of H each way), then twice rescale the bandwidth from a serial run's measured link time M and
     compute C, so that M = R·C (latency stays as given)."""
@@ -235,9 +245,11 @@ def _calibrate(layer: MoELayer, x: torch.Tensor, link: Link, group: dist.Process
         fixed = exchanges * latency
         want = ratio * compute - fixed
         if want <= 0:
-            raise ValueError(f"--comm-ratio {ratio:g} is too small for --latency-us {link.latency_us:g}: "
-                             f"{int(exchanges)} exchanges take {fixed * 1e3:.2f} ms of latency alone, against "
-                             f"{ratio * compute * 1e3:.2f} ms wanted")
+            raise ValueError(
+                f"--comm-ratio {ratio:g} is too small for --latency-us {link.latency_us:g}: "
+                f"{int(exchanges)} exchanges take {fixed * 1e3:.2f} ms of latency alone, against "
+                f"{ratio * compute * 1e3:.2f} ms wanted"
+            )
         bandwidth *= max(comm - fixed, 1e-9) / want
     return ops.EmulatedLink(latency_s=latency, bandwidth_bytes_per_s=bandwidth)
 
@@ -264,8 +276,15 @@ def _median_index(values: list[float]) -> int:
     return order[(len(values) - 1) // 2]
 
 
-def measure(shape: Shape, microbatches: int, link: Link, reps: int, device: str = "cpu",
-            progress: Progress | None = None, keep: bool = False) -> dict:
+def measure(
+    shape: Shape,
+    microbatches: int,
+    link: Link,
+    reps: int,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    keep: bool = False,
+) -> dict:
     """Serial vs overlapped forward of the reference layer on this rank's group: one table row.
 
     Returns (every rank gets the same figures): the row of the module docstring's JSON, plus with
@@ -276,8 +295,16 @@ def measure(shape: Shape, microbatches: int, link: Link, reps: int, device: str 
     dev, group = _device_and_group(device)
     rank = dist.get_rank(group)
     with progress.step(f"building the layer {shape}"):
-        layer = MoELayer(shape.hidden, shape.experts, shape.top_k, shape.intermediate, group=group,
-                         num_shared_experts=shape.shared, quant_mode=shape.quant, seed=1).to(dev)
+        layer = MoELayer(
+            shape.hidden,
+            shape.experts,
+            shape.top_k,
+            shape.intermediate,
+            group=group,
+            num_shared_experts=shape.shared,
+            quant_mode=shape.quant,
+            seed=1,
+        ).to(dev)
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(shape.tokens, shape.hidden, generator=g).to(torch.bfloat16).to(dev)
 
@@ -336,18 +363,33 @@ def measure(shape: Shape, microbatches: int, link: Link, reps: int, device: str 
     serial_s, overlapped_s = statistics.median(serial_t), statistics.median(over_t)
     ideal = (compute + comm) / max(compute, comm) if max(compute, comm) > 0 else 1.0
     row = {
-        "shape": str(shape), **{f"shape_{k}": v for k, v in asdict(shape).items()},
-        "ranks": dist.get_world_size(group), "device": device, "link": str(link),
+        "shape": str(shape),
+        **{f"shape_{k}": v for k, v in asdict(shape).items()},
+        "ranks": dist.get_world_size(group),
+        "device": device,
+        "link": str(link),
         "transport": ops.transport_kind(group.group_name),
-        "microbatches": _microbatches_ran(o_sched), "microbatches_requested": microbatches, "reps": reps,
-        "serial_s": serial_s, "serial_min_s": min(serial_t), "serial_max_s": max(serial_t),
-        "overlapped_s": overlapped_s, "overlapped_min_s": min(over_t), "overlapped_max_s": max(over_t),
-        "compute_s": compute, "comm_s": comm, "comm_ratio": comm / compute if compute > 0 else 0.0,
-        "hidden_fraction": hidden, "speedup": serial_s / overlapped_s, "ideal_speedup": ideal,
+        "microbatches": _microbatches_ran(o_sched),
+        "microbatches_requested": microbatches,
+        "reps": reps,
+        "serial_s": serial_s,
+        "serial_min_s": min(serial_t),
+        "serial_max_s": max(serial_t),
+        "overlapped_s": overlapped_s,
+        "overlapped_min_s": min(over_t),
+        "overlapped_max_s": max(over_t),
+        "compute_s": compute,
+        "comm_s": comm,
+        "comm_ratio": comm / compute if compute > 0 else 0.0,
+        "hidden_fraction": hidden,
+        "speedup": serial_s / overlapped_s,
+        "ideal_speedup": ideal,
         "verdict": _verdict(serial_t, over_t),
         "link_bandwidth_GBps": None if emulated is None else emulated.bandwidth_bytes_per_s / 1e9,
         "link_latency_us": None if emulated is None else emulated.latency_s * 1e6,
-        "worst_ulps_serial": worst_serial, "worst_ulps_overlapped": worst_overlapped, "tolerance_ulps": tolerance,
+        "worst_ulps_serial": worst_serial,
+        "worst_ulps_overlapped": worst_overlapped,
+        "tolerance_ulps": tolerance,
         "within_tolerance": max(worst_serial, worst_overlapped) <= tolerance,
     }
     if keep:
@@ -355,8 +397,11 @@ def measure(shape: Shape, microbatches: int, link: Link, reps: int, device: str 
         candidate = torch.tensor([rank if hidden_here <= hidden else dist.get_world_size(group)], device=dev)
         dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
         pictured = int(candidate.item())
-        payload: list[Any] = [[(iv.track, iv.name, iv.start, iv.end, iv.kind) for iv in o_sched.timeline.intervals]
-                              if rank == pictured else None]
+        payload: list[Any] = [
+            [(iv.track, iv.name, iv.start, iv.end, iv.kind) for iv in o_sched.timeline.intervals]
+            if rank == pictured
+            else None
+        ]
         dist.broadcast_object_list(payload, src=dist.get_global_rank(group, pictured), group=group)
         timeline = Timeline(o_sched.timeline.tracks)
         for track, name, start, end, kind in payload[0]:
@@ -370,8 +415,9 @@ def demo_rank(shape: Shape, microbatches: int, link: Link, reps: int, device: st
     the pictures of the pictured rank's median repetition into `out_dir`."""
     progress = Progress()
     if progress.enabled:
-        print(f"[overlap] {dist.get_world_size()} ranks up; {shape}; {link}; device {device}", file=sys.stderr,
-              flush=True)
+        print(
+            f"[overlap] {dist.get_world_size()} ranks up; {shape}; {link}; device {device}", file=sys.stderr, flush=True
+        )
     row = measure(shape, microbatches, link, reps, device, progress, keep=True)
     sched, timeline = row.pop("_sched"), row.pop("_timeline")
     if dist.get_rank() != 0:
@@ -396,9 +442,11 @@ def demo_rank(shape: Shape, microbatches: int, link: Link, reps: int, device: st
 
 def picture_title(row: dict) -> str:
     """The timeline picture's title: what it shows and the table's figures for it."""
-    return (f"overlapped run, rank {row['pictured_rank']}, median of {row['reps']} reps: {row['microbatches']} "
-            f"microbatches, hidden {row['hidden_fraction'] * 100:.0f} % of comm, measured speedup "
-            f"{row['speedup']:.2f}x ({row['verdict']})")
+    return (
+        f"overlapped run, rank {row['pictured_rank']}, median of {row['reps']} reps: {row['microbatches']} "
+        f"microbatches, hidden {row['hidden_fraction'] * 100:.0f} % of comm, measured speedup "
+        f"{row['speedup']:.2f}x ({row['verdict']})"
+    )
 
 
 DEFAULT_BENCH_SHAPES = (
@@ -408,8 +456,9 @@ DEFAULT_BENCH_SHAPES = (
 )
 
 
-def bench_rank(shapes: tuple[Shape, ...], microbatch_counts: tuple[int, ...], link: Link, reps: int,
-               device: str = "cpu") -> list[dict]:
+def bench_rank(
+    shapes: tuple[Shape, ...], microbatch_counts: tuple[int, ...], link: Link, reps: int, device: str = "cpu"
+) -> list[dict]:
     """What `python -m overlap bench` runs on each rank: every (shape, m) case; progress per case."""
     rows = []
     progress = Progress()
@@ -432,9 +481,19 @@ def _ms_range(r: dict, key: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """The table (one section per shape) and, once, what every column means."""
-    cols = (("m", 3), ("serial ms [min-max]", 24), ("overlapped ms [min-max]", 24), ("compute ms", 11),
-            ("comm ms", 9), ("ratio", 6), ("hidden", 7), ("speedup", 8), ("ideal", 6), ("verdict", 16),
-            ("vs fp32", 9))
+    cols = (
+        ("m", 3),
+        ("serial ms [min-max]", 24),
+        ("overlapped ms [min-max]", 24),
+        ("compute ms", 11),
+        ("comm ms", 9),
+        ("ratio", 6),
+        ("hidden", 7),
+        ("speedup", 8),
+        ("ideal", 6),
+        ("verdict", 16),
+        ("vs fp32", 9),
+    )
     head = " ".join(f"{name:>{w}}" if i < len(cols) - 1 else name for i, (name, w) in enumerate(cols))
     lines = [head, "-" * len(head)]
     shape = None
@@ -444,10 +503,19 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"{shape}  ({r['ranks']} ranks, {r['device']}, {r['link']})")
         check = f"{max(r['worst_ulps_serial'], r['worst_ulps_overlapped']):.1f} ulp"
         speedup = f"{r['speedup']:.2f}x" if r["verdict"] in ("faster", "slower") else f"({r['speedup']:.2f}x)"
-        cells = (str(r["microbatches"]), _ms_range(r, "serial"), _ms_range(r, "overlapped"),
-                 f"{r['compute_s'] * 1e3:.1f}", f"{r['comm_s'] * 1e3:.1f}", f"{r['comm_ratio']:.2f}",
-                 f"{r['hidden_fraction'] * 100:.0f}%",
-                 speedup, f"{r['ideal_speedup']:.2f}x", r["verdict"], check)
+        cells = (
+            str(r["microbatches"]),
+            _ms_range(r, "serial"),
+            _ms_range(r, "overlapped"),
+            f"{r['compute_s'] * 1e3:.1f}",
+            f"{r['comm_s'] * 1e3:.1f}",
+            f"{r['comm_ratio']:.2f}",
+            f"{r['hidden_fraction'] * 100:.0f}%",
+            speedup,
+            f"{r['ideal_speedup']:.2f}x",
+            r["verdict"],
+            check,
+        )
         lines.append(" ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, cols)))
     reps = sorted({r["reps"] for r in rows})
     asked = {r["microbatches_requested"] for r in rows if r["microbatches_requested"] != r["microbatches"]}
@@ -466,15 +534,16 @@ def format_table(rows: list[dict]) -> str:
         "(compute + comm) / max(compute, comm).",
         "verdict: faster/slower when the serial and overlapped ranges do not overlap, else within noise.",
         f"vs fp32: worst difference of either run from the dense fp32 reference, in bf16 ulps of each row's "
-        f"largest value (tolerance {rows[0]['tolerance_ulps']:g})." if rows else "",
+        f"largest value (tolerance {rows[0]['tolerance_ulps']:g})."
+        if rows
+        else "",
     ]
     return "\n".join(lines)
 
 
 def public_rows(rows: list[dict]) -> list[dict]:
     """The rows without the fields that only the demo's pictures use."""
-    return [{k: v for k, v in r.items() if not k.startswith("_") and k not in ("timeline_text", "files")}
-            for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith("_") and k not in ("timeline_text", "files")} for r in rows]
 
 
 def dump_json(rows: list[dict], path: str) -> None:
@@ -482,5 +551,17 @@ def dump_json(rows: list[dict], path: str) -> None:
         json.dump(public_rows(rows), f, indent=2)
 
 
-__all__ = ["DEFAULT_BENCH_SHAPES", "Link", "Progress", "Shape", "bench_rank", "check_args",
-           "demo_rank", "dump_json", "format_table", "measure", "picture_title", "public_rows"]
+__all__ = [
+    "DEFAULT_BENCH_SHAPES",
+    "Link",
+    "Progress",
+    "Shape",
+    "bench_rank",
+    "check_args",
+    "demo_rank",
+    "dump_json",
+    "format_table",
+    "measure",
+    "picture_title",
+    "public_rows",
+]

@@ -75,9 +75,12 @@ def plan_to_dot(plan: Plan) -> str:
     data edges solid, event edges dashed red and labelled ``e<i>``."""
     event_of = {(e.src, e.dst): e for e in plan.events}
     layers, micro = _shape_of(plan.nodes)
-    lines = ["digraph plan {", "  rankdir=LR;",
-             f'  label="plan of {_layers_text(layers)}, {micro} microbatches (fingerprint {plan.fingerprint()})";',
-             '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontcolor=white];']
+    lines = [
+        "digraph plan {",
+        "  rankdir=LR;",
+        f'  label="plan of {_layers_text(layers)}, {micro} microbatches (fingerprint {plan.fingerprint()})";',
+        '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontcolor=white];',
+    ]
     for st in plan.streams:
         lines.append(f'  subgraph "cluster_{st}" {{ label="{st}"; color="{STREAM_COLORS[st]}";')
         for s in plan.steps:
@@ -98,8 +101,10 @@ def plan_to_dot(plan: Plan) -> str:
 def plan_title(plan: Plan) -> str:
     """What the plan picture shows: its layer(s), microbatch count, steps, streams and events."""
     layers, micro = _shape_of(plan.nodes)
-    return (f"Plan of {_layers_text(layers)} with {micro} microbatch{'es' if micro != 1 else ''}: "
-            f"{len(plan.steps)} steps on {len(plan.streams)} streams, {len(plan.events)} events")
+    return (
+        f"Plan of {_layers_text(layers)} with {micro} microbatch{'es' if micro != 1 else ''}: "
+        f"{len(plan.steps)} steps on {len(plan.streams)} streams, {len(plan.events)} events"
+    )
 
 
 def save_plan_png(plan: Plan, path: str | os.PathLike, *, title: str | None = None) -> None:
@@ -126,14 +131,33 @@ def save_plan_png(plan: Plan, path: str | os.PathLike, *, title: str | None = No
     g.add_nodes_from(plan.nodes)
     event_edges = [(e.src, e.dst) for e in plan.events]
     data_edges = [e for e in g.edges if e not in set(event_edges)]
-    nx.draw_networkx_edges(g, pos, edgelist=data_edges, ax=ax, edge_color=DATA_COLOR, arrows=True, arrowsize=10,
-                           connectionstyle="arc3,rad=0.15", node_size=900)
-    nx.draw_networkx_edges(g, pos, edgelist=event_edges, ax=ax, edge_color=EVENT_COLOR, style="dashed", arrows=True,
-                           arrowsize=12, node_size=900)
+    nx.draw_networkx_edges(
+        g,
+        pos,
+        edgelist=data_edges,
+        ax=ax,
+        edge_color=DATA_COLOR,
+        arrows=True,
+        arrowsize=10,
+        connectionstyle="arc3,rad=0.15",
+        node_size=900,
+    )
+    nx.draw_networkx_edges(
+        g,
+        pos,
+        edgelist=event_edges,
+        ax=ax,
+        edge_color=EVENT_COLOR,
+        style="dashed",
+        arrows=True,
+        arrowsize=12,
+        node_size=900,
+    )
     for st in plan.streams:
         members = [s.node for s in plan.steps if s.stream == st]
-        nx.draw_networkx_nodes(g, pos, nodelist=members, ax=ax, node_shape="s", node_color=STREAM_COLORS[st],
-                               node_size=900)
+        nx.draw_networkx_nodes(
+            g, pos, nodelist=members, ax=ax, node_shape="s", node_color=STREAM_COLORS[st], node_size=900
+        )
     for node, (x, y) in pos.items():
         ax.text(x, y - 0.3, str(node), ha="center", va="top", fontsize=7, rotation=20)
     ax.set_yticks([lane[st] for st in plan.streams], list(plan.streams))
@@ -143,9 +167,16 @@ def save_plan_png(plan: Plan, path: str | os.PathLike, *, title: str | None = No
     ax.set_xlim(-0.8, len(plan.steps) - 0.2)
     ax.tick_params(left=True, bottom=True, labelleft=True, labelbottom=True)
     handles: list[Any] = [Patch(color=STREAM_COLORS[st], label=f"{st} stream") for st in plan.streams]
-    handles += [Line2D([], [], color=DATA_COLOR, label="dependency, no event (same stream, or implied by a path)"),
-                Line2D([], [], color=EVENT_COLOR, linestyle="--", label="dependency across streams: one event "
-                                                                         "(recorded, then waited)")]
+    handles += [
+        Line2D([], [], color=DATA_COLOR, label="dependency, no event (same stream, or implied by a path)"),
+        Line2D(
+            [],
+            [],
+            color=EVENT_COLOR,
+            linestyle="--",
+            label="dependency across streams: one event (recorded, then waited)",
+        ),
+    ]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=3, frameon=False)
     ax.set_title(title or plan_title(plan))
     caption = NAME_CAPTION + f" Plan fingerprint {plan.fingerprint()} (the same on every rank)."
@@ -164,9 +195,11 @@ def timeline_title(timeline: Timeline) -> str:
     """The default title: what the timeline is and its own report's figures (the speedup there is
     an estimate from the timed steps, and says so)."""
     rep = timeline.report()
-    return (f"{timeline.source} timeline: makespan {rep.makespan * 1e3:.2f} ms, hidden "
-            f"{rep.hidden_fraction * 100:.0f} % of comm, estimated speedup {rep.speedup:.2f}x "
-            "(serial time summed from the steps)")
+    return (
+        f"{timeline.source} timeline: makespan {rep.makespan * 1e3:.2f} ms, hidden "
+        f"{rep.hidden_fraction * 100:.0f} % of comm, estimated speedup {rep.speedup:.2f}x "
+        "(serial time summed from the steps)"
+    )
 
 
 def timeline_legend(timeline: Timeline) -> list[tuple[str, str]]:
@@ -215,8 +248,16 @@ def save_timeline_png(timeline: Timeline, path: str | os.PathLike, *, title: str
         comm = [(iv.start, iv.end) for iv in intervals if iv.kind == "comm" and iv.track == track]
         y = len(tracks) - 1 - tracks.index(track)
         for a, b in intersect(comm, compute):
-            ax.barh(y, (b - a) * 1e3, left=(a - t0) * 1e3, height=0.6, facecolor="none", edgecolor="white",
-                    hatch="///", linewidth=0)
+            ax.barh(
+                y,
+                (b - a) * 1e3,
+                left=(a - t0) * 1e3,
+                height=0.6,
+                facecolor="none",
+                edgecolor="white",
+                hatch="///",
+                linewidth=0,
+            )
             hidden_drawn = True
     ax.set_yticks(range(len(tracks)), list(reversed(tracks)))
     ax.set_xlabel("time (ms)")
@@ -225,11 +266,19 @@ def save_timeline_png(timeline: Timeline, path: str | os.PathLike, *, title: str
     ax.set_title(title or timeline_title(timeline), fontsize=10)
     handles = [Patch(color=KIND_COLORS[k], label=label) for k, label in timeline_legend(timeline)]
     if hidden_drawn:
-        handles.append(Patch(facecolor=KIND_COLORS["comm"], edgecolor="white", hatch="///",
-                             label="hatched: link time hidden under compute"))
+        handles.append(
+            Patch(
+                facecolor=KIND_COLORS["comm"],
+                edgecolor="white",
+                hatch="///",
+                label="hatched: link time hidden under compute",
+            )
+        )
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=2, frameon=False)
-    caption = NAME_CAPTION + " " + LINK_CAPTION + " Boxes too narrow for their name carry none (the Chrome trace " \
+    caption = (
+        NAME_CAPTION + " " + LINK_CAPTION + " Boxes too narrow for their name carry none (the Chrome trace "
         "has every name)."
+    )
     fig.text(0.5, 0.01, "\n".join(textwrap.wrap(caption, 150)), ha="center", va="bottom", fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     # Names only where they fit: measured against the box in pixels, after the layout is final.
@@ -247,5 +296,14 @@ def save_timeline_png(timeline: Timeline, path: str | os.PathLike, *, title: str
     return named
 
 
-__all__ = ["KIND_COLORS", "STREAM_COLORS", "plan_title", "plan_to_dot", "pyplot", "save_plan_png",
-           "save_timeline_png", "timeline_legend", "timeline_title"]
+__all__ = [
+    "KIND_COLORS",
+    "STREAM_COLORS",
+    "plan_title",
+    "plan_to_dot",
+    "pyplot",
+    "save_plan_png",
+    "save_timeline_png",
+    "timeline_legend",
+    "timeline_title",
+]

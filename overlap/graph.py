@@ -158,9 +158,7 @@ class Node:
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         match = _NODE_RE.fullmatch(text)
         if match is None:
-            raise ValueError(
-                f"text must look like 'op', 'op@mb<i>' or 'op@mb<i>.l<j>', got {text!r}"
-            )
+            raise ValueError(f"text must look like 'op', 'op@mb<i>' or 'op@mb<i>.l<j>', got {text!r}")
         op, mb, layer = match.groups()
         return cls(op, None if mb is None else int(mb), None if layer is None else int(layer))
 
@@ -297,11 +295,12 @@ def validate(graph: Graph | nx.DiGraph) -> nx.DiGraph:
             if len(setups) != 1:
                 guess = re.sub(r"_(teardown|wait)$", "_setup", node.op)
                 expected = Node(guess, node.microbatch, node.layer)
-                detail = (f"its setup (e.g. {expected}) is missing" if not setups
-                          else f"it has {len(setups)}: {', '.join(map(str, setups))}")
-                raise PlanError(
-                    f"comm_wait {node} must have exactly one comm_issue predecessor; {detail}"
+                detail = (
+                    f"its setup (e.g. {expected}) is missing"
+                    if not setups
+                    else f"it has {len(setups)}: {', '.join(map(str, setups))}"
                 )
+                raise PlanError(f"comm_wait {node} must have exactly one comm_issue predecessor; {detail}")
             attrs["setup"] = setups[0]
         elif attrs["kind"] == "comm_issue":
             waits = sorted((s for s in g.succ[node] if g.nodes[s]["kind"] == "comm_wait"), key=str)
@@ -396,18 +395,14 @@ def order(g: nx.DiGraph) -> Plan:
         ((u, v) for u, v, ev in g.edges(data="event") if ev),
         key=lambda e: (position[e[0]], position[e[1]]),
     )
-    events = tuple(
-        EventSpec(i, u, v, g.nodes[u]["stream"], g.nodes[v]["stream"])
-        for i, (u, v) in enumerate(edges)
-    )
+    events = tuple(EventSpec(i, u, v, g.nodes[u]["stream"], g.nodes[v]["stream"]) for i, (u, v) in enumerate(edges))
     waits: dict[Node, list[int]] = {}
     records: dict[Node, list[int]] = {}
     for ev in events:
         records.setdefault(ev.src, []).append(ev.index)
         waits.setdefault(ev.dst, []).append(ev.index)
     steps = tuple(
-        Step(i, n, g.nodes[n]["kind"], g.nodes[n]["stream"],
-             tuple(waits.get(n, ())), tuple(records.get(n, ())))
+        Step(i, n, g.nodes[n]["kind"], g.nodes[n]["stream"], tuple(waits.get(n, ())), tuple(records.get(n, ())))
         for i, n in enumerate(nodes)
     )
     used = {s.stream for s in steps}
@@ -448,9 +443,7 @@ class _Job:
     entries: tuple[tuple[Node, str, Any, tuple[Node, ...], str], ...] = ()
 
 
-def device_to_host_clock(
-    ref_host_s: float, marks_ms: Sequence[tuple[float, float]]
-) -> list[tuple[float, float]]:
+def device_to_host_clock(ref_host_s: float, marks_ms: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     """Convert device-event intervals onto the host ``time.perf_counter`` clock.
 
     Args:
@@ -469,8 +462,9 @@ def device_to_host_clock(
     return out
 
 
-def _calibrate(record_and_wait: Callable[[], Any], clock: Callable[[], float] = time.perf_counter,
-               tries: int = 5) -> tuple[Any, float]:
+def _calibrate(
+    record_and_wait: Callable[[], Any], clock: Callable[[], float] = time.perf_counter, tries: int = 5
+) -> tuple[Any, float]:
     """Tie a device event to the host clock: ``(event, host seconds at which it completed)``.
 
     ``record_and_wait()`` records a timing event on an idle stream and blocks until it completed;
@@ -564,7 +558,8 @@ class _Run:
             dev = next(iter(self.resolved.values())).device
             ref, ref_host = _device_clock(dev)
             spans = device_to_host_clock(
-                ref_host, [(ref.elapsed_time(b), ref.elapsed_time(e)) for _, _, _, b, e in self.marks])
+                ref_host, [(ref.elapsed_time(b), ref.elapsed_time(e)) for _, _, _, b, e in self.marks]
+            )
             rows += [(track, label, a, b, kind) for (track, label, kind, _, _), (a, b) in zip(self.marks, spans)]
         self.timeline.add_many(rows)
 
@@ -633,8 +628,9 @@ class Plan:
             if s.records:
                 text += " r:" + ",".join(f"e{e}" for e in s.records)
             cells.append(text)
-        width = {st: max([len(st)] + [len(c) for c, s in zip(cells, self.steps) if s.stream == st])
-                 for st in self.streams}
+        width = {
+            st: max([len(st)] + [len(c) for c, s in zip(cells, self.steps) if s.stream == st]) for st in self.streams
+        }
         num = len(str(max(len(self.steps) - 1, 0)))
         head = "   " + " " * num + " | " + " | ".join(f"{st:<{width[st]}}" for st in self.streams)
         rule = "-" * len(head)
@@ -657,8 +653,7 @@ class Plan:
         g = self.graph
 
         def job(steps: list[Step]) -> _Job:
-            entries = tuple((s.node, s.kind, g.nodes[s.node]["fn"], tuple(g.pred[s.node]), str(s.node))
-                            for s in steps)
+            entries = tuple((s.node, s.kind, g.nodes[s.node]["fn"], tuple(g.pred[s.node]), str(s.node)) for s in steps)
             return _Job(steps[0].stream, tuple(steps), entries)
 
         jobs: list[_Job] = []
@@ -687,8 +682,7 @@ class Plan:
                 if src >= s.index:
                     raise DeadlockError(
                         f"plan cannot run: step {s.index} ({s.node}) waits for e{e}, recorded only "
-                        f"after step {src} ({self.events[e].src}) later in plan order\n"
-                        + self.to_grid(mark=[s.index])
+                        f"after step {src} ({self.events[e].src}) later in plan order\n" + self.to_grid(mark=[s.index])
                     )
 
     def _resolve(
@@ -775,8 +769,7 @@ class Plan:
                 except BaseException:  # noqa: BLE001 - the same error, reported below
                     pass
             run.flush_timeline()
-            failed = next((s.node for s in failed_job.steps if s.node not in run.results),
-                          failed_job.steps[0].node)
+            failed = next((s.node for s in failed_job.steps if s.node not in run.results), failed_job.steps[0].node)
             note = f"(while running plan step {failed} on stream {failed_job.stream!r})"
             add_note(error, note)
             raise error
@@ -917,8 +910,7 @@ class Plan:
                     if best is None or (start, rank) < best[:2]:
                         best = (start, rank, st)
             if best is None:
-                blocked = [queues[st][head[st]].index for st in self.streams
-                           if head[st] < len(queues[st])]
+                blocked = [queues[st][head[st]].index for st in self.streams if head[st] < len(queues[st])]
                 raise DeadlockError(
                     "plan cannot progress: every stream waits for an event not yet recorded\n"
                     + self.to_grid(mark=blocked)

@@ -69,8 +69,9 @@ def rank_device(kind: str, local_rank: int) -> torch.device:
 
 def _rank_main(rank: int, world: int, init_file: str, threads: int, tasks: Any, results: Any) -> None:
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     while True:
         task = tasks.get()
         if task is None:
@@ -112,8 +113,14 @@ class RankPool:
         os.unlink(init_file)
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(self.world)]
-        self._procs = [ctx.Process(target=_rank_main, args=(r, self.world, init_file, self.threads, self._tasks[r],
-                                                            self._results), daemon=True) for r in range(self.world)]
+        self._procs = [
+            ctx.Process(
+                target=_rank_main,
+                args=(r, self.world, init_file, self.threads, self._tasks[r], self._results),
+                daemon=True,
+            )
+            for r in range(self.world)
+        ]
         for p in self._procs:
             p.start()
 
@@ -125,8 +132,9 @@ class RankPool:
                 raise RankError(rank, *value)
         return [value for _, value in outcomes]
 
-    def run_outcomes(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 120.0,
-                     **kwargs: Any) -> list[tuple[bool, Any]]:
+    def run_outcomes(
+        self, fn: Callable[..., Any], *args: Any, timeout_s: float = 120.0, **kwargs: Any
+    ) -> list[tuple[bool, Any]]:
         """Per rank `(True, result)` or `(False, (type name, message, traceback))`.
 
         Raises:
@@ -144,8 +152,12 @@ class RankPool:
             except queue.Empty:
                 self.close()
                 missing = sorted(set(range(self.world)) - set(outcomes))
-                errors = "".join(f"\nrank {r} raised {v[0]}: {v[1]}\n{v[2]}" for r, (ok, v) in outcomes.items() if not ok)
-                raise TimeoutError(f"ranks {missing} did not finish {fn.__name__} within {timeout_s} s{errors}") from None
+                errors = "".join(
+                    f"\nrank {r} raised {v[0]}: {v[1]}\n{v[2]}" for r, (ok, v) in outcomes.items() if not ok
+                )
+                raise TimeoutError(
+                    f"ranks {missing} did not finish {fn.__name__} within {timeout_s} s{errors}"
+                ) from None
             outcomes[rank] = (ok, value)
         return [outcomes[r] for r in range(self.world)]
 

@@ -32,8 +32,10 @@ def _weights(seed: int, num_experts: int, num_shared: int, hidden: int, inter: i
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
     router = torch.randn(num_experts, hidden, generator=g) * scale_in
-    experts = [(mat(inter, hidden, scale=scale_in), mat(inter, hidden, scale=scale_in),
-                mat(hidden, inter, scale=scale_out)) for _ in range(num_experts + num_shared)]
+    experts = [
+        (mat(inter, hidden, scale=scale_in), mat(inter, hidden, scale=scale_in), mat(hidden, inter, scale=scale_out))
+        for _ in range(num_experts + num_shared)
+    ]
     return router, experts[:num_experts], experts[num_experts:]
 
 
@@ -57,9 +59,19 @@ class MoELayer(nn.Module):
         seed: all weights derive from it.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, *,
-                 group: dist.ProcessGroup | None = None, num_shared_experts: int = 0, quant_mode: int = 0,
-                 dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        num_shared_experts: int = 0,
+        quant_mode: int = 0,
+        dtype: torch.dtype = torch.bfloat16,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         world_group = group if group is not None else dist.group.WORLD
         if world_group is None:
@@ -86,9 +98,15 @@ class MoELayer(nn.Module):
     # -- the MoE protocol --
 
     def moe_comm_kwargs(self) -> dict:
-        return dict(group_ep=self.group.group_name, ep_world_size=self.world, ep_rank_id=self.rank,
-                    moe_expert_num=self.num_experts, shared_expert_num=self.num_shared_experts,
-                    shared_expert_rank_num=0, quant_mode=self.quant_mode)
+        return dict(
+            group_ep=self.group.group_name,
+            ep_world_size=self.world,
+            ep_rank_id=self.rank,
+            moe_expert_num=self.num_experts,
+            shared_expert_num=self.num_shared_experts,
+            shared_expert_rank_num=0,
+            quant_mode=self.quant_mode,
+        )
 
     def moe_route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         probs = torch.softmax(F.linear(x.float(), self.router), dim=-1)
@@ -126,8 +144,9 @@ class MoELayer(nn.Module):
         """Single-process reference: every expert of the layer, no communication, the weighted sum
         in fp32; cast to `dtype` (default: the layer's; torch.float32 for the unrounded reference
         that `overlap.numerics.compare` takes)."""
-        _, experts, _ = _weights(self.seed, self.num_experts, self.num_shared_experts, self.hidden_size,
-                                 self.intermediate_size, self.dtype)
+        _, experts, _ = _weights(
+            self.seed, self.num_experts, self.num_shared_experts, self.hidden_size, self.intermediate_size, self.dtype
+        )
         ids, w = self.moe_route(x)
         acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for k in range(self.top_k):

@@ -47,12 +47,15 @@ class Closeness:
     def __str__(self) -> str:
         name = str(self.dtype).removeprefix("torch.")
         verdict = "within" if self.ok else "OUTSIDE"
-        return (f"worst difference {self.worst_ulps:.2f} {name} ulp at {list(self.worst_index)} "
-                f"({verdict} the tolerance of {self.max_ulps:g} ulp)")
+        return (
+            f"worst difference {self.worst_ulps:.2f} {name} ulp at {list(self.worst_index)} "
+            f"({verdict} the tolerance of {self.max_ulps:g} ulp)"
+        )
 
 
-def compare(actual: Tensor, expected: Tensor, dtype: torch.dtype | None = None,
-            max_ulps: float = MAX_ULPS) -> Closeness:
+def compare(
+    actual: Tensor, expected: Tensor, dtype: torch.dtype | None = None, max_ulps: float = MAX_ULPS
+) -> Closeness:
     """Compare `actual` with the fp32 (or wider) reference `expected`, per row, in ulps of `dtype`.
 
     Args:
@@ -65,8 +68,9 @@ def compare(actual: Tensor, expected: Tensor, dtype: torch.dtype | None = None,
         ValueError: the shapes differ.
     """
     if actual.shape != expected.shape:
-        raise ValueError(f"actual and expected must have the same shape, got {tuple(actual.shape)} and "
-                         f"{tuple(expected.shape)}")
+        raise ValueError(
+            f"actual and expected must have the same shape, got {tuple(actual.shape)} and {tuple(expected.shape)}"
+        )
     dtype = dtype or actual.dtype
     if actual.numel() == 0:
         return Closeness(0.0, (), max_ulps, dtype)

@@ -78,8 +78,7 @@ def _import_torch_npu() -> None:
         import torch_npu  # noqa: F401  (registers torch.npu)
     except ImportError as exc:  # pragma: no cover - only on machines asking for npu without CANN
         raise ImportError(
-            "device 'npu' needs torch_npu and Ascend CANN: pip install moe-overlap[npu] on an "
-            "Ascend machine"
+            "device 'npu' needs torch_npu and Ascend CANN: pip install moe-overlap[npu] on an Ascend machine"
         ) from exc
 
 

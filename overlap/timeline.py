@@ -65,9 +65,7 @@ def total(spans: Iterable[tuple[float, float]]) -> float:
     return sum(end - start for start, end in union(spans))
 
 
-def intersect(
-    a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]]
-) -> list[tuple[float, float]]:
+def intersect(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     """Intersection of two unions (each merged first), as disjoint pairs."""
     a, b = union(a), union(b)
     out: list[tuple[float, float]] = []
@@ -247,20 +245,23 @@ class Timeline:
         ``ts``/``dur`` in microseconds from the timeline's start, ``thread_name`` metadata."""
         t0, tracks = self.start, self.tracks
         events: list[dict] = [
-            {"ph": "M", "name": "process_name", "pid": 0, "tid": 0,
-             "args": {"name": f"overlap ({self.source})"}},
+            {"ph": "M", "name": "process_name", "pid": 0, "tid": 0, "args": {"name": f"overlap ({self.source})"}},
         ]
         for tid, track in enumerate(tracks):
-            events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": tid,
-                           "args": {"name": track}})
-            events.append({"ph": "M", "name": "thread_sort_index", "pid": 0, "tid": tid,
-                           "args": {"sort_index": tid}})
+            events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": tid, "args": {"name": track}})
+            events.append({"ph": "M", "name": "thread_sort_index", "pid": 0, "tid": tid, "args": {"sort_index": tid}})
         for iv in self.intervals:
-            events.append({
-                "ph": "X", "name": iv.name, "cat": iv.kind, "pid": 0,
-                "tid": tracks.index(iv.track),
-                "ts": round((iv.start - t0) * 1e6, 3), "dur": round(iv.duration * 1e6, 3),
-            })
+            events.append(
+                {
+                    "ph": "X",
+                    "name": iv.name,
+                    "cat": iv.kind,
+                    "pid": 0,
+                    "tid": tracks.index(iv.track),
+                    "ts": round((iv.start - t0) * 1e6, 3),
+                    "dur": round(iv.duration * 1e6, 3),
+                }
+            )
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
     def save_chrome_trace(self, path: str | os.PathLike) -> None:

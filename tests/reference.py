@@ -57,9 +57,13 @@ def build(case: Case) -> dict:
         weights.append((w / w.sum(-1, keepdim=True)).float())
     n_shared = max(case.shared_num, 1)
     return {
-        "x": xs, "ids": ids, "weights": weights,
-        "a": torch.randn(e, h, generator=g) * 0.5, "b": torch.randn(e, h, generator=g) * 0.1,
-        "sa": torch.randn(n_shared, h, generator=g) * 0.5, "sb": torch.randn(n_shared, h, generator=g) * 0.1,
+        "x": xs,
+        "ids": ids,
+        "weights": weights,
+        "a": torch.randn(e, h, generator=g) * 0.5,
+        "b": torch.randn(e, h, generator=g) * 0.1,
+        "sa": torch.randn(n_shared, h, generator=g) * 0.5,
+        "sb": torch.randn(n_shared, h, generator=g) * 0.1,
         "smooth": torch.rand(case.shared_num + e, h, generator=g) + 0.5 if case.with_scales else None,
     }
 
@@ -106,12 +110,12 @@ def dense_reference(case: Case) -> list[torch.Tensor]:
 
 
 def common_kwargs(case: Case) -> dict:
-    return dict(shared_expert_num=case.shared_num, shared_expert_rank_num=case.shared_ranks,
-                global_bs=case.global_bs)
+    return dict(shared_expert_num=case.shared_num, shared_expert_rank_num=case.shared_ranks, global_bs=case.global_bs)
 
 
-def rank_experts(case: Case, p: dict, rank: int, expand_x: torch.Tensor, dyn_scales: torch.Tensor,
-                 token_nums: torch.Tensor) -> torch.Tensor:
+def rank_experts(
+    case: Case, p: dict, rank: int, expand_x: torch.Tensor, dyn_scales: torch.Tensor, token_nums: torch.Tensor
+) -> torch.Tensor:
     """This rank's experts on the rows dispatch_teardown laid out (dequantised for quant_mode 2):
     `(A, H)` on the host, in case.dtype, rows past the received count zero."""
     counts = token_nums if case.token_nums_type == 1 else torch.diff(token_nums, prepend=token_nums.new_zeros(1))
@@ -142,21 +146,53 @@ def run_case(case: Case) -> dict:
     if case.active is not None:
         mask = torch.arange(x.shape[0]) < case.active[rank]
     kw = common_kwargs(case)
-    y, expand_idx, cmd = ops.dispatch_setup(x, ids, group, world, rank, case.experts, scales=p["smooth"],
-                                            x_active_mask=mask, quant_mode=case.quant, **kw)
+    y, expand_idx, cmd = ops.dispatch_setup(
+        x, ids, group, world, rank, case.experts, scales=p["smooth"], x_active_mask=mask, quant_mode=case.quant, **kw
+    )
     expand_x, dyn_scales, assist, token_nums = ops.dispatch_teardown(
-        x, y, ids, cmd, group, world, rank, case.experts, quant_mode=case.quant,
-        expert_token_nums_type=case.token_nums_type, **kw)
+        x,
+        y,
+        ids,
+        cmd,
+        group,
+        world,
+        rank,
+        case.experts,
+        quant_mode=case.quant,
+        expert_token_nums_type=case.token_nums_type,
+        **kw,
+    )
     out = rank_experts(case, p, rank, expand_x, dyn_scales, token_nums)
     counts = token_nums if case.token_nums_type == 1 else torch.diff(token_nums, prepend=token_nums.new_zeros(1))
     quant_x, cmd2 = ops.combine_setup(out, ids, assist, group, world, rank, case.experts, **kw)
     shared_x = affine(x.float(), p["sa"][0], p["sb"][0], case.dtype) if case.use_shared_x else None
-    x_out = ops.combine_teardown(out, quant_x, ids, expand_idx, w, cmd2, group, world, rank, case.experts,
-                                 x_active_mask=mask, shared_expert_x=shared_x, **kw)
-    return {"x_out": x_out, "expert_token_nums": token_nums, "received": int(counts.sum()),
-            "expand_x_shape": tuple(expand_x.shape), "y_shape": tuple(y.shape), "y_dtype": y.dtype,
-            "expand_idx": expand_idx, "assist": assist[: counts.numel() * world].clone(),
-            "cmd_shapes": (tuple(cmd.shape), tuple(cmd2.shape)), "quant_shape": tuple(quant_x.shape)}
+    x_out = ops.combine_teardown(
+        out,
+        quant_x,
+        ids,
+        expand_idx,
+        w,
+        cmd2,
+        group,
+        world,
+        rank,
+        case.experts,
+        x_active_mask=mask,
+        shared_expert_x=shared_x,
+        **kw,
+    )
+    return {
+        "x_out": x_out,
+        "expert_token_nums": token_nums,
+        "received": int(counts.sum()),
+        "expand_x_shape": tuple(expand_x.shape),
+        "y_shape": tuple(y.shape),
+        "y_dtype": y.dtype,
+        "expand_idx": expand_idx,
+        "assist": assist[: counts.numel() * world].clone(),
+        "cmd_shapes": (tuple(cmd.shape), tuple(cmd2.shape)),
+        "quant_shape": tuple(quant_x.shape),
+    }
 
 
 # ---- the dispatch layout, written out from the routing (plain loops; no library kernels) ---------
@@ -237,8 +273,13 @@ def expected_dispatch(case: Case, rank: int) -> dict:
     nums = []
     for i, c in enumerate(counts):
         nums.append(c if case.token_nums_type == 1 else sum(counts[: i + 1]))
-    return {"expand_x": expand_x, "dynamic_scales": scales, "assist": assist,
-            "expert_token_nums": torch.tensor(nums, dtype=torch.int64), "rows": order}
+    return {
+        "expand_x": expand_x,
+        "dynamic_scales": scales,
+        "assist": assist,
+        "expert_token_nums": torch.tensor(nums, dtype=torch.int64),
+        "rows": order,
+    }
 
 
 def run_dispatch(case: Case) -> dict:
@@ -251,11 +292,22 @@ def run_dispatch(case: Case) -> dict:
     x, ids = p["x"][rank], p["ids"][rank]
     mask = None if case.active is None else torch.arange(x.shape[0]) < case.active[rank]
     kw = common_kwargs(case)
-    y, _, cmd = ops.dispatch_setup(x, ids, group, world, rank, case.experts, scales=p["smooth"], x_active_mask=mask,
-                                   quant_mode=case.quant, **kw)
-    expand_x, scales, assist, nums = ops.dispatch_teardown(x, y, ids, cmd, group, world, rank, case.experts,
-                                                           quant_mode=case.quant,
-                                                           expert_token_nums_type=case.token_nums_type, **kw)
+    y, _, cmd = ops.dispatch_setup(
+        x, ids, group, world, rank, case.experts, scales=p["smooth"], x_active_mask=mask, quant_mode=case.quant, **kw
+    )
+    expand_x, scales, assist, nums = ops.dispatch_teardown(
+        x,
+        y,
+        ids,
+        cmd,
+        group,
+        world,
+        rank,
+        case.experts,
+        quant_mode=case.quant,
+        expert_token_nums_type=case.token_nums_type,
+        **kw,
+    )
     return {"expand_x": expand_x, "dynamic_scales": scales, "assist": assist, "expert_token_nums": nums}
 
 
@@ -272,8 +324,9 @@ def moe_layer_reference(layer, x: torch.Tensor) -> torch.Tensor:
 
     from overlap.moe import _weights  # the weights from the seed (data, not computation)
 
-    router, experts, shared = _weights(layer.seed, layer.num_experts, layer.num_shared_experts, layer.hidden_size,
-                                       layer.intermediate_size, layer.dtype)
+    router, experts, shared = _weights(
+        layer.seed, layer.num_experts, layer.num_shared_experts, layer.hidden_size, layer.intermediate_size, layer.dtype
+    )
 
     def mlp(v, w):
         gate, up, down = w

@@ -19,8 +19,9 @@ from .test_staging import HostReads, run_case_on
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(),
-                       reason="needs a CUDA GPU (run bash bench/device_check.sh on one)"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU (run bash bench/device_check.sh on one)"
+    ),
 ]
 
 
@@ -104,15 +105,22 @@ def _queued_kernel_case() -> dict:
     combine_host_s = time.perf_counter() - t1
     combine_still_running = not slept2.query()
     x_out = ops.combine_teardown(expand_x, qx, ids, expand_idx, w, cmd2, g, world, rank, case.experts)
-    return {"host_s": host_s, "still_running": still_running, "combine_host_s": combine_host_s,
-            "combine_still_running": combine_still_running, "finite": bool(torch.isfinite(x_out.float()).all())}
+    return {
+        "host_s": host_s,
+        "still_running": still_running,
+        "combine_host_s": combine_host_s,
+        "combine_still_running": combine_still_running,
+        "finite": bool(torch.isfinite(x_out.float()).all()),
+    }
 
 
 def test_setup_returns_while_a_queued_50ms_kernel_still_runs(rank_pools):
     results = rank_pools(2).run(_queued_kernel_case)
     for rank, res in enumerate(results):
-        print(f"rank {rank}: dispatch_setup {res['host_s'] * 1e3:.2f} ms, combine_setup "
-              f"{res['combine_host_s'] * 1e3:.2f} ms of host time behind a 50 ms kernel")
+        print(
+            f"rank {rank}: dispatch_setup {res['host_s'] * 1e3:.2f} ms, combine_setup "
+            f"{res['combine_host_s'] * 1e3:.2f} ms of host time behind a 50 ms kernel"
+        )
         assert res["still_running"], f"rank {rank}: dispatch_setup waited for the queued kernel"
         assert res["combine_still_running"], f"rank {rank}: combine_setup waited for the queued kernel"
         assert res["finite"]
@@ -143,14 +151,17 @@ def _pressure_case(iterations: int) -> dict:
         y, expand_idx, cmd = ops.dispatch_setup(x, ids, g, world, rank, case.experts)
         del x  # the transfer keeps what it needs
         _churn(other, dev)
-        expand_x, _, assist, nums = ops.dispatch_teardown(p["x"][rank].to(dev), y, ids, cmd, g, world, rank,
-                                                          case.experts)
+        expand_x, _, assist, nums = ops.dispatch_teardown(
+            p["x"][rank].to(dev), y, ids, cmd, g, world, rank, case.experts
+        )
         _churn(other, dev)
         out = torch.empty_like(expand_x)
         start = 0
         for local, c in enumerate(nums.tolist()):
             e = rank * case.local_experts + local
-            out[start:start + c] = affine(expand_x[start:start + c], p["a"][e].to(dev), p["b"][e].to(dev), case.dtype)
+            out[start : start + c] = affine(
+                expand_x[start : start + c], p["a"][e].to(dev), p["b"][e].to(dev), case.dtype
+            )
             start += c
         out[start:] = 0
         del expand_x
@@ -194,8 +205,12 @@ def _scheduler_case(microbatches: int) -> dict:
     with overlap.scheduler(microbatches=microbatches) as s:
         out = layer(x)
     dense = layer.dense_forward(x, dtype=torch.float32)
-    return {"vs_dense": compare(out.cpu(), dense.cpu()), "plain_vs_dense": compare(plain.cpu(), dense.cpu()),
-            "device": out.device.type, "text": str(s.report())}
+    return {
+        "vs_dense": compare(out.cpu(), dense.cpu()),
+        "plain_vs_dense": compare(plain.cpu(), dense.cpu()),
+        "device": out.device.type,
+        "text": str(s.report()),
+    }
 
 
 @pytest.mark.parametrize("microbatches", [1, 2])
@@ -254,8 +269,10 @@ def _transformers_case(path: str) -> dict:
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1234 + dist.get_rank()))
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev)
     ours = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.bfloat16, distributed_config=DistributedConfig(ep_size=world, fsdp_size=world,
-                                                                          ep_implementation="overlap")).to(dev)
+        path,
+        dtype=torch.bfloat16,
+        distributed_config=DistributedConfig(ep_size=world, fsdp_size=world, ep_implementation="overlap"),
+    ).to(dev)
     with torch.no_grad():
         expected = ref(ids.to(dev)).logits.float()
         got = ours(ids.to(dev)).logits.float()

@@ -15,7 +15,7 @@ pytest.importorskip("matplotlib")
 def _timeline() -> Timeline:
     t = Timeline(["compute", "comm_setup", "comm_teardown", "link"])
     t.add("compute", "experts@mb0.l0", 0.0, 0.050)
-    t.add("comm_setup", "dispatch_setup@mb1.l0", 0.0, 0.0001, kind="comm_issue")   # far too narrow for its name
+    t.add("comm_setup", "dispatch_setup@mb1.l0", 0.0, 0.0001, kind="comm_issue")  # far too narrow for its name
     t.add("comm_teardown", "dispatch_teardown@mb1.l0", 0.0001, 0.040, kind="comm_wait")
     t.add("link", "dispatch@mb1.l0", 0.0001, 0.039, kind="comm")
     return t

@@ -180,13 +180,15 @@ def _setup_options_case(silent_rank: int) -> dict:
     with ops.comm_options(timeout_s=SHORT_S):
         box: dict = {}
         ctx = contextvars.copy_context()
-        t = threading.Thread(target=ctx.run, args=(lambda: box.update(out=ops.dispatch_setup(x, ids, g, world, rank,
-                                                                                             6)),))
+        t = threading.Thread(
+            target=ctx.run, args=(lambda: box.update(out=ops.dispatch_setup(x, ids, g, world, rank, 6)),)
+        )
         t.start(), t.join()
     y, _, cmd = box["out"]
     result: dict = {}
-    t = threading.Thread(target=lambda: result.update(out=_outcome(ops.dispatch_teardown, x, y, ids, cmd, g, world,
-                                                                   rank, 6)))
+    t = threading.Thread(
+        target=lambda: result.update(out=_outcome(ops.dispatch_teardown, x, y, ids, cmd, g, world, rank, 6))
+    )
     t.start()
     t.join(RUN_S / 2)
     return {"teardown": result.get("out", ("still waiting", ""))}
@@ -428,9 +430,12 @@ def _recover_case(silent_rank: int) -> dict:
         else:
             time.sleep(4 * SHORT_S)
         t = torch.ones(1)
-        out["collective"] = _outcome(ops.collective, lambda: dist.all_reduce(t, group=dist.distributed_c10d.
-                                                                             _resolve_process_group(g), async_op=True),
-                                     "token count all-reduce", g)
+        out["collective"] = _outcome(
+            ops.collective,
+            lambda: dist.all_reduce(t, group=dist.distributed_c10d._resolve_process_group(g), async_op=True),
+            "token count all-reduce",
+            g,
+        )
     new = ops.recover(g)
     out["old_name"] = _outcome(ops.dispatch_setup, x, ids, g, world, rank, 6)
     good = Case(world=world, batches=(4,) * world, experts=6, seed=9)
@@ -630,8 +635,11 @@ def _options_in_scheduler_case() -> dict:
             layer(x)
     finally:
         transport.start = real_start
-    return {"experts": [timeout for timeout, _ in layer.seen], "started": started,
-            "caller": threading.current_thread().name}
+    return {
+        "experts": [timeout for timeout, _ in layer.seen],
+        "started": started,
+        "caller": threading.current_thread().name,
+    }
 
 
 def test_comm_options_reach_the_ops_a_scheduler_runs_on_other_threads(rank_pools):

@@ -54,8 +54,7 @@ def test_node_rejects_bad_fields():
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-MOE_CHAIN = ("route", "dispatch_setup", "dispatch_teardown", "experts", "combine_setup",
-             "combine_teardown")
+MOE_CHAIN = ("route", "dispatch_setup", "dispatch_teardown", "experts", "combine_setup", "combine_teardown")
 
 
 def moe_edges(num_microbatches: int = 2) -> list[tuple[str, str]]:
@@ -98,8 +97,7 @@ def test_plan_interleaves_microbatches_and_uses_three_streams():
     compute = [str(s.node) for s in plan.steps if s.stream == "compute"]
     assert compute == ["route@mb0", "route@mb1", "experts@mb0", "experts@mb1"]
     by_kind = {s.kind: s.stream for s in plan.steps}
-    assert by_kind == {"compute": "compute", "comm_issue": "comm_setup",
-                       "comm_wait": "comm_teardown"}
+    assert by_kind == {"compute": "compute", "comm_issue": "comm_setup", "comm_wait": "comm_teardown"}
     text = str(plan)
     assert "w:e0 dispatch_setup@mb0" in text and "route@mb0 r:e0" in text
 
@@ -171,8 +169,11 @@ def test_check_same_order_names_first_differing_step():
     g = build(moe_edges(), **{"dispatch_setup@mb1": {"priority": 0}})
     b = g.plan()
     assert a.fingerprint() != b.fingerprint()
-    with pytest.raises(PlanError, match=r"plan 1 .* comm step 0 is dispatch_setup@mb1 in plan 1 "
-                                        r"but dispatch_setup@mb0 in plan 0"):
+    with pytest.raises(
+        PlanError,
+        match=r"plan 1 .* comm step 0 is dispatch_setup@mb1 in plan 1 "
+        r"but dispatch_setup@mb0 in plan 0",
+    ):
         check_same_order([a, b])
     with pytest.raises(TypeError, match=r"plans\[1\] must be a Plan"):
         check_same_order([a, "plan"])
@@ -185,7 +186,9 @@ def recording_fns(nodes, log, lock):
             with lock:
                 log.append(name)
             return (name, sorted(str(k) for k in inputs))
+
         return fn
+
     return {n: make(n) for n in nodes}
 
 
@@ -196,8 +199,7 @@ def test_run_passes_predecessor_results_in_plan_order():
     plan = build(edges, fns=recording_fns(nodes, log, threading.Lock())).plan()
     results = plan.run(timeout=30)
     assert list(results) == list(plan.nodes)
-    assert results[Node.parse("combine_teardown@mb1")] == (
-        "combine_teardown@mb1", ["combine_setup@mb1", "route@mb1"])
+    assert results[Node.parse("combine_teardown@mb1")] == ("combine_teardown@mb1", ["combine_setup@mb1", "route@mb1"])
     position = {n: i for i, n in enumerate(log)}
     for u, v in edges:
         assert position[u] < position[v]
@@ -264,6 +266,7 @@ class SyntheticLink:
             threading.Timer(end - now, landed.set).start()
             self.timeline.add("link", name, start, end, "comm")
             return landed
+
         return fn
 
     @staticmethod
@@ -278,6 +281,7 @@ def busy(seconds):
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             pass
+
     return fn
 
 
@@ -311,7 +315,11 @@ def test_moe_two_microbatches_simulation_and_run_agree_on_order(tmp_path):
     assert sim.makespan == pytest.approx(0.140)
     assert meas.comm_source == "comm"
     assert [iv.name for iv in measured.intervals if iv.kind == "comm"] == [
-        "dispatch_setup@mb0", "dispatch_setup@mb1", "combine_setup@mb0", "combine_setup@mb1"]
+        "dispatch_setup@mb0",
+        "dispatch_setup@mb1",
+        "combine_setup@mb0",
+        "combine_setup@mb1",
+    ]
     for track in plan.streams:
         assert simulated.order(track) == measured.order(track)
     assert simulated.order("link") == measured.order("link")
@@ -324,16 +332,25 @@ def test_moe_two_microbatches_simulation_and_run_agree_on_order(tmp_path):
     assert len(spans) == 12 + 4 and all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
     assert len({e["tid"] for e in spans}) == 4
 
-    for name, draw in [("plan.png", plan.save_png), ("measured.png", measured.save_png),
-                       ("simulated.png", simulated.save_png)]:
+    for name, draw in [
+        ("plan.png", plan.save_png),
+        ("measured.png", measured.save_png),
+        ("simulated.png", simulated.save_png),
+    ]:
         draw(tmp_path / name)
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     print(f"\nmeasured:\n{measured.to_text()}\n{meas}\nsimulated:\n{simulated.to_text()}\n{sim}")
 
 
 def test_simulator_detects_deadlock():
-    plan = build([("a_setup@mb0", "a_teardown@mb0"), ("a_teardown@mb0", "b@mb0"),
-                  ("b@mb0", "c_setup@mb0"), ("c_setup@mb0", "c_teardown@mb0")]).plan()
+    plan = build(
+        [
+            ("a_setup@mb0", "a_teardown@mb0"),
+            ("a_teardown@mb0", "b@mb0"),
+            ("b@mb0", "c_setup@mb0"),
+            ("c_setup@mb0", "c_teardown@mb0"),
+        ]
+    ).plan()
     # Hand-break the plan: the setup stream runs c_setup (waits for b) before a_setup.
     steps = list(plan.steps)
     a, c = steps[0], steps[3]
@@ -370,7 +387,9 @@ def thread_recording_fns(nodes):
         def fn(inputs):
             seen[name] = threading.get_ident()
             return name
+
         return fn
+
     return {n: make(n) for n in nodes}, seen
 
 
@@ -402,15 +421,24 @@ def test_run_with_a_timeout_runs_compute_on_a_worker():
 
 
 def test_run_rejects_a_plan_that_would_deadlock():
-    plan = build([("a_setup@mb0", "a_teardown@mb0"), ("a_teardown@mb0", "b@mb0"),
-                  ("b@mb0", "c_setup@mb0"), ("c_setup@mb0", "c_teardown@mb0")]).plan()
+    plan = build(
+        [
+            ("a_setup@mb0", "a_teardown@mb0"),
+            ("a_teardown@mb0", "b@mb0"),
+            ("b@mb0", "c_setup@mb0"),
+            ("c_setup@mb0", "c_teardown@mb0"),
+        ]
+    ).plan()
     steps = list(plan.steps)
     a, c = steps[0], steps[3]
     steps[0] = Step(0, c.node, c.kind, c.stream, c.waits, c.records)
     steps[3] = Step(3, a.node, a.kind, a.stream, a.waits, a.records)
     broken = Plan(plan.streams, tuple(steps), plan.events, plan.graph)
-    with pytest.raises(DeadlockError, match=r"step 0 \(c_setup@mb0\) waits for e\d, recorded only after "
-                                            r"step 2 \(b@mb0\)(.|\n)*>> +0 \|"):
+    with pytest.raises(
+        DeadlockError,
+        match=r"step 0 \(c_setup@mb0\) waits for e\d, recorded only after "
+        r"step 2 \(b@mb0\)(.|\n)*>> +0 \|",
+    ):
         broken.run()
 
 
@@ -431,7 +459,7 @@ def test_host_compute_error_stops_the_run_and_names_the_step():
     with pytest.raises(ZeroDivisionError, match="expert kernel failed") as info:
         plan.run()
     assert any("experts@mb0" in n and "'compute'" in n for n in info.value.__notes__)
-    after = [str(s.node) for s in plan.steps[[str(s.node) for s in plan.steps].index("experts@mb0") + 1:]]
+    after = [str(s.node) for s in plan.steps[[str(s.node) for s in plan.steps].index("experts@mb0") + 1 :]]
     assert not set(after) & set(ran)  # nothing after the failed step was started
     assert len(build(edges).plan().run()) == 12  # the pooled streams are clean again
 
@@ -457,11 +485,17 @@ def test_host_wait_honours_the_timeout():
     gate = threading.Event()
     fns = {"dispatch_teardown@mb0": lambda inputs: gate.wait(30)}
     plan = build(moe_edges(1), fns=fns).plan()
-    given = {"compute": st.host_stream(), "comm_setup": st.Stream("cpu", name="t_setup"),
-             "comm_teardown": st.Stream("cpu", name="t_teardown")}
+    given = {
+        "compute": st.host_stream(),
+        "comm_setup": st.Stream("cpu", name="t_setup"),
+        "comm_teardown": st.Stream("cpu", name="t_teardown"),
+    }
     try:
-        with pytest.raises(CommTimeoutError, match=r"within 0.05 s; 4 nodes unfinished: "
-                                                  r"dispatch_teardown@mb0, experts@mb0,"):
+        with pytest.raises(
+            CommTimeoutError,
+            match=r"within 0.05 s; 4 nodes unfinished: "
+            r"dispatch_teardown@mb0, experts@mb0,",
+        ):
             plan.run(given, timeout=0.05)
         gate.set()
         assert len(plan.run(given, timeout=30)) == 6
@@ -481,8 +515,11 @@ def test_timeline_gets_one_interval_per_node_after_the_run():
     ivs = tl.intervals
     assert sorted(iv.name for iv in ivs) == sorted(str(n) for n in plan.nodes)
     assert all(t0 <= iv.start <= iv.end <= t1 for iv in ivs)
-    assert {iv.track: iv.kind for iv in ivs} == {"compute": "compute", "comm_setup": "comm_issue",
-                                                "comm_teardown": "comm_wait"}
+    assert {iv.track: iv.kind for iv in ivs} == {
+        "compute": "compute",
+        "comm_setup": "comm_issue",
+        "comm_teardown": "comm_wait",
+    }
     assert tl.order("compute") == [str(s.node) for s in plan.steps if s.stream == "compute"]
     assert tl.tracks[:3] == plan.streams
 
@@ -492,7 +529,10 @@ def test_device_to_host_clock_and_calibration_are_pure():
 
     # Intervals in ms after the reference event; the reference completed at host second 100.
     assert device_to_host_clock(100.0, [(0.0, 2.5), (1.0, 1.0), (3.0, 2.999)]) == [
-        (100.0, 100.0025), (100.001, 100.001), (100.003, 100.003)]
+        (100.0, 100.0025),
+        (100.001, 100.001),
+        (100.003, 100.003),
+    ]
     # Brackets of width 4, 1, 3 (fake clock): the tightest one's midpoint and its event win.
     ticks = iter([0.0, 4.0, 10.0, 11.0, 20.0, 23.0])
     events = iter(["e0", "e1", "e2"])
@@ -552,18 +592,24 @@ def test_device_timeline_path_with_a_fake_device(monkeypatch):
     ref = _FakeDevice.Event()
     ref.record()  # the reference event at device time 0 ms completed at host second 50
     monkeypatch.setitem(graph_mod._CLOCKS, torch.device("cuda"), (ref, 50.0))
-    cost_ms = {"route@mb0": 3.0, "dispatch_setup@mb0": 0.5, "dispatch_teardown@mb0": 2.0,
-               "experts@mb0": 7.0, "combine_setup@mb0": 0.5, "combine_teardown@mb0": 1.0}
+    cost_ms = {
+        "route@mb0": 3.0,
+        "dispatch_setup@mb0": 0.5,
+        "dispatch_teardown@mb0": 2.0,
+        "experts@mb0": 7.0,
+        "combine_setup@mb0": 0.5,
+        "combine_teardown@mb0": 1.0,
+    }
 
     def kernel(name):
         def fn(inputs):
             _FakeDevice.now_ms += cost_ms[name]
             return name
+
         return fn
 
     plan = build(moe_edges(1), fns={n: kernel(n) for n in cost_ms}).plan()
-    given = {name: st._TorchStream("cuda", name=name, torch_stream=_FakeDevice.Stream())
-             for name in plan.streams}
+    given = {name: st._TorchStream("cuda", name=name, torch_stream=_FakeDevice.Stream()) for name in plan.streams}
     tl = Timeline()
     out = plan.run(given, timeline=tl)
     assert out[Node.parse("experts@mb0")] == "experts@mb0"

@@ -115,13 +115,23 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> dict:
     returns fp32 logits of a bf16 model)."""
     per_token = (a.float() - b.float()).abs().amax(-1).flatten()
     worst = int(per_token.argmax())
-    return {"max": float(per_token[worst]), "token": worst, "scale": float(b.float().abs().max()),
-            "equal": torch.equal(a, b),
-            "dtype": next((t.dtype for t in (b, a) if t.dtype in MANTISSA_BITS), torch.bfloat16)}
+    return {
+        "max": float(per_token[worst]),
+        "token": worst,
+        "scale": float(b.float().abs().max()),
+        "equal": torch.equal(a, b),
+        "dtype": next((t.dtype for t in (b, a) if t.dtype in MANTISSA_BITS), torch.bfloat16),
+    }
 
 
-def forward_case(path: str, layout: str, lengths: tuple[int, ...], batch: int = 1, forced: int | None = None,
-                 dtype: torch.dtype = torch.bfloat16) -> dict:
+def forward_case(
+    path: str,
+    layout: str,
+    lengths: tuple[int, ...],
+    batch: int = 1,
+    forced: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict:
     world = dist.get_world_size()
     ids = _prompt(layout, lengths, batch)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -137,11 +147,19 @@ def forward_case(path: str, layout: str, lengths: tuple[int, ...], batch: int = 
             one = ours(ids).logits
         a2a = theirs(ids).logits
     names = rec.timeline.order()
-    return {"tokens": ids.numel(), "vs_ref": _diff(got, expected), "vs_a2a": _diff(got, a2a),
-            "one_vs_a2a": _diff(one, a2a), "a2a_vs_ref": _diff(a2a, expected), "calls": rec.num_calls,
-            "microbatches": sorted({n.split("@")[1].split(".")[0] for n in names}),
-            "names": names, "report": rec.report(), "inside_s": inside,
-            "plan": [str(step.node) for step in rec.scheduler.plan.steps]}
+    return {
+        "tokens": ids.numel(),
+        "vs_ref": _diff(got, expected),
+        "vs_a2a": _diff(got, a2a),
+        "one_vs_a2a": _diff(one, a2a),
+        "a2a_vs_ref": _diff(a2a, expected),
+        "calls": rec.num_calls,
+        "microbatches": sorted({n.split("@")[1].split(".")[0] for n in names}),
+        "names": names,
+        "report": rec.report(),
+        "inside_s": inside,
+        "plan": [str(step.node) for step in rec.scheduler.plan.steps],
+    }
 
 
 def _count_ep_tokens(calls: list[int]):
@@ -169,15 +187,28 @@ def generate_case(path: str, layout: str, lengths: tuple[int, ...], new_tokens: 
     try:
         with torch.no_grad():
             with ohf.record(ours) as rec:
-                out = ours.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                    use_cache=True, return_dict_in_generate=True, output_logits=True)
+                out = ours.generate(
+                    ids,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    return_dict_in_generate=True,
+                    output_logits=True,
+                )
     finally:
         ohf.OverlapEP.__call__ = original
     with torch.no_grad():
         steps = torch.stack(out.logits, dim=1)  # (B, new_tokens, V)
         full = ref(out.sequences[:, :-1]).logits[:, ids.shape[1] - 1 :]
-    return {"new": out.sequences.shape[1] - ids.shape[1], "vs_ref": _diff(steps, full), "calls": rec.num_calls,
-            "ep_tokens": calls, "prompt": ids.shape[1], "layers": ours.config.num_hidden_layers}
+    return {
+        "new": out.sequences.shape[1] - ids.shape[1],
+        "vs_ref": _diff(steps, full),
+        "calls": rec.num_calls,
+        "ep_tokens": calls,
+        "prompt": ids.shape[1],
+        "layers": ours.config.num_hidden_layers,
+    }
 
 
 def two_batch_generate_case(path: str, new_tokens: int = 3, parts: int = 2) -> dict:
@@ -187,17 +218,28 @@ def two_batch_generate_case(path: str, new_tokens: int = 3, parts: int = 2) -> d
     ours = _load(path, "dp", "overlap", world)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     with torch.no_grad():
-        plain = ours.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              return_dict_in_generate=True, output_logits=True)
+        plain = ours.generate(
+            ids,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
         with ohf.record(ours) as rec:
             sequences, logits = ohf.generate(ours, ids, max_new_tokens=new_tokens, parts=parts, do_sample=False)
         full = ref(sequences[:, :-1]).logits[:, ids.shape[1] - 1 :]
     import overlap
 
-    return {"same_tokens": torch.equal(sequences, plain.sequences),
-            "vs_plain": _diff(logits, torch.stack(plain.logits, dim=1)), "vs_ref": _diff(logits, full),
-            "plan": rec.scheduler.recording.order(), "report": rec.report(),
-            "left": len(overlap.ops.in_flight()), "layers": ours.config.num_hidden_layers}
+    return {
+        "same_tokens": torch.equal(sequences, plain.sequences),
+        "vs_plain": _diff(logits, torch.stack(plain.logits, dim=1)),
+        "vs_ref": _diff(logits, full),
+        "plan": rec.scheduler.recording.order(),
+        "report": rec.report(),
+        "left": len(overlap.ops.in_flight()),
+        "layers": ours.config.num_hidden_layers,
+    }
 
 
 def error_case(path: str, layout: str, dtype: torch.dtype = torch.bfloat16, grad: bool = False) -> str:
@@ -240,8 +282,10 @@ def test_tolerance_is_ulps_of_the_logit_scale():
     assert tolerance(torch.bfloat16, 4.0) == 0.25
 
 
-@pytest.mark.parametrize("tokens, num, rows", [(0, 0, 0), (1, 1, 1), (63, 1, 63), (64, 2, 32), (1024, 2, 512),
-                                               (1025, 3, 342), (1537, 4, 385)])
+@pytest.mark.parametrize(
+    "tokens, num, rows",
+    [(0, 0, 0), (1, 1, 1), (63, 1, 63), (64, 2, 32), (1024, 2, 512), (1025, 3, 342), (1537, 4, 385)],
+)
 def test_microbatch_rule(tokens, num, rows):
     assert ohf.num_microbatches(tokens) == num
     assert ohf.microbatch_rows(tokens) == rows
@@ -319,7 +363,7 @@ def test_decode_with_kv_cache(rank_pools, models, name, layout):
         # Prefill: the whole prompt (a TP rank's share of it); then 1 token per decode step (the KV cache).
         first = r["ep_tokens"][: r["layers"]]
         assert all(n == first[0] > 1 for n in first)
-        assert r["ep_tokens"][r["layers"]:] == [1] * (3 * r["layers"]) or layout == "tp"
+        assert r["ep_tokens"][r["layers"] :] == [1] * (3 * r["layers"]) or layout == "tp"
         assert len(r["ep_tokens"]) == 4 * r["layers"] == r["calls"]
 
 
@@ -414,8 +458,12 @@ def two_batch_case(path: str, fibers: int = 2) -> dict:
         plain = ours(ids).logits
         with overlap.scheduler(microbatches=fibers, min_tokens=1) as s:
             got = overlap.wrap(ours)(ids, use_cache=False).logits
-    return {"vs_ref": _diff(got, expected), "equal_to_plain": torch.equal(got, plain),
-            "plan": s.recording.order(), "left": len(overlap.ops.in_flight())}
+    return {
+        "vs_ref": _diff(got, expected),
+        "equal_to_plain": torch.equal(got, plain),
+        "plan": s.recording.order(),
+        "left": len(overlap.ops.in_flight()),
+    }
 
 
 @pytest.mark.parametrize("fibers", [2, 4])

@@ -39,19 +39,23 @@ def _reference(monkeypatch, rows, positions, weights, shared_positions, extra, n
     return out
 
 
-@pytest.mark.parametrize("n,top_k,hidden,shared,has_extra,pad", [
-    (37, 8, 1000, 0, False, 0),
-    (64, 8, 77, 0, False, 0),  # another shape, same compiled code (dynamic shapes)
-    (19, 3, 1030, 2, True, 26),  # shared rows, extra, strided rows
-])
+@pytest.mark.parametrize(
+    "n,top_k,hidden,shared,has_extra,pad",
+    [
+        (37, 8, 1000, 0, False, 0),
+        (64, 8, 77, 0, False, 0),  # another shape, same compiled code (dynamic shapes)
+        (19, 3, 1030, 2, True, 26),  # shared rows, extra, strided rows
+    ],
+)
 def test_compiled_cpu_combine_is_bit_equal_to_the_reference(monkeypatch, n, top_k, hidden, shared, has_extra, pad):
     rows, positions, weights, shared_positions, extra = _case(n, top_k, hidden, shared, has_extra, seed=n, pad=pad)
     expected = _reference(monkeypatch, rows, positions, weights, shared_positions, extra, n, hidden)
     if shared == 0 and not has_extra:
         assert bool((expected[0] == 0).all()) and not bool(torch.signbit(expected[0].float()).any())  # +0, not -0
     out = torch.full((n, hidden), float("nan"), dtype=rows.dtype)
-    assert cpu_combine.weighted_combine(rows, positions, weights, shared_positions=shared_positions, extra=extra,
-                                        out=out), "the compiled path turned itself off (see the warning)"
+    assert cpu_combine.weighted_combine(
+        rows, positions, weights, shared_positions=shared_positions, extra=extra, out=out
+    ), "the compiled path turned itself off (see the warning)"
     assert torch.equal(out, expected)
 
 

@@ -44,9 +44,15 @@ def routings(draw):
 
 def _layout(r, rank):
     ids, world, shared_ranks, shared_num, experts, num_active = r
-    return kernels.dispatch_layout(ids, num_active=num_active, ep_world_size=world, ep_rank_id=rank,
-                                   moe_expert_num=experts, shared_expert_num=shared_num,
-                                   shared_expert_rank_num=shared_ranks)
+    return kernels.dispatch_layout(
+        ids,
+        num_active=num_active,
+        ep_world_size=world,
+        ep_rank_id=rank,
+        moe_expert_num=experts,
+        shared_expert_num=shared_num,
+        shared_expert_rank_num=shared_ranks,
+    )
 
 
 @SETTINGS
@@ -147,7 +153,7 @@ def test_permute_unpermute_round_trips(case):
         assert torch.equal(gathered[i], src[j])
     wide = torch.zeros(index.numel(), src.shape[1] + 5, dtype=src.dtype)  # a column slice, as the ops stage
     kernels.gather_rows(src, index, out=wide[:, : src.shape[1]])
-    assert torch.equal(wide[:, : src.shape[1]], gathered) and not wide[:, src.shape[1]:].any()
+    assert torch.equal(wide[:, : src.shape[1]], gathered) and not wide[:, src.shape[1] :].any()
     back = torch.zeros_like(src)
     kernels.scatter_rows(gathered, index, back)
     assert torch.equal(back[index], src[index])
@@ -157,8 +163,13 @@ def test_permute_unpermute_round_trips(case):
 
 
 @SETTINGS
-@given(st.integers(1, 16), st.sampled_from([1, 5, 32, 1024]), st.integers(0, 2**16), st.booleans(),
-       st.sampled_from([1e-3, 1.0, 1e3]))
+@given(
+    st.integers(1, 16),
+    st.sampled_from([1, 5, 32, 1024]),
+    st.integers(0, 2**16),
+    st.booleans(),
+    st.sampled_from([1e-3, 1.0, 1e3]),
+)
 def test_quantize_dequantize_error_is_at_most_half_a_step(n, hidden, seed, smooth, magnitude):
     g = torch.Generator().manual_seed(seed)
     rows = (torch.randn(n, hidden, generator=g) * magnitude).to(torch.bfloat16)

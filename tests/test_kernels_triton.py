@@ -86,24 +86,28 @@ COMBINE_CASES = [
 
 @pytest.mark.parametrize("n,top_k,hidden,shared,has_extra,dtype,pad", COMBINE_CASES)
 def test_combine_accumulator_equals_a_k_loop_bit_for_bit(n, top_k, hidden, shared, has_extra, dtype, pad):
-    rows, positions, weights, shared_positions, extra = _combine_case(n, top_k, hidden, shared, has_extra, dtype,
-                                                                      seed=n + top_k, pad=pad)
+    rows, positions, weights, shared_positions, extra = _combine_case(
+        n, top_k, hidden, shared, has_extra, dtype, seed=n + top_k, pad=pad
+    )
     acc = torch.full((n, hidden), float("nan"))
     tk.combine_accumulate(rows, positions, weights, shared_positions=shared_positions, extra=extra, out=acc)
     assert torch.equal(acc, _naive_accumulator(rows, positions, weights, shared_positions, extra))
 
 
 @pytest.mark.parametrize("n,top_k,hidden,shared,has_extra,dtype,pad", COMBINE_CASES)
-def test_weighted_combine_through_the_public_function_equals_the_reference(n, top_k, hidden, shared, has_extra,
-                                                                           dtype, pad):
-    rows, positions, weights, shared_positions, extra = _combine_case(n, top_k, hidden, shared, has_extra, dtype,
-                                                                      seed=7 * n + top_k, pad=pad)
+def test_weighted_combine_through_the_public_function_equals_the_reference(
+    n, top_k, hidden, shared, has_extra, dtype, pad
+):
+    rows, positions, weights, shared_positions, extra = _combine_case(
+        n, top_k, hidden, shared, has_extra, dtype, seed=7 * n + top_k, pad=pad
+    )
     outs = {}
     for mode in ("torch", "triton"):
         out = torch.full((n + 2, hidden), 3.0, dtype=dtype)  # rows past n: untouched
         with backend.use(mode):
-            kernels.weighted_combine(rows, positions, weights, shared_positions=shared_positions, extra=extra,
-                                     out=out[:n])
+            kernels.weighted_combine(
+                rows, positions, weights, shared_positions=shared_positions, extra=extra, out=out[:n]
+            )
         outs[mode] = out
     assert torch.equal(outs["triton"], outs["torch"])
     assert bool((outs["triton"][n:] == 3.0).all())
@@ -232,11 +236,18 @@ LAYOUT_CASES = [
 
 
 @pytest.mark.parametrize("batch,top_k,world,rank,experts,shared_num,shared_ranks,num_active,allowed", LAYOUT_CASES)
-def test_dispatch_layout_equals_the_reference(batch, top_k, world, rank, experts, shared_num, shared_ranks,
-                                              num_active, allowed):
+def test_dispatch_layout_equals_the_reference(
+    batch, top_k, world, rank, experts, shared_num, shared_ranks, num_active, allowed
+):
     ids = _ids(batch, top_k, experts, seed=batch * top_k, allowed=allowed)
-    args = dict(num_active=num_active, ep_world_size=world, ep_rank_id=rank, moe_expert_num=experts,
-                shared_expert_num=shared_num, shared_expert_rank_num=shared_ranks)
+    args = dict(
+        num_active=num_active,
+        ep_world_size=world,
+        ep_rank_id=rank,
+        moe_expert_num=experts,
+        shared_expert_num=shared_num,
+        shared_expert_rank_num=shared_ranks,
+    )
     with backend.use("torch"):
         ref = kernels.dispatch_layout(ids, **args)
     with backend.use("triton"):
@@ -254,6 +265,11 @@ if not INTERPRETING:
 
     def test_triton_kernels_in_a_fresh_interpreter_process():
         env = dict(os.environ, TRITON_INTERPRET="1")
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                                env=env, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

@@ -25,11 +25,14 @@ def test_duration_is_latency_plus_bytes_over_bandwidth():
     assert ops.EmulatedLink(latency_s=0.0, bandwidth_bytes_per_s=4e9).duration(2_000_000_000) == 0.5
 
 
-@pytest.mark.parametrize("kwargs,pattern", [
-    ({"latency_s": -1e-3}, r"latency_s must be >= 0, got -0.001"),
-    ({"bandwidth_bytes_per_s": 0.0}, r"bandwidth_bytes_per_s must be > 0, got 0.0"),
-    ({"bandwidth_bytes_per_s": -5.0}, r"bandwidth_bytes_per_s must be > 0, got -5.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        ({"latency_s": -1e-3}, r"latency_s must be >= 0, got -0.001"),
+        ({"bandwidth_bytes_per_s": 0.0}, r"bandwidth_bytes_per_s must be > 0, got 0.0"),
+        ({"bandwidth_bytes_per_s": -5.0}, r"bandwidth_bytes_per_s must be > 0, got -5.0"),
+    ],
+)
 def test_link_rejects_bad_parameters(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         ops.EmulatedLink(**kwargs)
@@ -48,8 +51,9 @@ def _payload_bytes(case: Case, rank: int) -> int:
     local = case.local_experts
     row = -(-case.hidden // 256) * 256 * 2
     sent = sum(1 for e in p["ids"][rank].flatten().tolist() if e // local != rank)
-    received = sum(1 for src in range(case.world) if src != rank
-                   for e in p["ids"][src].flatten().tolist() if e // local == rank)
+    received = sum(
+        1 for src in range(case.world) if src != rank for e in p["ids"][src].flatten().tolist() if e // local == rank
+    )
     return max(sent, received) * row
 
 
@@ -73,8 +77,10 @@ def _link_case(case: Case, bandwidth: float) -> list[dict]:
     finally:
         gates.release_all()
         ops.configure(link=None)
-    return [{"started": h.started_at, "finished": h.finished_at, "first_open": first_open,
-             "expired": gates.expired} for h in handles]
+    return [
+        {"started": h.started_at, "finished": h.finished_at, "first_open": first_open, "expired": gates.expired}
+        for h in handles
+    ]
 
 
 def test_exchanges_take_at_least_the_modelled_time_one_after_another(rank_pools):

@@ -22,8 +22,25 @@ SMALL = demo.Shape(tokens=64, hidden=1024, experts=4, top_k=2, intermediate=256,
 
 def test_demo_runs_and_leaves_trace_and_pictures(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "overlap", "demo", "--tokens", "64", "--intermediate", "256",
-                           "--reps", "2", "--out", str(out)], capture_output=True, text=True, timeout=280)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "overlap",
+            "demo",
+            "--tokens",
+            "64",
+            "--intermediate",
+            "256",
+            "--reps",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "within the tolerance of the dense fp32 reference" in proc.stdout
     # Progress goes to stderr, results to stdout: no progress line among the results.
@@ -42,20 +59,23 @@ def test_demo_runs_and_leaves_trace_and_pictures(tmp_path):
     assert row.split()[0] == "2"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["demo", "--ranks", "1"], "--ranks must be in [2, 384], got 1"),
-    (["demo", "--ranks", "3"], "--experts must be divisible by the number of ranks (3), got 8"),
-    (["demo", "--tokens", "0"], "--tokens must be in [1, 8192], got 0"),
-    (["bench", "--hidden", "512"], "--hidden must be in [1024, 8192], got 512"),
-    (["bench", "--top-k", "9"], "--top-k must be in (0, 8], got 9"),
-    (["demo", "--shared", "5"], "--shared must be in [0, 4], got 5"),
-    (["bench", "--microbatches", "1", "0"], "--microbatches must be in [1, 64], got 0"),
-    (["demo", "--reps", "0"], "--reps must be in [1, 1000], got 0"),
-    (["bench", "--comm-ratio", "0"], "--comm-ratio must be in (0, 100], got 0"),
-    (["bench", "--transport", "gloo", "--link-gbps", "5"], "--link-gbps needs --transport emulated"),
-    (["bench", "--comm-ratio", "1", "--link-gbps", "5"], "not allowed with argument --comm-ratio"),
-    (["demo", "--quant", "1"], "invalid choice: 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--ranks", "1"], "--ranks must be in [2, 384], got 1"),
+        (["demo", "--ranks", "3"], "--experts must be divisible by the number of ranks (3), got 8"),
+        (["demo", "--tokens", "0"], "--tokens must be in [1, 8192], got 0"),
+        (["bench", "--hidden", "512"], "--hidden must be in [1024, 8192], got 512"),
+        (["bench", "--top-k", "9"], "--top-k must be in (0, 8], got 9"),
+        (["demo", "--shared", "5"], "--shared must be in [0, 4], got 5"),
+        (["bench", "--microbatches", "1", "0"], "--microbatches must be in [1, 64], got 0"),
+        (["demo", "--reps", "0"], "--reps must be in [1, 1000], got 0"),
+        (["bench", "--comm-ratio", "0"], "--comm-ratio must be in (0, 100], got 0"),
+        (["bench", "--transport", "gloo", "--link-gbps", "5"], "--link-gbps needs --transport emulated"),
+        (["bench", "--comm-ratio", "1", "--link-gbps", "5"], "not allowed with argument --comm-ratio"),
+        (["demo", "--quant", "1"], "invalid choice: 1"),
+    ],
+)
 def test_bad_arguments_are_one_line_before_any_rank_starts(argv, message, capsys, monkeypatch):
     def no_ranks(*args, **kwargs):
         raise AssertionError("ranks started despite a bad argument")
@@ -81,16 +101,48 @@ def test_every_option_has_help():
 
 def test_bench_table_and_json_are_one_truth(tmp_path):
     path = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, "-m", "overlap", "bench", "--tokens", "64", "--experts", "4",
-                           "--intermediate", "256", "--microbatches", "1", "2", "--reps", "2", "--comm-ratio", "0.5",
-                           "--json", str(path)], capture_output=True, text=True, timeout=280)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "overlap",
+            "bench",
+            "--tokens",
+            "64",
+            "--experts",
+            "4",
+            "--intermediate",
+            "256",
+            "--microbatches",
+            "1",
+            "2",
+            "--reps",
+            "2",
+            "--comm-ratio",
+            "0.5",
+            "--json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[overlap] case 2/2" in proc.stderr and "[overlap]" not in proc.stdout
     rows = json.loads(path.read_text())
     assert [r["microbatches"] for r in rows] == [1, 2]
     for r in rows:
-        for key in ("serial_s", "overlapped_s", "compute_s", "comm_s", "hidden_fraction", "speedup", "microbatches",
-                    "comm_ratio", "ideal_speedup"):
+        for key in (
+            "serial_s",
+            "overlapped_s",
+            "compute_s",
+            "comm_s",
+            "hidden_fraction",
+            "speedup",
+            "microbatches",
+            "comm_ratio",
+            "ideal_speedup",
+        ):
             assert isinstance(r[key], (int, float)), key
         assert r["speedup"] == pytest.approx(r["serial_s"] / r["overlapped_s"])
         assert r["comm_ratio"] == pytest.approx(r["comm_s"] / r["compute_s"])
@@ -130,6 +182,7 @@ def _measure_with_rounding_per_row_count() -> dict:
             if out.dtype == torch.bfloat16 and x.shape[0] % 2:
                 out = torch.nextafter(out, torch.full_like(out, float("inf")))
             return out
+
         return bumped
 
     with _patched(F, "linear", linear):
@@ -144,6 +197,7 @@ def _measure_with_a_wrong_weight() -> dict:
         def wrong(self, *args, **kwargs):
             real(self, *args, **kwargs)
             self.down.data[0] *= 1.05
+
         return wrong
 
     with _patched(MoELayer, "__init__", init):

@@ -17,9 +17,11 @@ def fake_torch_npu(monkeypatch):
     calls = []
     module = types.ModuleType("torch_npu")
     for name in ("dispatch_setup", "dispatch_teardown", "combine_setup", "combine_teardown"):
+
         def op(*args, _name=name, **kwargs):
             calls.append((_name, args, kwargs))
             return f"npu:{_name}"
+
         setattr(module, "npu_moe_distribute_" + name, op)
     monkeypatch.setitem(sys.modules, "torch_npu", module)
     return calls
@@ -28,14 +30,48 @@ def fake_torch_npu(monkeypatch):
 # torch_npu's keyword defaults, from the op registrations (the contract's signatures). The public ops
 # spell every keyword out, so torch_npu receives these unless the caller passed another value.
 NPU_DEFAULTS = {
-    "dispatch_setup": dict(scales=None, x_active_mask=None, expert_shard_type=0, shared_expert_num=1,
-                           shared_expert_rank_num=0, quant_mode=0, global_bs=0, comm_type=0, comm_alg="", y_dtype=None),
-    "dispatch_teardown": dict(expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0, quant_mode=0,
-                              global_bs=0, expert_token_nums_type=1, comm_type=0, comm_alg=""),
-    "combine_setup": dict(expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0, global_bs=0,
-                          comm_quant_mode=0, comm_type=0, comm_alg=""),
-    "combine_teardown": dict(x_active_mask=None, shared_expert_x=None, expert_shard_type=0, shared_expert_num=1,
-                             shared_expert_rank_num=0, global_bs=0, comm_quant_mode=0, comm_type=0, comm_alg=""),
+    "dispatch_setup": dict(
+        scales=None,
+        x_active_mask=None,
+        expert_shard_type=0,
+        shared_expert_num=1,
+        shared_expert_rank_num=0,
+        quant_mode=0,
+        global_bs=0,
+        comm_type=0,
+        comm_alg="",
+        y_dtype=None,
+    ),
+    "dispatch_teardown": dict(
+        expert_shard_type=0,
+        shared_expert_num=1,
+        shared_expert_rank_num=0,
+        quant_mode=0,
+        global_bs=0,
+        expert_token_nums_type=1,
+        comm_type=0,
+        comm_alg="",
+    ),
+    "combine_setup": dict(
+        expert_shard_type=0,
+        shared_expert_num=1,
+        shared_expert_rank_num=0,
+        global_bs=0,
+        comm_quant_mode=0,
+        comm_type=0,
+        comm_alg="",
+    ),
+    "combine_teardown": dict(
+        x_active_mask=None,
+        shared_expert_x=None,
+        expert_shard_type=0,
+        shared_expert_num=1,
+        shared_expert_rank_num=0,
+        global_bs=0,
+        comm_quant_mode=0,
+        comm_type=0,
+        comm_alg="",
+    ),
 }
 
 
@@ -44,9 +80,15 @@ def test_each_op_delegates_with_its_arguments_unchanged(fake_torch_npu):
     ids = torch.zeros(2, 1, dtype=torch.int32)
     with ops.use_backend("npu"):
         assert ops.dispatch_setup(x, ids, "hccl_ep", 16, 3, 16, quant_mode=2, global_bs=32) == "npu:dispatch_setup"
-        assert ops.dispatch_teardown(x, x, ids, ids, "hccl_ep", 16, 3, 16, expert_token_nums_type=0) == "npu:dispatch_teardown"
+        assert (
+            ops.dispatch_teardown(x, x, ids, ids, "hccl_ep", 16, 3, 16, expert_token_nums_type=0)
+            == "npu:dispatch_teardown"
+        )
         assert ops.combine_setup(x, ids, ids, "hccl_ep", 16, 3, 16) == "npu:combine_setup"
-        assert ops.combine_teardown(x, x, ids, ids, x, ids, "hccl_ep", 16, 3, 16, shared_expert_x=x) == "npu:combine_teardown"
+        assert (
+            ops.combine_teardown(x, x, ids, ids, x, ids, "hccl_ep", 16, 3, 16, shared_expert_x=x)
+            == "npu:combine_teardown"
+        )
     names = [c[0] for c in fake_torch_npu]
     assert names == ["dispatch_setup", "dispatch_teardown", "combine_setup", "combine_teardown"]
     name, args, kwargs = fake_torch_npu[0]
@@ -91,8 +133,18 @@ def test_backend_follows_the_first_tensors_device(fake_torch_npu, monkeypatch):
     monkeypatch.delenv("OVERLAP_BACKEND", raising=False)
     x, ids = _OnNpu(), torch.zeros(2, 1, dtype=torch.int32)
     assert ops.dispatch_setup(x, ids, "hccl_ep", 16, 3, 16) == "npu:dispatch_setup"
-    assert ops.combine_setup(expand_x=x, expert_ids=ids, assist_info_for_combine=ids, group_ep="g",
-                             ep_world_size=2, ep_rank_id=0, moe_expert_num=2) == "npu:combine_setup"
+    assert (
+        ops.combine_setup(
+            expand_x=x,
+            expert_ids=ids,
+            assist_info_for_combine=ids,
+            group_ep="g",
+            ep_world_size=2,
+            ep_rank_id=0,
+            moe_expert_num=2,
+        )
+        == "npu:combine_setup"
+    )
     assert [c[0] for c in fake_torch_npu] == ["dispatch_setup", "combine_setup"]
     assert fake_torch_npu[0][1][0] is x and fake_torch_npu[1][1][0] is x  # expand_x, passed by keyword
     # A CPU tensor first: the portable path (its own validation refuses W = 1), torch_npu untouched.

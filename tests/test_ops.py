@@ -27,11 +27,24 @@ CASES = [
     pytest.param(Case(world=4, batches=(3,) * 4, shared_ranks=2, shared_num=2, experts=4), id="w4-two-shared-experts"),
     pytest.param(Case(world=4, batches=(2, 7, 1, 5), global_bs=28, experts=8, top_k=3), id="w4-uneven"),
     pytest.param(Case(world=4, batches=(4,) * 4, skip_ranks=(2,)), id="w4-rank-receives-nothing"),
-    pytest.param(Case(world=4, batches=(4,) * 4, shared_ranks=2, quant=2, with_scales=True, experts=4),
-                 id="w4-shared-int8-scales"),
+    pytest.param(
+        Case(world=4, batches=(4,) * 4, shared_ranks=2, quant=2, with_scales=True, experts=4),
+        id="w4-shared-int8-scales",
+    ),
     pytest.param(Case(world=8, batches=(3,) * 8, experts=16, top_k=4), id="w8-plain"),
-    pytest.param(Case(world=8, batches=(2, 3, 1, 4, 2, 3, 4, 1), global_bs=32, shared_ranks=4, shared_num=2,
-                      experts=8, top_k=2, quant=2), id="w8-shared-uneven-int8"),
+    pytest.param(
+        Case(
+            world=8,
+            batches=(2, 3, 1, 4, 2, 3, 4, 1),
+            global_bs=32,
+            shared_ranks=4,
+            shared_num=2,
+            experts=8,
+            top_k=2,
+            quant=2,
+        ),
+        id="w8-shared-uneven-int8",
+    ),
 ]
 
 
@@ -40,8 +53,9 @@ def _expected_counts(case: Case, rank: int) -> torch.Tensor:
     p = build(case)
     if rank < case.shared_ranks:
         replicas = case.shared_ranks // case.shared_num
-        return torch.tensor([sum((case.active or case.batches)[r] for r in range(case.world)
-                                 if r % replicas == rank % replicas)])
+        return torch.tensor(
+            [sum((case.active or case.batches)[r] for r in range(case.world) if r % replicas == rank % replicas)]
+        )
     lo = (rank - case.shared_ranks) * case.local_experts
     counts = torch.zeros(case.local_experts, dtype=torch.int64)
     for r, ids in enumerate(p["ids"]):
@@ -71,7 +85,10 @@ def test_chain_equals_dense_reference(rank_pools, case):
         row = -(-(-(-case.hidden // 32) * 32 + 4) // 512) * 512 if case.quant == 2 else -(-case.hidden // 256) * 256
         assert res["y_shape"] == (bs * (k + case.shared_num), row)
         assert res["y_dtype"] == (torch.int8 if case.quant == 2 else case.dtype)
-        assert res["cmd_shapes"] == (((bs * (k + case.shared_num) + case.world * local) * 16,), ((a + case.world) * 16,))
+        assert res["cmd_shapes"] == (
+            ((bs * (k + case.shared_num) + case.world * local) * 16,),
+            ((a + case.world) * 16,),
+        )
         q_width = -(-(-(-case.hidden // 32) * 32 + -(-case.hidden // 8) * 8 // 8 * 4) // 512) * 512
         assert res["quant_shape"] == (a, q_width)
         # assist_info: inclusive cumulative counts per (local expert, source rank) block.
@@ -124,15 +141,20 @@ def _in_flight_case(case: Case) -> dict:
         start = 0
         for local, c in enumerate(nums.tolist()):
             e = rank * case.local_experts + local
-            out[start:start + c] = (expand_x[start:start + c].float() * p["a"][e] + p["b"][e]).to(case.dtype)
+            out[start : start + c] = (expand_x[start : start + c].float() * p["a"][e] + p["b"][e]).to(case.dtype)
             start += c
         qx, cmd2 = ops.combine_setup(out, ids, assist, g, world, rank, case.experts)
         combine_in_flight = [not t.is_complete for t in ops.in_flight(g)]
         out.fill_(3.0)  # expand_x may be reused as soon as combine_setup returns
         gates.release(1)
         x_out = ops.combine_teardown(out, qx, ids, expand_idx, p["weights"][rank], cmd2, g, world, rank, case.experts)
-        return {"in_flight": was_in_flight, "combine_in_flight": combine_in_flight, "x_out": x_out,
-                "remaining": len(ops.in_flight(g)), "expired": gates.expired}
+        return {
+            "in_flight": was_in_flight,
+            "combine_in_flight": combine_in_flight,
+            "x_out": x_out,
+            "remaining": len(ops.in_flight(g)),
+            "expired": gates.expired,
+        }
     finally:
         gates.release_all()
         ops.configure(link=None)

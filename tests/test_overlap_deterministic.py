@@ -87,9 +87,15 @@ def _check_report(timeline, report) -> dict:
     comm = [(iv.start, iv.end) for iv in ivs if iv.kind == "comm"]
     hidden = _overlap(compute, comm)
     busy = _length(comm)
-    return {"busy": busy, "hidden": hidden, "fraction": hidden / busy if busy else 0.0,
-            "report_fraction": report.hidden_fraction, "report_busy": report.comm_busy,
-            "report_hidden": report.overlap, "source": report.comm_source}
+    return {
+        "busy": busy,
+        "hidden": hidden,
+        "fraction": hidden / busy if busy else 0.0,
+        "report_fraction": report.hidden_fraction,
+        "report_busy": report.comm_busy,
+        "report_hidden": report.overlap,
+        "source": report.comm_source,
+    }
 
 
 def _span(timeline, track, name):
@@ -131,10 +137,16 @@ def _planned_case() -> dict:
     tl = s.timeline
     return {
         # Other microbatch compositions reach the expert GEMMs: equal within 2 bf16 ulps at 1.
-        "equal": torch.allclose(out.float(), plain.float(), rtol=1.6e-2, atol=1.6e-2), "seen": holds.seen, "expired": gates.expired,
+        "equal": torch.allclose(out.float(), plain.float(), rtol=1.6e-2, atol=1.6e-2),
+        "seen": holds.seen,
+        "expired": gates.expired,
         "link": [iv.name for iv in tl.intervals if iv.track == "link"],
-        "experts0_x_dispatch1": _overlap([_span(tl, "compute", "experts@mb0.l0")], [_span(tl, "link", "dispatch@mb1.l0")]),
-        "experts1_x_combine0": _overlap([_span(tl, "compute", "experts@mb1.l0")], [_span(tl, "link", "combine@mb0.l0")]),
+        "experts0_x_dispatch1": _overlap(
+            [_span(tl, "compute", "experts@mb0.l0")], [_span(tl, "link", "dispatch@mb1.l0")]
+        ),
+        "experts1_x_combine0": _overlap(
+            [_span(tl, "compute", "experts@mb1.l0")], [_span(tl, "link", "combine@mb0.l0")]
+        ),
         "report": _check_report(tl, s.report()),
     }
 
@@ -180,8 +192,11 @@ class OpCallingMoE(torch.nn.Module):
         y, expand_idx, cmd = ops.dispatch_setup(x, ids, *a, **kw)
         expand_x, scales, assist, nums = ops.dispatch_teardown(x, y, ids, cmd, *a, **kw)
         experts = self.layer.moe_experts
-        out = experts(expand_x, scales, nums) if self.expert_holds is None else \
-            self.expert_holds.around(experts, expand_x, scales, nums)
+        out = (
+            experts(expand_x, scales, nums)
+            if self.expert_holds is None
+            else self.expert_holds.around(experts, expand_x, scales, nums)
+        )
         qx, cmd2 = ops.combine_setup(out, ids, assist, *a, **kw)
         return ops.combine_teardown(out, qx, ids, expand_idx, w, cmd2, *a, **kw)
 
@@ -207,9 +222,14 @@ def _fibers_case() -> dict:
         route_seen, expert_seen = module.route_holds.seen, module.expert_holds.seen
         module.route_holds = module.expert_holds = None
     tl = s.timeline
-    return {"equal": torch.equal(out, plain), "route_seen": route_seen, "expert_seen": expert_seen,
-            "expired": gates.expired, "link": [iv.name for iv in tl.intervals if iv.track == "link"],
-            "report": _check_report(tl, s.report())}
+    return {
+        "equal": torch.equal(out, plain),
+        "route_seen": route_seen,
+        "expert_seen": expert_seen,
+        "expired": gates.expired,
+        "link": [iv.name for iv in tl.intervals if iv.track == "link"],
+        "report": _check_report(tl, s.report()),
+    }
 
 
 def test_fibers_compute_the_next_microbatch_while_a_transfer_is_held(rank_pools):

@@ -31,8 +31,14 @@ def blocks() -> list[dict]:
         end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
         before = lines[start - 1] if start > 0 else ""
         skip = SKIP.match(before)
-        out.append({"lang": m.group(1), "code": "\n".join(lines[start + 1 : end]) + "\n", "line": start + 1,
-                    "skip": skip.group(1) if skip else None})
+        out.append(
+            {
+                "lang": m.group(1),
+                "code": "\n".join(lines[start + 1 : end]) + "\n",
+                "line": start + 1,
+                "skip": skip.group(1) if skip else None,
+            }
+        )
         i = end + 1
     return out
 
@@ -87,8 +93,9 @@ def test_command_lines_are_accepted():
     assert any(c[0] == "bench" for c in commands) and any(c[0] == "demo" for c in commands)
     for argv in commands:
         args = parser().parse_args(argv)
-        shape = demo.Shape(args.tokens, args.hidden, args.experts, args.top_k, args.intermediate, args.shared,
-                           args.quant)
+        shape = demo.Shape(
+            args.tokens, args.hidden, args.experts, args.top_k, args.intermediate, args.shared, args.quant
+        )
         link = demo.Link(args.transport, args.comm_ratio, args.link_gbps, args.latency_us)
         counts = args.microbatches if isinstance(args.microbatches, list) else [args.microbatches]
         demo.check_args(shape, args.ranks, counts, link, args.reps, args.device)

@@ -52,21 +52,25 @@ def _chain(case: Case, hook=None, *, group: str | None = None) -> torch.Tensor:
     p = build(case)
     group = group or dist.group.WORLD.group_name
     kw = common_kwargs(case)
-    ctx = dict(case=case, rank=rank, world=world, group=group, kw=kw, x=p["x"][rank], ids=p["ids"][rank],
-               w=p["weights"][rank])
+    ctx = dict(
+        case=case, rank=rank, world=world, group=group, kw=kw, x=p["x"][rank], ids=p["ids"][rank], w=p["weights"][rank]
+    )
     hook = hook or (lambda stage, ctx: None)
     ids, w = ctx["ids"], ctx["w"]
     ctx["y"], ctx["expand_idx"], ctx["cmd"] = ops.dispatch_setup(ctx["x"], ids, group, world, rank, case.experts, **kw)
     hook("dispatch_setup", ctx)
-    expand_x, _, assist, counts = ops.dispatch_teardown(ctx["x"], ctx["y"], ids, ctx["cmd"], group, world, rank,
-                                                        case.experts, **kw)
+    expand_x, _, assist, counts = ops.dispatch_teardown(
+        ctx["x"], ctx["y"], ids, ctx["cmd"], group, world, rank, case.experts, **kw
+    )
     hook("dispatch_teardown", ctx)
     ctx["expand_x"] = _experts(case, p, rank, expand_x, counts)
-    ctx["quant_x"], ctx["cmd2"] = ops.combine_setup(ctx["expand_x"], ids, assist, group, world, rank, case.experts,
-                                                    **kw)
+    ctx["quant_x"], ctx["cmd2"] = ops.combine_setup(
+        ctx["expand_x"], ids, assist, group, world, rank, case.experts, **kw
+    )
     hook("combine_setup", ctx)
-    return ops.combine_teardown(ctx["expand_x"], ctx["quant_x"], ids, ctx["expand_idx"], w, ctx["cmd2"], group,
-                                world, rank, case.experts, **kw)
+    return ops.combine_teardown(
+        ctx["expand_x"], ctx["quant_x"], ids, ctx["expand_idx"], w, ctx["cmd2"], group, world, rank, case.experts, **kw
+    )
 
 
 def _outcome(fn, *args, **kwargs) -> tuple[str, str]:
@@ -96,8 +100,10 @@ def _run_survivors(pool: RankPool, fn, *args, timeout_s: float = RUN_S) -> dict[
     while len(outcomes) < pool.world:
         if time.monotonic() > deadline:
             pool.close()
-            raise TimeoutError(f"ranks {sorted(set(range(pool.world)) - set(outcomes))} did not finish "
-                               f"{fn.__name__} within {timeout_s} s")
+            raise TimeoutError(
+                f"ranks {sorted(set(range(pool.world)) - set(outcomes))} did not finish "
+                f"{fn.__name__} within {timeout_s} s"
+            )
         try:
             rank, ok, value = pool._results.get(timeout=0.05)
         except queue.Empty:
@@ -325,18 +331,21 @@ def _disagreeing_case(name: str) -> tuple[str, str, torch.Tensor]:
     kw = dict(shared_expert_num=case.shared_num, shared_expert_rank_num=case.shared_ranks, global_bs=case.global_bs)
     if first_op == "dispatch":
         y, _, cmd = ops.dispatch_setup(x, ids, group, world, rank, experts, quant_mode=case.quant, **kw)
-        outcome = _outcome(ops.dispatch_teardown, x, y, ids, cmd, group, world, rank, experts,
-                           quant_mode=case.quant, **kw)
+        outcome = _outcome(
+            ops.dispatch_teardown, x, y, ids, cmd, group, world, rank, experts, quant_mode=case.quant, **kw
+        )
     else:  # a combine where the peer issues a dispatch: nothing to send, a well-formed call
-        params = ops.MoeCommParams(group, world, rank, experts, shared_expert_num=case.shared_num,
-                                   shared_expert_rank_num=case.shared_ranks)
+        params = ops.MoeCommParams(
+            group, world, rank, experts, shared_expert_num=case.shared_num, shared_expert_rank_num=case.shared_ranks
+        )
         capacity = params.capacity(x.shape[0], ids.shape[1])
         expand_x = torch.zeros(capacity, case.hidden, dtype=case.dtype)
         assist = torch.zeros(capacity * 128, dtype=torch.int32)
         quant_x, cmd = ops.combine_setup(expand_x, ids, assist, group, world, rank, experts, **kw)
         expand_idx = kernels.expand_idx_from_ids(ids, experts)
-        outcome = _outcome(ops.combine_teardown, expand_x, quant_x, ids, expand_idx, w, cmd, group, world, rank,
-                           experts, **kw)
+        outcome = _outcome(
+            ops.combine_teardown, expand_x, quant_x, ids, expand_idx, w, cmd, group, world, rank, experts, **kw
+        )
     good = Case(world=2, batches=(3, 3), seed=5)
     return (*outcome, run_case(good)["x_out"])
 
@@ -383,22 +392,34 @@ def _misuse_case(case: Case) -> tuple[dict, torch.Tensor]:
         args = (c["group"], c["world"], c["rank"], c["case"].experts)
         zeros = torch.zeros_like(c["cmd"])
         if stage == "dispatch_setup":
-            errors["dispatch without setup"] = _outcome(ops.dispatch_teardown, c["x"], c["y"], c["ids"], zeros,
-                                                        *args, **c["kw"])
+            errors["dispatch without setup"] = _outcome(
+                ops.dispatch_teardown, c["x"], c["y"], c["ids"], zeros, *args, **c["kw"]
+            )
             errors["combine given dispatch's"] = _outcome(
-                ops.combine_teardown, *_combine_inputs(c), c["ids"], c["expand_idx"], c["w"], c["cmd"], *args,
-                **c["kw"])
+                ops.combine_teardown, *_combine_inputs(c), c["ids"], c["expand_idx"], c["w"], c["cmd"], *args, **c["kw"]
+            )
         elif stage == "dispatch_teardown":
-            errors["dispatch twice"] = _outcome(ops.dispatch_teardown, c["x"], c["y"], c["ids"], c["cmd"], *args,
-                                                **c["kw"])
-            errors["dispatch twice, copied info"] = _outcome(ops.dispatch_teardown, c["x"], c["y"], c["ids"],
-                                                             c["cmd"].clone(), *args, **c["kw"])
+            errors["dispatch twice"] = _outcome(
+                ops.dispatch_teardown, c["x"], c["y"], c["ids"], c["cmd"], *args, **c["kw"]
+            )
+            errors["dispatch twice, copied info"] = _outcome(
+                ops.dispatch_teardown, c["x"], c["y"], c["ids"], c["cmd"].clone(), *args, **c["kw"]
+            )
         elif stage == "combine_setup":
-            errors["dispatch given combine's"] = _outcome(ops.dispatch_teardown, c["x"], c["y"], c["ids"], c["cmd2"],
-                                                          *args, **c["kw"])
-            errors["combine without setup"] = _outcome(ops.combine_teardown, c["expand_x"], c["quant_x"], c["ids"],
-                                                       c["expand_idx"], c["w"], torch.zeros_like(c["cmd2"]), *args,
-                                                       **c["kw"])
+            errors["dispatch given combine's"] = _outcome(
+                ops.dispatch_teardown, c["x"], c["y"], c["ids"], c["cmd2"], *args, **c["kw"]
+            )
+            errors["combine without setup"] = _outcome(
+                ops.combine_teardown,
+                c["expand_x"],
+                c["quant_x"],
+                c["ids"],
+                c["expand_idx"],
+                c["w"],
+                torch.zeros_like(c["cmd2"]),
+                *args,
+                **c["kw"],
+            )
 
     x_out = _chain(case, hook)
     x_out_next = run_case(case)["x_out"]  # a full correct chain right after
@@ -410,13 +431,22 @@ def _combine_inputs(c: dict) -> tuple[torch.Tensor, torch.Tensor]:
     from overlap.ops import MoeCommParams
 
     case = c["case"]
-    params = MoeCommParams(c["group"], c["world"], c["rank"], case.experts, shared_expert_num=case.shared_num,
-                           shared_expert_rank_num=case.shared_ranks, global_bs=case.global_bs)
+    params = MoeCommParams(
+        c["group"],
+        c["world"],
+        c["rank"],
+        case.experts,
+        shared_expert_num=case.shared_num,
+        shared_expert_rank_num=case.shared_ranks,
+        global_bs=case.global_bs,
+    )
     capacity = params.capacity(c["x"].shape[0], c["ids"].shape[1])
     from overlap.ops.portable import _quant_expand_x_shape
 
-    return (torch.zeros(capacity, case.hidden, dtype=case.dtype),
-            torch.zeros(_quant_expand_x_shape(capacity, case.hidden), dtype=torch.int8))
+    return (
+        torch.zeros(capacity, case.hidden, dtype=case.dtype),
+        torch.zeros(_quant_expand_x_shape(capacity, case.hidden), dtype=torch.int8),
+    )
 
 
 MISUSE_MESSAGES = {
@@ -540,17 +570,21 @@ def _capacity_case(cases: list[Case]) -> dict:
     out["in_flight_after"] = len(ops.in_flight(group))
     received = []
     for p, (y, expand_idx, cmd) in zip(ps, setups):
-        expand_x, _, assist, counts = ops.dispatch_teardown(p["x"][rank], y, p["ids"][rank], cmd, group, world,
-                                                            rank, e)
+        expand_x, _, assist, counts = ops.dispatch_teardown(p["x"][rank], y, p["ids"][rank], cmd, group, world, rank, e)
         received.append((_experts(cases[0], p, rank, expand_x, counts), assist, expand_idx))
-    combines = [ops.combine_setup(ex, p["ids"][rank], assist, group, world, rank, e)
-                for p, (ex, assist, _) in zip(ps, received)]
-    out["combine_3rd"] = _outcome(ops.combine_setup, received[0][0], ps[0]["ids"][rank], received[0][1], group,
-                                  world, rank, e)
+    combines = [
+        ops.combine_setup(ex, p["ids"][rank], assist, group, world, rank, e) for p, (ex, assist, _) in zip(ps, received)
+    ]
+    out["combine_3rd"] = _outcome(
+        ops.combine_setup, received[0][0], ps[0]["ids"][rank], received[0][1], group, world, rank, e
+    )
     x_outs = []
     for p, (ex, _, expand_idx), (quant_x, cmd) in zip(ps, received, combines):
-        x_outs.append(ops.combine_teardown(ex, quant_x, p["ids"][rank], expand_idx, p["weights"][rank], cmd, group,
-                                           world, rank, e))
+        x_outs.append(
+            ops.combine_teardown(
+                ex, quant_x, p["ids"][rank], expand_idx, p["weights"][rank], cmd, group, world, rank, e
+            )
+        )
     ops.configure(max_in_flight=1)
     try:
         y, _, cmd = ops.dispatch_setup(ps[0]["x"][rank], ps[0]["ids"][rank], group, world, rank, e)
@@ -589,7 +623,7 @@ def test_short_soak_matches_reference_and_leaks_no_transfers(rank_pools):
     from bench import soak
 
     results = rank_pools(2).run(soak.rank_loop, 50, 1234, 1, timeout_s=RUN_S)
-    for rank, stats in enumerate(results):
+    for stats in results:
         assert stats["steps"] == 50
         assert stats["checked"] == 50 and stats["mismatches"] == 0, stats
         assert stats["empty_receives"] > 0 and stats["idle_experts"] > 0, stats  # the edge cases happened

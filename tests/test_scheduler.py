@@ -36,8 +36,9 @@ def _linear_rounding_per_row_count(enabled: bool):
         F.linear = real
 
 
-def _layer_case(m: int, tokens: tuple[int, ...], shared: int, quant: int, experts: int = 4, top_k: int = 2,
-                perturb: bool = False) -> dict:
+def _layer_case(
+    m: int, tokens: tuple[int, ...], shared: int, quant: int, experts: int = 4, top_k: int = 2, perturb: bool = False
+) -> dict:
     from overlap.numerics import compare
 
     with _linear_rounding_per_row_count(perturb):
@@ -53,8 +54,15 @@ def _layer_run(m, tokens, shared, quant, experts, top_k, compare) -> dict:
         out = layer(x)
     steps = [str(step.node) for step in s.plan.steps]
     dense = layer.dense_forward(x, dtype=torch.float32)
-    return {"plain": plain, "out": out, "vs_dense": compare(out, dense), "plain_vs_dense": compare(plain, dense),
-            "fingerprint": s.plan.fingerprint(), "steps": steps, "report": s.report()}
+    return {
+        "plain": plain,
+        "out": out,
+        "vs_dense": compare(out, dense),
+        "plain_vs_dense": compare(plain, dense),
+        "fingerprint": s.plan.fingerprint(),
+        "steps": steps,
+        "report": s.report(),
+    }
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
@@ -128,10 +136,21 @@ def test_microbatch_rule():
     assert (split(1100, 2, 32).count, split(1100, 2, 32).size) == (3, 367)
     assert (split(0, 2, 32).count, split(1, 2, 32).count) == (0, 1)
     assert TWO_BATCH.order(2) == [
-        ("route", 0), ("dispatch_setup", 0), ("shared", 0),
-        ("route", 1), ("dispatch_setup", 1), ("dispatch_teardown", 0), ("experts", 0), ("combine_setup", 0),
-        ("dispatch_teardown", 1), ("experts", 1), ("combine_setup", 1), ("combine_teardown", 0),
-        ("shared", 1), ("combine_teardown", 1)]
+        ("route", 0),
+        ("dispatch_setup", 0),
+        ("shared", 0),
+        ("route", 1),
+        ("dispatch_setup", 1),
+        ("dispatch_teardown", 0),
+        ("experts", 0),
+        ("combine_setup", 0),
+        ("dispatch_teardown", 1),
+        ("experts", 1),
+        ("combine_setup", 1),
+        ("combine_teardown", 0),
+        ("shared", 1),
+        ("combine_teardown", 1),
+    ]
     with pytest.raises(ValueError, match=r"microbatches must be an int >= 1, got 0"):
         overlap.scheduler(microbatches=0)
 
@@ -184,7 +203,7 @@ class OpCallingLayer(torch.nn.Module):
             out, start = torch.zeros_like(expand_x), 0
             for e, c in enumerate(nums.tolist()):
                 g = rank * local + e
-                out[start:start + c] = (expand_x[start:start + c].float() * self.a[g] + self.b[g]).to(x.dtype)
+                out[start : start + c] = (expand_x[start : start + c].float() * self.a[g] + self.b[g]).to(x.dtype)
                 start += c
             qx, cmd2 = ops.combine_setup(out, ids, assist, *args, **kw)
             x = ops.combine_teardown(out, qx, ids, expand_idx, w, cmd2, *args, **kw)
@@ -284,7 +303,7 @@ def _op_layer_reference(layer: OpCallingLayer, x: torch.Tensor) -> torch.Tensor:
     acc = torch.zeros(x.shape, dtype=torch.float32)
     for k in range(layer.top_k):
         e = ids[:, k]
-        acc += w[:, k:k + 1] * (x.float() * layer.a[e] + layer.b[e]).to(x.dtype).float()
+        acc += w[:, k : k + 1] * (x.float() * layer.a[e] + layer.b[e]).to(x.dtype).float()
     return acc.to(x.dtype)
 
 
@@ -295,12 +314,17 @@ def _long_batch_case(tokens: tuple[int, ...], m: int) -> dict:
     with overlap.scheduler(microbatches=m) as s:
         out = overlap.wrap(layer)(x)
     setups = sum(name.startswith("dispatch_setup") for name in s.recording.order())
-    return {"equal": torch.equal(out, _op_layer_reference(layer, x)), "rows": out.shape[0],
-            "setups": setups, "left": len(overlap.ops.in_flight())}
+    return {
+        "equal": torch.equal(out, _op_layer_reference(layer, x)),
+        "rows": out.shape[0],
+        "setups": setups,
+        "left": len(overlap.ops.in_flight()),
+    }
 
 
-@pytest.mark.parametrize("tokens,setups", [((2048, 1600), 4), ((40, 1100), 3), ((0, 700), 2)],
-                         ids=["2048-1600", "40-1100", "0-700"])
+@pytest.mark.parametrize(
+    "tokens,setups", [((2048, 1600), 4), ((40, 1100), 3), ((0, 700), 2)], ids=["2048-1600", "40-1100", "0-700"]
+)
 def test_wrapped_layer_never_sends_more_than_512_rows(rank_pools, tokens, setups):
     # The largest rank's batch sets the cut: ceil(T / 512) microbatches at least, every rank padded
     # to the same count (a rank with 40 or 0 tokens runs the same exchanges with zero rows).

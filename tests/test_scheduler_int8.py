@@ -20,7 +20,7 @@ def _int8_case(m: int, tokens: tuple[int, ...], shared: int) -> dict:
     rank = dist.get_rank()
     layer = overlap.MoELayer(1024, 4, 2, 256, num_shared_experts=shared, quant_mode=2, seed=5)
     x = torch.randn(tokens[rank], 1024, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
-    with overlap.scheduler(microbatches=m) as s:
+    with overlap.scheduler(microbatches=m):
         out = layer(x)
     return {"out": out, "reference": moe_layer_reference(layer, x)}
 
@@ -28,13 +28,19 @@ def _int8_case(m: int, tokens: tuple[int, ...], shared: int) -> dict:
 @pytest.mark.parametrize("m,shared", [(1, 0), (2, 2), (3, 1)], ids=["m1-routed", "m2-two-shared", "m3-shared"])
 def test_int8_scheduler_equals_the_independent_reference(rank_pools, m, shared):
     for rank, res in enumerate(rank_pools(2).run(_int8_case, m, (160, 130), shared)):
-        torch.testing.assert_close(res["out"].float(), res["reference"].float(), rtol=TOL, atol=TOL,
-                                   msg=lambda text, rank=rank: f"rank {rank}: {text}")
+        torch.testing.assert_close(
+            res["out"].float(),
+            res["reference"].float(),
+            rtol=TOL,
+            atol=TOL,
+            msg=lambda text, rank=rank: f"rank {rank}: {text}",
+        )
 
 
 def test_reference_quantisation_matters():
     """The reference is sensitive to the int8 step: with quantisation off it differs by more than the
     tolerance somewhere, so a scheduler that skipped or mis-scaled quantisation would fail above."""
+
     class Layer:  # the fields moe_layer_reference reads, without a process group
         seed, num_experts, num_shared_experts, hidden_size, intermediate_size = 5, 4, 0, 1024, 256
         dtype, top_k = torch.bfloat16, 2
@@ -43,5 +49,6 @@ def test_reference_quantisation_matters():
     q, f = Layer(), Layer()
     q.quant_mode, f.quant_mode = 2, 0
     with pytest.raises(AssertionError, match="Mismatched elements"):
-        torch.testing.assert_close(moe_layer_reference(q, x).float(), moe_layer_reference(f, x).float(),
-                                   rtol=TOL, atol=TOL)
+        torch.testing.assert_close(
+            moe_layer_reference(q, x).float(), moe_layer_reference(f, x).float(), rtol=TOL, atol=TOL
+        )

@@ -26,10 +26,36 @@ from .reference import Case, affine, build, common_kwargs, dense_reference, rank
 # The host-read detector
 # --------------------------------------------------------------------------------------------
 
-_READ_METHODS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__index__", "__float__", "__complex__",
-                 "__format__", "__repr__", "__str__", "__array__", "__iter__"}
-_SYNC_OPS = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "_unique", "_unique2", "unique_dim",
-             "unique_consecutive", "equal", "is_nonzero", "histc", "_assert_async"}
+_READ_METHODS = {
+    "item",
+    "tolist",
+    "numpy",
+    "cpu",
+    "__bool__",
+    "__int__",
+    "__index__",
+    "__float__",
+    "__complex__",
+    "__format__",
+    "__repr__",
+    "__str__",
+    "__array__",
+    "__iter__",
+}
+_SYNC_OPS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "bincount",
+    "masked_select",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "equal",
+    "is_nonzero",
+    "histc",
+    "_assert_async",
+}
 
 
 class _FunctionReads(TorchFunctionMode):
@@ -49,7 +75,8 @@ class _FunctionReads(TorchFunctionMode):
 
 def _is_cpu(value: object) -> bool:
     return (isinstance(value, str) and value.startswith("cpu")) or (
-        isinstance(value, torch.device) and value.type == "cpu")
+        isinstance(value, torch.device) and value.type == "cpu"
+    )
 
 
 class _DispatchReads(TorchDispatchMode):
@@ -65,7 +92,8 @@ class _DispatchReads(TorchDispatchMode):
         elif base == "repeat_interleave" and func._overloadname == "Tensor" and kwargs.get("output_size") is None:
             self.log.append("repeat_interleave(tensor)")
         elif base in ("index", "index_put", "index_put_") and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()) if i is not None):
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()) if i is not None
+        ):
             self.log.append(f"{base}(bool mask)")
         return func(*args, **kwargs)
 
@@ -87,12 +115,35 @@ class HostReads:
             mode.__exit__(*exc)
 
 
-@pytest.mark.parametrize("read", [
-    lambda t: t.tolist(), lambda t: t.sum().item(), lambda t: bool((t > 1).any()), lambda t: int(t.sum()),
-    lambda t: t.cpu(), lambda t: torch.bincount(t, minlength=4), lambda t: t[t > 1], lambda t: t.nonzero(),
-    lambda t: torch.repeat_interleave(t, t), lambda t: f"{t.sum()}", lambda t: range(t[0]),
-], ids=["tolist", "item", "bool", "int", "cpu", "bincount", "bool-index", "nonzero", "repeat_interleave", "format",
-        "index"])
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda t: t.tolist(),
+        lambda t: t.sum().item(),
+        lambda t: bool((t > 1).any()),
+        lambda t: int(t.sum()),
+        lambda t: t.cpu(),
+        lambda t: torch.bincount(t, minlength=4),
+        lambda t: t[t > 1],
+        lambda t: t.nonzero(),
+        lambda t: torch.repeat_interleave(t, t),
+        lambda t: f"{t.sum()}",
+        lambda t: range(t[0]),
+    ],
+    ids=[
+        "tolist",
+        "item",
+        "bool",
+        "int",
+        "cpu",
+        "bincount",
+        "bool-index",
+        "nonzero",
+        "repeat_interleave",
+        "format",
+        "index",
+    ],
+)
 def test_host_read_detector_catches_each_kind_of_read(read):
     t = torch.tensor([1, 2, 3])
     with HostReads() as reads:
@@ -138,24 +189,65 @@ def run_case_on(case: Case, device: str = "cpu", simulate: bool = True, watch: b
         reads.extend(seen.log if watch else [])
         return out
 
-    y, expand_idx, cmd = watched(ops.dispatch_setup, x, ids, group, world, rank, case.experts, scales=smooth,
-                                 x_active_mask=mask, quant_mode=case.quant, **kw)
+    y, expand_idx, cmd = watched(
+        ops.dispatch_setup,
+        x,
+        ids,
+        group,
+        world,
+        rank,
+        case.experts,
+        scales=smooth,
+        x_active_mask=mask,
+        quant_mode=case.quant,
+        **kw,
+    )
     handle = ops.transfer_of(cmd)
     expand_x, dyn_scales, assist, token_nums = ops.dispatch_teardown(
-        x, y, ids, cmd, group, world, rank, case.experts, quant_mode=case.quant,
-        expert_token_nums_type=case.token_nums_type, **kw)
+        x,
+        y,
+        ids,
+        cmd,
+        group,
+        world,
+        rank,
+        case.experts,
+        quant_mode=case.quant,
+        expert_token_nums_type=case.token_nums_type,
+        **kw,
+    )
     dispatch_trace = list(handle.plan.trace)
     out = rank_experts(case, p, rank, expand_x, dyn_scales, token_nums).to(dev)
     quant_x, cmd2 = watched(ops.combine_setup, out, ids, assist, group, world, rank, case.experts, **kw)
     handle2 = ops.transfer_of(cmd2)
-    shared_x = affine(p["x"][rank].float(), p["sa"][0], p["sb"][0], case.dtype).to(dev) if case.use_shared_x \
-        else None
-    x_out = ops.combine_teardown(out, quant_x, ids, expand_idx, w, cmd2, group, world, rank, case.experts,
-                                 x_active_mask=mask, shared_expert_x=shared_x, **kw)
-    return {"x_out": x_out.cpu(), "y": y.cpu(), "expand_idx": expand_idx.cpu(), "expand_x": expand_x.cpu(),
-            "assist": assist.cpu(), "token_nums": token_nums.cpu(), "reads": reads,
-            "kind": staging.transport_kind(group), "traces": (dispatch_trace, list(handle2.plan.trace)),
-            "devices": (y.device.type, x_out.device.type, expand_x.device.type)}
+    shared_x = affine(p["x"][rank].float(), p["sa"][0], p["sb"][0], case.dtype).to(dev) if case.use_shared_x else None
+    x_out = ops.combine_teardown(
+        out,
+        quant_x,
+        ids,
+        expand_idx,
+        w,
+        cmd2,
+        group,
+        world,
+        rank,
+        case.experts,
+        x_active_mask=mask,
+        shared_expert_x=shared_x,
+        **kw,
+    )
+    return {
+        "x_out": x_out.cpu(),
+        "y": y.cpu(),
+        "expand_idx": expand_idx.cpu(),
+        "expand_x": expand_x.cpu(),
+        "assist": assist.cpu(),
+        "token_nums": token_nums.cpu(),
+        "reads": reads,
+        "kind": staging.transport_kind(group),
+        "traces": (dispatch_trace, list(handle2.plan.trace)),
+        "devices": (y.device.type, x_out.device.type, expand_x.device.type),
+    }
 
 
 class _nothing:
@@ -178,10 +270,11 @@ DEVICE_CASES = [
     pytest.param(Case(world=2, batches=(3, 6), global_bs=12, use_shared_x=True), id="w2-uneven-shared-x"),
     pytest.param(Case(world=2, batches=(5, 5), active=(3, 0)), id="w2-active-mask-empty-rank"),
     pytest.param(Case(world=2, batches=(4, 4), quant=2, with_scales=True), id="w2-int8-scales"),
-    pytest.param(Case(world=4, batches=(3,) * 4, shared_ranks=2, shared_num=2, experts=4, active=(3, 1, 0, 2)),
-                 id="w4-two-shared-experts-mask"),
-    pytest.param(Case(world=4, batches=(2, 7, 1, 5), global_bs=28, experts=8, top_k=3, quant=2),
-                 id="w4-uneven-int8"),
+    pytest.param(
+        Case(world=4, batches=(3,) * 4, shared_ranks=2, shared_num=2, experts=4, active=(3, 1, 0, 2)),
+        id="w4-two-shared-experts-mask",
+    ),
+    pytest.param(Case(world=4, batches=(2, 7, 1, 5), global_bs=28, experts=8, top_k=3, quant=2), id="w4-uneven-int8"),
     pytest.param(Case(world=4, batches=(4,) * 4, skip_ranks=(2,)), id="w4-rank-receives-nothing"),
 ]
 
@@ -223,8 +316,11 @@ def _pipeline_case(microbatches: int) -> dict:
     host_kind = staging.transport_kind(g)
     with staging.simulate_device(), overlap.scheduler(microbatches=microbatches) as s:
         staged = layer(x)
-    return {"equal": torch.equal(staged, host), "kinds": (host_kind, staging.transport_kind(g)),
-            "setups": sum(str(step.node).startswith("dispatch_setup@") for step in s.plan.steps)}
+    return {
+        "equal": torch.equal(staged, host),
+        "kinds": (host_kind, staging.transport_kind(g)),
+        "setups": sum(str(step.node).startswith("dispatch_setup@") for step in s.plan.steps),
+    }
 
 
 @pytest.mark.parametrize("microbatches", [1, 2])
@@ -275,11 +371,14 @@ def _bad_input_case(bad_rank: int, what: str) -> dict:
     return outcome
 
 
-@pytest.mark.parametrize("what, match", [
-    ("range", r"expert_ids values must be in \[0, moe_expert_num = 8\), got 11"),
-    ("duplicate", r"expert_ids must hold distinct experts within a row, got row 1"),
-    ("mask", r"x_active_mask must be a True-prefix .* got 2 True values"),
-])
+@pytest.mark.parametrize(
+    "what, match",
+    [
+        ("range", r"expert_ids values must be in \[0, moe_expert_num = 8\), got 11"),
+        ("duplicate", r"expert_ids must hold distinct experts within a row, got row 1"),
+        ("mask", r"x_active_mask must be a True-prefix .* got 2 True values"),
+    ],
+)
 def test_deferred_check_raises_value_error_on_the_bad_rank_and_comm_error_on_its_peers(rank_pools, what, match):
     import re
 
@@ -384,8 +483,10 @@ def _kinds_case() -> dict:
     from overlap.ops import staging
 
     group = dist.group.WORLD
-    out = {"cpu": staging.kind_for(group, torch.device("cpu")),
-           "cuda-over-gloo": staging.kind_for(group, torch.device("cuda", 0))}
+    out = {
+        "cpu": staging.kind_for(group, torch.device("cpu")),
+        "cuda-over-gloo": staging.kind_for(group, torch.device("cuda", 0)),
+    }
     with staging.simulate_device():
         out["simulated"] = staging.kind_for(group, torch.device("cpu"))
     try:

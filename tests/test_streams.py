@@ -191,8 +191,9 @@ def test_one_record_releases_every_waiter(pair):
     a.submit(gate.wait)
     event = a.record_event()
     released: list[int] = []
-    waiters = [threading.Thread(target=lambda i=i: (event.synchronize(timeout=10), released.append(i)))
-               for i in range(5)]
+    waiters = [
+        threading.Thread(target=lambda i=i: (event.synchronize(timeout=10), released.append(i))) for i in range(5)
+    ]
     for t in waiters:
         t.start()
     assert not event.query()

@@ -36,8 +36,9 @@ def _bad_calls(world: int, rank: int, group: str):
     def ds(x=x, ids=ids, **kw):
         args = dict(group_ep=group, ep_world_size=world, ep_rank_id=rank, moe_expert_num=E)
         args.update({k: kw.pop(k) for k in list(kw) if k in args})
-        return lambda: ops.dispatch_setup(x, ids, args["group_ep"], args["ep_world_size"], args["ep_rank_id"],
-                                          args["moe_expert_num"], **kw)
+        return lambda: ops.dispatch_setup(
+            x, ids, args["group_ep"], args["ep_world_size"], args["ep_rank_id"], args["moe_expert_num"], **kw
+        )
 
     a = 4 * world * 2  # A for BS=4, K=2, L=4 (W=2)
     expand_x = torch.zeros(a, H, dtype=torch.bfloat16)
@@ -47,8 +48,9 @@ def _bad_calls(world: int, rank: int, group: str):
     eidx = torch.zeros(8, dtype=torch.int32)
     scales = torch.full((4, 2), 0.5)
     cmd = torch.zeros(64, dtype=torch.int32)
-    ct = lambda ex=expand_x, sc=scales, ei=eidx, **kw: lambda: ops.combine_teardown(
-        ex, qx, ids, ei, sc, cmd, group, world, rank, E, **kw)
+    ct = lambda ex=expand_x, sc=scales, ei=eidx, **kw: (
+        lambda: ops.combine_teardown(ex, qx, ids, ei, sc, cmd, group, world, rank, E, **kw)
+    )
     y = torch.zeros(12, 1024, dtype=torch.bfloat16)
     dt = lambda **kw: lambda: ops.dispatch_teardown(x, y, ids, cmd, group, world, rank, E, **kw)
     dup = ids.clone()
@@ -67,19 +69,60 @@ def _bad_calls(world: int, rank: int, group: str):
         ("moe_expert_num divisible", ds(moe_expert_num=7), V, r"moe_expert_num must be divisible by .* = 2, got 7"),
         ("expert_shard_type", ds(expert_shard_type=1), V, r"expert_shard_type must be in \{0\}.*got 1"),
         ("shared_expert_num", ds(shared_expert_num=5), V, r"shared_expert_num must be in \[0, 4\], got 5"),
-        ("shared_expert_rank_num", ds(shared_expert_rank_num=2), V, r"shared_expert_rank_num must be in \[0, ep_world_size / 2 = 1\], got 2"),
-        ("shared experts > shared ranks", ds(shared_expert_rank_num=1, shared_expert_num=2), V,
-         r"shared_expert_num must be in \[1, shared_expert_rank_num = 1\], got 2"),
-        ("shared ranks without shared experts", ds(shared_expert_rank_num=1, shared_expert_num=0), V,
-         r"shared_expert_num must be in \[1, shared_expert_rank_num = 1\].*got 0"),
-        ("hidden low", ds(x=torch.zeros(4, 1023, dtype=torch.bfloat16)), V, r"H \(hidden size\) must be in \[1024, 8192\], got 1023"),
-        ("hidden high", ds(x=torch.zeros(4, 8200, dtype=torch.bfloat16)), V, r"H \(hidden size\) must be in \[1024, 8192\], got 8200"),
-        ("batch high", ds(x=torch.zeros(513, H, dtype=torch.bfloat16), ids=torch.zeros(513, 2, dtype=torch.int32)), V,
-         r"BS \(x.size\(0\)\) must be in \(0, 512\], got 513"),
-        ("batch zero", ds(x=torch.zeros(0, H, dtype=torch.bfloat16), ids=torch.zeros(0, 2, dtype=torch.int32)), V,
-         r"BS \(x.size\(0\)\) must be in \(0, 512\], got 0"),
-        ("top_k high", ds(ids=torch.zeros(4, 17, dtype=torch.int32), moe_expert_num=32), V, r"K \(expert_ids.size\(1\)\) must be in \(0, 16\], got 17"),
-        ("top_k > experts", ds(ids=torch.zeros(4, 3, dtype=torch.int32), moe_expert_num=2), V, r"K .* must be in \(0, moe_expert_num = 2\], got 3"),
+        (
+            "shared_expert_rank_num",
+            ds(shared_expert_rank_num=2),
+            V,
+            r"shared_expert_rank_num must be in \[0, ep_world_size / 2 = 1\], got 2",
+        ),
+        (
+            "shared experts > shared ranks",
+            ds(shared_expert_rank_num=1, shared_expert_num=2),
+            V,
+            r"shared_expert_num must be in \[1, shared_expert_rank_num = 1\], got 2",
+        ),
+        (
+            "shared ranks without shared experts",
+            ds(shared_expert_rank_num=1, shared_expert_num=0),
+            V,
+            r"shared_expert_num must be in \[1, shared_expert_rank_num = 1\].*got 0",
+        ),
+        (
+            "hidden low",
+            ds(x=torch.zeros(4, 1023, dtype=torch.bfloat16)),
+            V,
+            r"H \(hidden size\) must be in \[1024, 8192\], got 1023",
+        ),
+        (
+            "hidden high",
+            ds(x=torch.zeros(4, 8200, dtype=torch.bfloat16)),
+            V,
+            r"H \(hidden size\) must be in \[1024, 8192\], got 8200",
+        ),
+        (
+            "batch high",
+            ds(x=torch.zeros(513, H, dtype=torch.bfloat16), ids=torch.zeros(513, 2, dtype=torch.int32)),
+            V,
+            r"BS \(x.size\(0\)\) must be in \(0, 512\], got 513",
+        ),
+        (
+            "batch zero",
+            ds(x=torch.zeros(0, H, dtype=torch.bfloat16), ids=torch.zeros(0, 2, dtype=torch.int32)),
+            V,
+            r"BS \(x.size\(0\)\) must be in \(0, 512\], got 0",
+        ),
+        (
+            "top_k high",
+            ds(ids=torch.zeros(4, 17, dtype=torch.int32), moe_expert_num=32),
+            V,
+            r"K \(expert_ids.size\(1\)\) must be in \(0, 16\], got 17",
+        ),
+        (
+            "top_k > experts",
+            ds(ids=torch.zeros(4, 3, dtype=torch.int32), moe_expert_num=2),
+            V,
+            r"K .* must be in \(0, moe_expert_num = 2\], got 3",
+        ),
         ("expert id range", ds(ids=oob), V, r"expert_ids values must be in \[0, moe_expert_num = 8\), got 8"),
         ("expert id duplicate", ds(ids=dup), V, r"expert_ids must hold distinct experts within a row, got row 1"),
         ("expert_ids dtype", ds(ids=ids.float()), T, r"expert_ids must have dtype in \{int32, int64\}, got float32"),
@@ -92,7 +135,13 @@ def _bad_calls(world: int, rank: int, group: str):
         ("scales without quant", ds(scales=torch.ones(9, H)), V, r"scales must be None unless quant_mode = 2"),
         ("scales shape", ds(scales=torch.ones(8, H), quant_mode=2), V, r"scales must have shape \(9, 1024\)"),
         ("y_dtype", ds(y_dtype=torch.float16), V, r"y_dtype must be None or torch.bfloat16"),
-        ("global_bs low", ds(global_bs=4 * world - 1), V, rf"global_bs must be 0 or in \[BS \* ep_world_size = {4 * world}, 512 \* ep_world_size = {512 * world}\], got {4 * world - 1}"),
+        (
+            "global_bs low",
+            ds(global_bs=4 * world - 1),
+            V,
+            rf"global_bs must be 0 or in \[BS \* ep_world_size = {4 * world}, 512 \* ep_world_size = "
+            rf"{512 * world}\], got {4 * world - 1}",
+        ),
         ("global_bs high", ds(global_bs=512 * world + 1), V, r"global_bs must be 0 or in .*got"),
         ("comm_type", ds(comm_type=2), V, r"comm_type must be in \{0\}.*got 2"),
         ("comm_alg", ds(comm_alg="fullmesh"), V, r"comm_alg must be \"\" \(reserved\), got 'fullmesh'"),
@@ -100,12 +149,31 @@ def _bad_calls(world: int, rank: int, group: str):
         ("group_ep long", ds(group_ep="g" * 128), V, r"group_ep length must be in \[1, 128\), got 128"),
         ("group_ep unknown", ds(group_ep="no-such-group"), V, r"group_ep must name a torch.distributed process group"),
         ("group_ep type", ds(group_ep=dist.group.WORLD), T, r"group_ep must be a str"),
-        ("x_active_mask prefix", ds(x_active_mask=torch.tensor([True, False, True, True])), V,
-         r"x_active_mask must be a True-prefix"),
-        ("x_active_mask dtype", ds(x_active_mask=torch.ones(4, dtype=torch.int32)), T, r"x_active_mask must have dtype in \{bool\}"),
+        (
+            "x_active_mask prefix",
+            ds(x_active_mask=torch.tensor([True, False, True, True])),
+            V,
+            r"x_active_mask must be a True-prefix",
+        ),
+        (
+            "x_active_mask dtype",
+            ds(x_active_mask=torch.ones(4, dtype=torch.int32)),
+            T,
+            r"x_active_mask must have dtype in \{bool\}",
+        ),
         ("ep_world_size type", ds(ep_world_size=2.0), T, r"ep_world_size must be an int"),
-        ("expert_token_nums_type", dt(expert_token_nums_type=2), V, r"expert_token_nums_type must be 0 .* or 1 .*got 2"),
-        ("y shape", lambda: ops.dispatch_teardown(x, y[:5], ids, cmd, group, world, rank, E), V, r"y must have shape \(12, 1024\)"),
+        (
+            "expert_token_nums_type",
+            dt(expert_token_nums_type=2),
+            V,
+            r"expert_token_nums_type must be 0 .* or 1 .*got 2",
+        ),
+        (
+            "y shape",
+            lambda: ops.dispatch_teardown(x, y[:5], ids, cmd, group, world, rank, E),
+            V,
+            r"y must have shape \(12, 1024\)",
+        ),
         ("teardown without setup", dt(), HandleError, r"comm_cmd_info was not returned by dispatch_setup"),
         ("comm_quant_mode", cs(comm_quant_mode=2), V, r"comm_quant_mode must be in \{0\}, got 2"),
         ("expand_x rows", cs(ex=expand_x[:-1]), V, rf"expand_x must have shape \({a}, 1024\)"),
@@ -115,8 +183,12 @@ def _bad_calls(world: int, rank: int, group: str):
         ("expert_scales dtype", ct(sc=scales.double()), T, r"expert_scales must have dtype in \{float32\}"),
         ("expert_scales shape", ct(sc=scales[:, :1]), V, r"expert_scales must have shape \(4, 2\)"),
         ("expand_idx shape", ct(ei=eidx[:7]), V, r"expand_idx must have shape \(8,\)"),
-        ("shared_expert_x with shared ranks", ct(shared_expert_x=x, shared_expert_rank_num=1), V,
-         r"shared_expert_x must be None when shared_expert_rank_num > 0"),
+        (
+            "shared_expert_x with shared ranks",
+            ct(shared_expert_x=x, shared_expert_rank_num=1),
+            V,
+            r"shared_expert_x must be None when shared_expert_rank_num > 0",
+        ),
         ("shared_expert_x shape", ct(shared_expert_x=x[:2]), V, r"shared_expert_x must have shape \(4, 1024\)"),
     ]
 
@@ -176,7 +248,9 @@ def test_params_rules_without_a_group():
     p = MoeCommParams("g", 16, 3, 48, shared_expert_num=2, shared_expert_rank_num=4)
     assert (p.is_shared_rank, p.num_local_experts, p.num_shared_replicas) == (True, 1, 2)
     assert p.capacity(batch=8, top_k=4) == 8 * 16 * 2 // 4
-    with pytest.raises(ValueError, match=r"moe_expert_num must be divisible by ep_world_size - shared_expert_rank_num = 12, got 64"):
+    with pytest.raises(
+        ValueError, match=r"moe_expert_num must be divisible by ep_world_size - shared_expert_rank_num = 12, got 64"
+    ):
         MoeCommParams("g", 16, 9, 64, shared_expert_num=2, shared_expert_rank_num=4)
     with pytest.raises(ValueError, match=r"shared_expert_rank_num must be divisible by shared_expert_num = 2, got 3"):
         MoeCommParams("g", 8, 0, 10, shared_expert_num=2, shared_expert_rank_num=3)
@@ -194,15 +268,18 @@ def test_params_rules_without_a_group():
 BUFFSIZE_NEED_MB = 104
 
 
-@pytest.mark.parametrize("megabytes,accepted", [(BUFFSIZE_NEED_MB, True), (BUFFSIZE_NEED_MB - 1, False),
-                                                (200, True), (1, False)])
+@pytest.mark.parametrize(
+    "megabytes,accepted", [(BUFFSIZE_NEED_MB, True), (BUFFSIZE_NEED_MB - 1, False), (200, True), (1, False)]
+)
 def test_hccl_buffsize_factor_two_boundary(monkeypatch, megabytes, accepted):
     monkeypatch.setenv("HCCL_BUFFSIZE", str(megabytes))
     params = MoeCommParams("g", 2, 0, 16)
     if accepted:
         params.check_batch(256, 8, 4096)
     else:
-        with pytest.raises(ValueError, match=rf"HCCL_BUFFSIZE must be >= 104 MB \(109051904 bytes .*factor-2.*got {megabytes}$"):
+        with pytest.raises(
+            ValueError, match=rf"HCCL_BUFFSIZE must be >= 104 MB \(109051904 bytes .*factor-2.*got {megabytes}$"
+        ):
             params.check_batch(256, 8, 4096)
 
 

@@ -132,11 +132,26 @@ def dispatch_setup(
         CapacityError: `max_in_flight` dispatches are already in flight on the group.
         CommError: the group is unusable after an earlier failure.
     """
-    return _call("dispatch_setup", x, x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num,
-                 scales=scales, x_active_mask=x_active_mask, expert_shard_type=expert_shard_type,
-                 shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
-                 quant_mode=quant_mode, global_bs=global_bs, comm_type=comm_type, comm_alg=comm_alg,
-                 y_dtype=y_dtype)
+    return _call(
+        "dispatch_setup",
+        x,
+        x,
+        expert_ids,
+        group_ep,
+        ep_world_size,
+        ep_rank_id,
+        moe_expert_num,
+        scales=scales,
+        x_active_mask=x_active_mask,
+        expert_shard_type=expert_shard_type,
+        shared_expert_num=shared_expert_num,
+        shared_expert_rank_num=shared_expert_rank_num,
+        quant_mode=quant_mode,
+        global_bs=global_bs,
+        comm_type=comm_type,
+        comm_alg=comm_alg,
+        y_dtype=y_dtype,
+    )
 
 
 def dispatch_teardown(
@@ -183,10 +198,26 @@ def dispatch_teardown(
         CommTimeoutError: the exchange did not land in time; the message names the silent ranks.
         CommError: the exchange failed (a peer died or aborted, or ranks disagreed on parameters).
     """
-    return _call("dispatch_teardown", x, x, y, expert_ids, comm_cmd_info, group_ep, ep_world_size, ep_rank_id,
-                 moe_expert_num, expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,
-                 shared_expert_rank_num=shared_expert_rank_num, quant_mode=quant_mode, global_bs=global_bs,
-                 expert_token_nums_type=expert_token_nums_type, comm_type=comm_type, comm_alg=comm_alg)
+    return _call(
+        "dispatch_teardown",
+        x,
+        x,
+        y,
+        expert_ids,
+        comm_cmd_info,
+        group_ep,
+        ep_world_size,
+        ep_rank_id,
+        moe_expert_num,
+        expert_shard_type=expert_shard_type,
+        shared_expert_num=shared_expert_num,
+        shared_expert_rank_num=shared_expert_rank_num,
+        quant_mode=quant_mode,
+        global_bs=global_bs,
+        expert_token_nums_type=expert_token_nums_type,
+        comm_type=comm_type,
+        comm_alg=comm_alg,
+    )
 
 
 def combine_setup(
@@ -226,10 +257,24 @@ def combine_setup(
         CapacityError: `max_in_flight` combines are already in flight on the group.
         CommError: the group is unusable after an earlier failure.
     """
-    return _call("combine_setup", expand_x, expand_x, expert_ids, assist_info_for_combine, group_ep,
-                 ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type=expert_shard_type,
-                 shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
-                 global_bs=global_bs, comm_quant_mode=comm_quant_mode, comm_type=comm_type, comm_alg=comm_alg)
+    return _call(
+        "combine_setup",
+        expand_x,
+        expand_x,
+        expert_ids,
+        assist_info_for_combine,
+        group_ep,
+        ep_world_size,
+        ep_rank_id,
+        moe_expert_num,
+        expert_shard_type=expert_shard_type,
+        shared_expert_num=shared_expert_num,
+        shared_expert_rank_num=shared_expert_rank_num,
+        global_bs=global_bs,
+        comm_quant_mode=comm_quant_mode,
+        comm_type=comm_type,
+        comm_alg=comm_alg,
+    )
 
 
 def combine_teardown(
@@ -277,11 +322,29 @@ def combine_teardown(
         CommTimeoutError: the exchange did not land in time; the message names the silent ranks.
         CommError: the exchange failed (a peer died or aborted, or ranks disagreed on parameters).
     """
-    return _call("combine_teardown", expand_x, expand_x, quant_expand_x, expert_ids, expand_idx, expert_scales,
-                 comm_cmd_info, group_ep, ep_world_size, ep_rank_id, moe_expert_num, x_active_mask=x_active_mask,
-                 shared_expert_x=shared_expert_x, expert_shard_type=expert_shard_type,
-                 shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
-                 global_bs=global_bs, comm_quant_mode=comm_quant_mode, comm_type=comm_type, comm_alg=comm_alg)
+    return _call(
+        "combine_teardown",
+        expand_x,
+        expand_x,
+        quant_expand_x,
+        expert_ids,
+        expand_idx,
+        expert_scales,
+        comm_cmd_info,
+        group_ep,
+        ep_world_size,
+        ep_rank_id,
+        moe_expert_num,
+        x_active_mask=x_active_mask,
+        shared_expert_x=shared_expert_x,
+        expert_shard_type=expert_shard_type,
+        shared_expert_num=shared_expert_num,
+        shared_expert_rank_num=shared_expert_rank_num,
+        global_bs=global_bs,
+        comm_quant_mode=comm_quant_mode,
+        comm_type=comm_type,
+        comm_alg=comm_alg,
+    )
 
 
 OPS = ("dispatch_setup", "dispatch_teardown", "combine_setup", "combine_teardown")

@@ -17,8 +17,10 @@ def load_torch_npu() -> Any:
     try:
         return importlib.import_module("torch_npu")
     except ImportError as exc:
-        raise ImportError("the npu backend needs torch_npu with Ascend's CANN libraries: "
-                          "pip install moe-overlap[npu] on an Ascend machine") from exc
+        raise ImportError(
+            "the npu backend needs torch_npu with Ascend's CANN libraries: "
+            "pip install moe-overlap[npu] on an Ascend machine"
+        ) from exc
 
 
 def call(op: str, *args: Any, **kwargs: Any) -> Any:

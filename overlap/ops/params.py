@@ -60,7 +60,9 @@ def check_tensor(
         raise TypeError(f"{name} must have dtype in {{{allowed}}}, got {str(tensor.dtype).removeprefix('torch.')}")
     if shape is not None:
         if tensor.dim() != len(shape):
-            raise ValueError(f"{name} must be {len(shape)}-D with shape {_show(shape)}, got shape {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{name} must be {len(shape)}-D with shape {_show(shape)}, got shape {tuple(tensor.shape)}"
+            )
         for want, got in zip(shape, tensor.shape):
             if want is not None and want != got:
                 extra = f" ({rule})" if rule else ""
@@ -96,11 +98,25 @@ class MoeCommParams:
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_ep, str):
-            raise TypeError(f"group_ep must be a str (a process group's group_name), got {type(self.group_ep).__name__}")
+            raise TypeError(
+                f"group_ep must be a str (a process group's group_name), got {type(self.group_ep).__name__}"
+            )
         if not 1 <= len(self.group_ep) < MAX_GROUP_NAME:
-            raise ValueError(f"group_ep length must be in [1, {MAX_GROUP_NAME}), got {len(self.group_ep)} ({self.group_ep!r})")
-        for name in ("ep_world_size", "ep_rank_id", "moe_expert_num", "expert_shard_type", "shared_expert_num",
-                     "shared_expert_rank_num", "global_bs", "quant_mode", "comm_quant_mode", "comm_type"):
+            raise ValueError(
+                f"group_ep length must be in [1, {MAX_GROUP_NAME}), got {len(self.group_ep)} ({self.group_ep!r})"
+            )
+        for name in (
+            "ep_world_size",
+            "ep_rank_id",
+            "moe_expert_num",
+            "expert_shard_type",
+            "shared_expert_num",
+            "shared_expert_rank_num",
+            "global_bs",
+            "quant_mode",
+            "comm_quant_mode",
+            "comm_type",
+        ):
             _check_int(name, getattr(self, name))
         if not isinstance(self.comm_alg, str):
             raise TypeError(f"comm_alg must be a str, got {type(self.comm_alg).__name__}")
@@ -113,27 +129,35 @@ class MoeCommParams:
         _check_range("shared_expert_rank_num", s_r, 0, world // 2, f"[0, ep_world_size / 2 = {world // 2}]")
         if s_r > 0:
             if s_n == 0:
-                raise ValueError(f"shared_expert_num must be in [1, shared_expert_rank_num = {s_r}] when "
-                                 f"shared_expert_rank_num > 0, got 0")
+                raise ValueError(
+                    f"shared_expert_num must be in [1, shared_expert_rank_num = {s_r}] when "
+                    f"shared_expert_rank_num > 0, got 0"
+                )
             if s_n > s_r:
                 raise ValueError(f"shared_expert_num must be in [1, shared_expert_rank_num = {s_r}], got {s_n}")
             if s_r % s_n:
                 raise ValueError(f"shared_expert_rank_num must be divisible by shared_expert_num = {s_n}, got {s_r}")
         _check_range("moe_expert_num", self.moe_expert_num, 1, MAX_EXPERTS, f"(0, {MAX_EXPERTS}]")
         if self.moe_expert_num % (world - s_r):
-            raise ValueError(f"moe_expert_num must be divisible by ep_world_size - shared_expert_rank_num = "
-                             f"{world - s_r}, got {self.moe_expert_num}")
+            raise ValueError(
+                f"moe_expert_num must be divisible by ep_world_size - shared_expert_rank_num = "
+                f"{world - s_r}, got {self.moe_expert_num}"
+            )
         if self.quant_mode in (1, 3, 4):
-            raise ValueError(f"quant_mode must be 0 (none) or 2 (dynamic int8), got {self.quant_mode} "
-                             f"(1 static, 3 per-group and 4 MX exist only on other hardware)")
+            raise ValueError(
+                f"quant_mode must be 0 (none) or 2 (dynamic int8), got {self.quant_mode} "
+                f"(1 static, 3 per-group and 4 MX exist only on other hardware)"
+            )
         if self.quant_mode not in (0, 2):
             raise ValueError(f"quant_mode must be 0 (none) or 2 (dynamic int8), got {self.quant_mode}")
         _check_range("comm_quant_mode", self.comm_quant_mode, 0, 0, "{0}")
         _check_range("comm_type", self.comm_type, 0, 0, "{0} (AICPU-SDMA)")
         if self.comm_alg != "":
-            raise ValueError(f"comm_alg must be \"\" (reserved), got {self.comm_alg!r}")
+            raise ValueError(f'comm_alg must be "" (reserved), got {self.comm_alg!r}')
         if self.global_bs < 0:
-            raise ValueError(f"global_bs must be 0 or in [BS * ep_world_size, {MAX_BATCH} * ep_world_size], got {self.global_bs}")
+            raise ValueError(
+                f"global_bs must be 0 or in [BS * ep_world_size, {MAX_BATCH} * ep_world_size], got {self.global_bs}"
+            )
         if s_r > 0 and self.global_bs:
             self._check_shared_capacity(self.global_bs)
 
@@ -182,10 +206,12 @@ class MoeCommParams:
         need = sources * (global_batch // self.ep_world_size)
         have = -(-global_batch * self.shared_expert_num // self.shared_expert_rank_num)
         if need > have:
-            raise ValueError(f"shared_expert_rank_num = {self.shared_expert_rank_num} with shared_expert_num = "
-                             f"{self.shared_expert_num} gives R = {replicas} replicas, which do not divide "
-                             f"ep_world_size = {self.ep_world_size}: a replica may receive {need} rows but "
-                             f"holds A = {have}; choose shared_expert_rank_num so that W is a multiple of R")
+            raise ValueError(
+                f"shared_expert_rank_num = {self.shared_expert_rank_num} with shared_expert_num = "
+                f"{self.shared_expert_num} gives R = {replicas} replicas, which do not divide "
+                f"ep_world_size = {self.ep_world_size}: a replica may receive {need} rows but "
+                f"holds A = {have}; choose shared_expert_rank_num so that W is a multiple of R"
+            )
 
     # Tensor checks -------------------------------------------------------------------------------
 
@@ -194,12 +220,16 @@ class MoeCommParams:
         _check_range("BS (x.size(0))", batch, 1, MAX_BATCH, f"(0, {MAX_BATCH}]")
         _check_range("K (expert_ids.size(1))", top_k, 1, MAX_TOP_K, f"(0, {MAX_TOP_K}]")
         if top_k > self.moe_expert_num:
-            raise ValueError(f"K (expert_ids.size(1)) must be in (0, moe_expert_num = {self.moe_expert_num}], got {top_k}")
+            raise ValueError(
+                f"K (expert_ids.size(1)) must be in (0, moe_expert_num = {self.moe_expert_num}], got {top_k}"
+            )
         _check_range("H (hidden size)", hidden, MIN_HIDDEN, MAX_HIDDEN)
         world = self.ep_world_size
         if self.global_bs and not batch * world <= self.global_bs <= MAX_BATCH * world:
-            raise ValueError(f"global_bs must be 0 or in [BS * ep_world_size = {batch * world}, "
-                             f"{MAX_BATCH} * ep_world_size = {MAX_BATCH * world}], got {self.global_bs}")
+            raise ValueError(
+                f"global_bs must be 0 or in [BS * ep_world_size = {batch * world}, "
+                f"{MAX_BATCH} * ep_world_size = {MAX_BATCH * world}], got {self.global_bs}"
+            )
         if self.shared_expert_rank_num > 0:
             self._check_shared_capacity(self.global_batch(batch))
         self._check_buffsize(batch, top_k, hidden)
@@ -213,11 +243,15 @@ class MoeCommParams:
         except ValueError:
             raise ValueError(f"HCCL_BUFFSIZE must be an integer number of MB, got {raw!r}") from None
         max_bs = self.global_batch(batch) // self.ep_world_size
-        need = 2 * (self.num_moe_local_experts * max_bs * self.ep_world_size * align(align(2 * hidden, 32) + 44, 512)
-                    + (top_k + self.shared_expert_num) * max_bs * align(2 * hidden, 512))
+        need = 2 * (
+            self.num_moe_local_experts * max_bs * self.ep_world_size * align(align(2 * hidden, 32) + 44, 512)
+            + (top_k + self.shared_expert_num) * max_bs * align(2 * hidden, 512)
+        )
         if megabytes * 2**20 < need:
-            raise ValueError(f"HCCL_BUFFSIZE must be >= {-(-need // 2**20)} MB ({need} bytes by the reference "
-                             f"pages' factor-2 rule) for BS={batch}, H={hidden}, K={top_k}, got {megabytes}")
+            raise ValueError(
+                f"HCCL_BUFFSIZE must be >= {-(-need // 2**20)} MB ({need} bytes by the reference "
+                f"pages' factor-2 rule) for BS={batch}, H={hidden}, K={top_k}, got {megabytes}"
+            )
 
     def check_expert_ids(self, expert_ids: object, batch: int, num_active: int) -> Tensor:
         ids = check_tensor("expert_ids", expert_ids, shape=(batch, None), dtypes=(torch.int32, torch.int64))
@@ -233,7 +267,9 @@ class MoeCommParams:
             dup = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
             if bool(dup.any()):
                 row = int(dup.nonzero()[0, 0])
-                raise ValueError(f"expert_ids must hold distinct experts within a row, got row {row} = {active[row].tolist()}")
+                raise ValueError(
+                    f"expert_ids must hold distinct experts within a row, got row {row} = {active[row].tolist()}"
+                )
         return ids
 
     def check_active_mask(self, x_active_mask: object, batch: int) -> int:
@@ -245,6 +281,8 @@ class MoeCommParams:
             return int(mask.sum())
         count = int(mask.sum())
         if count and not bool(mask[:count].all()):
-            raise ValueError(f"x_active_mask must be a True-prefix (all True before any False), got "
-                             f"{count} True values not all at the front")
+            raise ValueError(
+                f"x_active_mask must be a True-prefix (all True before any False), got "
+                f"{count} True values not all at the front"
+            )
         return count

@@ -89,9 +89,19 @@ def dispatch_setup(
     comm_alg: str = "",
     y_dtype: torch.dtype | int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type=expert_shard_type,
-                           shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
-                           global_bs=global_bs, quant_mode=quant_mode, comm_type=comm_type, comm_alg=comm_alg)
+    params = MoeCommParams(
+        group_ep,
+        ep_world_size,
+        ep_rank_id,
+        moe_expert_num,
+        expert_shard_type=expert_shard_type,
+        shared_expert_num=shared_expert_num,
+        shared_expert_rank_num=shared_expert_rank_num,
+        global_bs=global_bs,
+        quant_mode=quant_mode,
+        comm_type=comm_type,
+        comm_alg=comm_alg,
+    )
     x = check_tensor("x", x, shape=(None, None), dtypes=HALF_TYPES)
     batch, hidden = x.shape
     top_k = expert_ids.shape[1] if isinstance(expert_ids, Tensor) and expert_ids.dim() == 2 else 0
@@ -108,20 +118,31 @@ def dispatch_setup(
     if scales is not None:
         if quant_mode != 2:
             raise ValueError(f"scales must be None unless quant_mode = 2, got scales with quant_mode = {quant_mode}")
-        check_tensor("scales", scales, shape=(shared_expert_num + moe_expert_num, hidden), dtypes=(torch.float32,),
-                     rule="(shared_expert_num + moe_expert_num, H)")
+        check_tensor(
+            "scales",
+            scales,
+            shape=(shared_expert_num + moe_expert_num, hidden),
+            dtypes=(torch.float32,),
+            rule="(shared_expert_num + moe_expert_num, H)",
+        )
     y_type = torch.int8 if quant_mode == 2 else x.dtype
     if y_dtype is not None and y_dtype != y_type:
-        raise ValueError(f"y_dtype must be None or {y_type} for quant_mode = {quant_mode} on the portable path, "
-                         f"got {y_dtype!r}")
+        raise ValueError(
+            f"y_dtype must be None or {y_type} for quant_mode = {quant_mode} on the portable path, got {y_dtype!r}"
+        )
     group = transport.resolve_group(group_ep, ep_world_size, ep_rank_id)
     if deferred:
         return _dispatch_setup_deferred(x, expert_ids, x_active_mask, scales, params, group, group_ep)
 
-    layout = kernels.dispatch_layout(expert_ids, num_active=num_active, ep_world_size=ep_world_size,
-                                     ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num,
-                                     shared_expert_num=shared_expert_num,
-                                     shared_expert_rank_num=shared_expert_rank_num)
+    layout = kernels.dispatch_layout(
+        expert_ids,
+        num_active=num_active,
+        ep_world_size=ep_world_size,
+        ep_rank_id=ep_rank_id,
+        moe_expert_num=moe_expert_num,
+        shared_expert_num=shared_expert_num,
+        shared_expert_rank_num=shared_expert_rank_num,
+    )
     num_rows = layout.num_rows
     row_bytes = _row_bytes(hidden, x.dtype, quant_mode)
     num_staged = batch * (top_k + shared_expert_num)
@@ -139,9 +160,16 @@ def dispatch_setup(
 
     local = params.num_local_experts
     comm_cmd_info = _host_record((num_staged + ep_world_size * local) * 16)
-    handle = transport.start("dispatch", group, group_ep, send_buf=send_buf, send_rows=send_rows,
-                             block_counts=layout.send_counts, header=_header("dispatch", params, batch, hidden,
-                                                                             row_bytes), label=_label("dispatch"))
+    handle = transport.start(
+        "dispatch",
+        group,
+        group_ep,
+        send_buf=send_buf,
+        send_rows=send_rows,
+        block_counts=layout.send_counts,
+        header=_header("dispatch", params, batch, hidden, row_bytes),
+        label=_label("dispatch"),
+    )
     transport.write_ticket(comm_cmd_info, handle)
     return y, layout.expand_idx, comm_cmd_info
 
@@ -165,9 +193,19 @@ def dispatch_teardown(
     comm_type: int = 0,
     comm_alg: str = "",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type=expert_shard_type,
-                           shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
-                           global_bs=global_bs, quant_mode=quant_mode, comm_type=comm_type, comm_alg=comm_alg)
+    params = MoeCommParams(
+        group_ep,
+        ep_world_size,
+        ep_rank_id,
+        moe_expert_num,
+        expert_shard_type=expert_shard_type,
+        shared_expert_num=shared_expert_num,
+        shared_expert_rank_num=shared_expert_rank_num,
+        global_bs=global_bs,
+        quant_mode=quant_mode,
+        comm_type=comm_type,
+        comm_alg=comm_alg,
+    )
     x = check_tensor("x", x, shape=(None, None), dtypes=HALF_TYPES)
     batch, hidden = x.shape
     check_tensor("expert_ids", expert_ids, shape=(batch, None), dtypes=INT_TYPES)
@@ -176,8 +214,13 @@ def dispatch_teardown(
     if expert_token_nums_type not in (0, 1):
         raise ValueError(f"expert_token_nums_type must be 0 (cumulative) or 1 (counts), got {expert_token_nums_type}")
     row_width = quantized_row_bytes(hidden) if quant_mode == 2 else align(hidden, 256)
-    check_tensor("y", y, shape=(batch * (top_k + shared_expert_num), row_width),
-                 dtypes=(torch.int8,) if quant_mode == 2 else (x.dtype,), rule="(BS * (K + shared_expert_num), row)")
+    check_tensor(
+        "y",
+        y,
+        shape=(batch * (top_k + shared_expert_num), row_width),
+        dtypes=(torch.int8,) if quant_mode == 2 else (x.dtype,),
+        rule="(BS * (K + shared_expert_num), row)",
+    )
     check_tensor("comm_cmd_info", comm_cmd_info, shape=(None,), dtypes=(torch.int32,))
 
     handle = transport.claim(comm_cmd_info, "dispatch", group_ep)
@@ -187,8 +230,10 @@ def dispatch_teardown(
     capacity = params.capacity(batch, top_k)
     total = int(counts.sum())
     if total > capacity:
-        raise ValueError(f"received {total} rows but A = {capacity}: global_bs = {global_bs} is too small for the "
-                         f"largest BS of the group (global_bs must be max_bs * ep_world_size)")
+        raise ValueError(
+            f"received {total} rows but A = {capacity}: global_bs = {global_bs} is too small for the "
+            f"largest BS of the group (global_bs must be max_bs * ep_world_size)"
+        )
     order = kernels.block_transpose_index(counts).to(recv.device)  # (src, e) blocks -> (e, src) blocks
     rows = recv.index_select(0, order)
     dynamic_scales = torch.zeros(capacity, dtype=torch.float32, device=x.device)
@@ -206,8 +251,9 @@ def dispatch_teardown(
     return expand_x, dynamic_scales, assist_info, expert_token_nums
 
 
-def _dispatch_checks(ids: Tensor, mask: Tensor | None, active: Tensor, moe_expert_num: int) -> tuple[
-        staging.DeferredCheck, ...]:
+def _dispatch_checks(
+    ids: Tensor, mask: Tensor | None, active: Tensor, moe_expert_num: int
+) -> tuple[staging.DeferredCheck, ...]:
     """`check_active_mask` and `check_expert_ids` as device flags (their messages, built later).
 
     Args:
@@ -218,26 +264,41 @@ def _dispatch_checks(ids: Tensor, mask: Tensor | None, active: Tensor, moe_exper
     if mask is not None:
         count = mask.sum()
         prefix = torch.arange(mask.shape[0], device=mask.device) < count
-        checks.append(staging.DeferredCheck(
-            (mask != prefix).any(),
-            lambda: f"x_active_mask must be a True-prefix (all True before any False), got {int(count)} True values "
-                    f"not all at the front"))
+        checks.append(
+            staging.DeferredCheck(
+                (mask != prefix).any(),
+                lambda: (
+                    f"x_active_mask must be a True-prefix (all True before any False), got {int(count)} True values "
+                    f"not all at the front"
+                ),
+            )
+        )
     live = active[:, None].expand_as(ids)
     big = torch.iinfo(torch.int64).max
     low = torch.where(live, ids, big).amin() if ids.numel() else ids.new_zeros(())
     high = torch.where(live, ids, -big).amax() if ids.numel() else ids.new_zeros(())
-    checks.append(staging.DeferredCheck(
-        (low < 0) | (high >= moe_expert_num),
-        lambda: f"expert_ids values must be in [0, moe_expert_num = {moe_expert_num}), got "
-                f"{int(low) if int(low) < 0 else int(high)}"))
+    checks.append(
+        staging.DeferredCheck(
+            (low < 0) | (high >= moe_expert_num),
+            lambda: (
+                f"expert_ids values must be in [0, moe_expert_num = {moe_expert_num}), got "
+                f"{int(low) if int(low) < 0 else int(high)}"
+            ),
+        )
+    )
     if ids.shape[1] > 1 and ids.shape[0] > 0:
         ordered = ids.sort(dim=1).values
         dup = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1) & active
         row = torch.argmax(dup.to(torch.int8))
         row_ids = ids.index_select(0, row.view(1))  # private copy of the offending row
-        checks.append(staging.DeferredCheck(
-            dup.any(),
-            lambda: f"expert_ids must hold distinct experts within a row, got row {int(row)} = {row_ids[0].tolist()}"))
+        checks.append(
+            staging.DeferredCheck(
+                dup.any(),
+                lambda: (
+                    f"expert_ids must hold distinct experts within a row, got row {int(row)} = {row_ids[0].tolist()}"
+                ),
+            )
+        )
     return tuple(checks)
 
 
@@ -255,8 +316,9 @@ def _expand_idx_deferred(ids: Tensor, moe_expert_num: int) -> Tensor:
     return torch.empty_like(flat).scatter_(0, order, slot_sorted).to(torch.int32)
 
 
-def _dispatch_layout_deferred(ids: Tensor, active: Tensor, params: MoeCommParams) -> tuple[
-        Tensor, Tensor, Tensor, Tensor]:
+def _dispatch_layout_deferred(
+    ids: Tensor, active: Tensor, params: MoeCommParams
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`kernels.dispatch_layout` with shapes fixed by BS, K and the parameters alone.
 
     Every candidate row (each shared replica's copy of every token, each (token, k)) gets a slot;
@@ -281,8 +343,7 @@ def _dispatch_layout_deferred(ids: Tensor, active: Tensor, params: MoeCommParams
     routed_expert = key[order]
     expert_counts = torch.zeros(moe_num + 1, dtype=torch.int64, device=device)
     expert_counts.scatter_add_(0, key, torch.ones_like(key))
-    send_counts = torch.zeros(params.ep_world_size, max(moe_num // num_moe_ranks, 1), dtype=torch.int64,
-                              device=device)
+    send_counts = torch.zeros(params.ep_world_size, max(moe_num // num_moe_ranks, 1), dtype=torch.int64, device=device)
     send_counts[shared_ranks:] = expert_counts[:moe_num].view(num_moe_ranks, moe_num // num_moe_ranks)
     routed_scale = (routed_expert + shared_num).clamp(max=shared_num + moe_num - 1)
     if shared_ranks == 0:
@@ -293,16 +354,23 @@ def _dispatch_layout_deferred(ids: Tensor, active: Tensor, params: MoeCommParams
         send_counts[s * replicas + params.ep_rank_id % replicas, 0] = num_active
     tokens = torch.arange(batch, device=device)
     token = torch.cat([tokens.repeat(shared_num), routed_token])
-    scale_row = torch.cat([torch.arange(shared_num, device=device).view(-1, 1).expand(shared_num, batch).reshape(-1),
-                           routed_scale])
+    scale_row = torch.cat(
+        [torch.arange(shared_num, device=device).view(-1, 1).expand(shared_num, batch).reshape(-1), routed_scale]
+    )
     is_sent = torch.cat([active.repeat(shared_num), routed_expert < moe_num])
     perm = torch.argsort((~is_sent).to(torch.uint8), stable=True)  # sent rows first, order kept
     return token[perm], scale_row[perm], send_counts, is_sent[perm]
 
 
-def _dispatch_setup_deferred(x: Tensor, expert_ids: Tensor, x_active_mask: Tensor | None, scales: Tensor | None,
-                             params: MoeCommParams, group: dist.ProcessGroup,
-                             group_ep: str) -> tuple[Tensor, Tensor, Tensor]:
+def _dispatch_setup_deferred(
+    x: Tensor,
+    expert_ids: Tensor,
+    x_active_mask: Tensor | None,
+    scales: Tensor | None,
+    params: MoeCommParams,
+    group: dist.ProcessGroup,
+    group_ep: str,
+) -> tuple[Tensor, Tensor, Tensor]:
     """dispatch_setup on a device: no host read of any tensor's values (see the module)."""
     batch, hidden = x.shape
     top_k = expert_ids.shape[1]
@@ -324,9 +392,17 @@ def _dispatch_setup_deferred(x: Tensor, expert_ids: Tensor, x_active_mask: Tenso
     y[:num_candidates].masked_fill_(~is_sent[:, None], 0)  # rows past those sent stay zero, as on the host
     send_buf = _as_bytes(y[:num_candidates]).clone()
     comm_cmd_info = _host_record((num_staged + params.ep_world_size * params.num_local_experts) * 16)
-    handle = transport.start("dispatch", group, group_ep, send_buf=send_buf, send_rows=None, block_counts=send_counts,
-                             header=_header("dispatch", params, batch, hidden, row_bytes), label=_label("dispatch"),
-                             checks=checks)
+    handle = transport.start(
+        "dispatch",
+        group,
+        group_ep,
+        send_buf=send_buf,
+        send_rows=None,
+        block_counts=send_counts,
+        header=_header("dispatch", params, batch, hidden, row_bytes),
+        label=_label("dispatch"),
+        checks=checks,
+    )
     transport.write_ticket(comm_cmd_info, handle)
     return y, _expand_idx_deferred(ids, params.moe_expert_num), comm_cmd_info
 
@@ -337,14 +413,17 @@ def _dispatch_setup_deferred(x: Tensor, expert_ids: Tensor, x_active_mask: Tenso
 
 
 def _assist_info_message(capacity: int, head: list[int]) -> str:
-    return ("assist_info_for_combine must hold the non-decreasing cumulative counts that dispatch_teardown "
-            f"returned (at most A = {capacity} rows), got {head}")
+    return (
+        "assist_info_for_combine must hold the non-decreasing cumulative counts that dispatch_teardown "
+        f"returned (at most A = {capacity} rows), got {head}"
+    )
 
 
 def _assist_info_check(assist_info: Tensor, per_expert: Tensor, capacity: int) -> staging.DeferredCheck:
     head = assist_info[: per_expert.numel()].clone()  # private: the caller may reuse assist_info
-    return staging.DeferredCheck((per_expert < 0).any() | (per_expert.sum() > capacity),
-                                 lambda: _assist_info_message(capacity, head.tolist()))
+    return staging.DeferredCheck(
+        (per_expert < 0).any() | (per_expert.sum() > capacity), lambda: _assist_info_message(capacity, head.tolist())
+    )
 
 
 def _combine_rows_deferred(expand_x: Tensor, per_expert: Tensor, capacity: int) -> Tensor:
@@ -382,8 +461,13 @@ def _check_expand_x(params: MoeCommParams, expand_x: object, expert_ids: object)
     hidden = expand_x.shape[1]
     params.check_batch(batch, top_k, hidden)
     capacity = params.capacity(batch, top_k)
-    check_tensor("expand_x", expand_x, shape=(capacity, hidden), rule="A = global_bs * min(L, K) on an MoE rank, "
-                 "global_bs * shared_expert_num / shared_expert_rank_num on a shared-expert rank")
+    check_tensor(
+        "expand_x",
+        expand_x,
+        shape=(capacity, hidden),
+        rule="A = global_bs * min(L, K) on an MoE rank, "
+        "global_bs * shared_expert_num / shared_expert_rank_num on a shared-expert rank",
+    )
     return expand_x, batch, top_k, capacity
 
 
@@ -408,14 +492,28 @@ def combine_setup(
     comm_type: int = 0,
     comm_alg: str = "",
 ) -> tuple[Tensor, Tensor]:
-    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type=expert_shard_type,
-                           shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
-                           global_bs=global_bs, comm_quant_mode=comm_quant_mode, comm_type=comm_type,
-                           comm_alg=comm_alg)
+    params = MoeCommParams(
+        group_ep,
+        ep_world_size,
+        ep_rank_id,
+        moe_expert_num,
+        expert_shard_type=expert_shard_type,
+        shared_expert_num=shared_expert_num,
+        shared_expert_rank_num=shared_expert_rank_num,
+        global_bs=global_bs,
+        comm_quant_mode=comm_quant_mode,
+        comm_type=comm_type,
+        comm_alg=comm_alg,
+    )
     expand_x, batch, top_k, capacity = _check_expand_x(params, expand_x, expert_ids)
     hidden = expand_x.shape[1]
-    check_tensor("assist_info_for_combine", assist_info_for_combine, shape=(capacity * 128,), dtypes=(torch.int32,),
-                 rule="A * 128")
+    check_tensor(
+        "assist_info_for_combine",
+        assist_info_for_combine,
+        shape=(capacity * 128,),
+        dtypes=(torch.int32,),
+        rule="A * 128",
+    )
     local = params.num_local_experts
     per_expert = kernels.counts_from_assist_info(assist_info_for_combine, local, ep_world_size)  # (L, W)
     deferred = staging.defers_host_reads(expand_x)
@@ -423,12 +521,16 @@ def combine_setup(
     if deferred:
         checks = (_assist_info_check(assist_info_for_combine, per_expert, capacity),)
     elif bool((per_expert < 0).any()) or int(per_expert.sum()) > capacity:
-        raise ValueError(_assist_info_message(capacity, assist_info_for_combine[:local * ep_world_size].tolist()))
+        raise ValueError(_assist_info_message(capacity, assist_info_for_combine[: local * ep_world_size].tolist()))
     group = transport.resolve_group(group_ep, ep_world_size, ep_rank_id)
 
     row_bytes = align(hidden, 256) * expand_x.dtype.itemsize
-    block_counts = torch.zeros(ep_world_size, max(params.num_moe_local_experts, 1), dtype=torch.int64,
-                               device=expand_x.device if deferred else "cpu")
+    block_counts = torch.zeros(
+        ep_world_size,
+        max(params.num_moe_local_experts, 1),
+        dtype=torch.int64,
+        device=expand_x.device if deferred else "cpu",
+    )
     block_counts[:, :local] = per_expert.t()
     if deferred:  # fixed shapes; the rows per peer are resolved from block_counts on the transport's thread
         send = _combine_rows_deferred(expand_x, per_expert, capacity)
@@ -438,9 +540,17 @@ def combine_setup(
         send = torch.zeros(order.numel(), align(hidden, 256), dtype=expand_x.dtype, device=expand_x.device)
         kernels.gather_rows(expand_x, order, out=send[:, :hidden])  # private: expand_x may be reused at once
         send_rows = per_expert.sum(0).tolist()
-    handle = transport.start("combine", group, group_ep, send_buf=_as_bytes(send), send_rows=send_rows,
-                             block_counts=block_counts, checks=checks,
-                             header=_header("combine", params, batch, hidden, row_bytes), label=_label("combine"))
+    handle = transport.start(
+        "combine",
+        group,
+        group_ep,
+        send_buf=_as_bytes(send),
+        send_rows=send_rows,
+        block_counts=block_counts,
+        checks=checks,
+        header=_header("combine", params, batch, hidden, row_bytes),
+        label=_label("combine"),
+    )
     quant_expand_x = torch.zeros(_quant_expand_x_shape(capacity, hidden), dtype=torch.int8, device=expand_x.device)
     comm_cmd_info = _host_record((capacity + ep_world_size) * 16)
     transport.write_ticket(comm_cmd_info, handle)
@@ -469,13 +579,24 @@ def combine_teardown(
     comm_type: int = 0,
     comm_alg: str = "",
 ) -> Tensor:
-    params = MoeCommParams(group_ep, ep_world_size, ep_rank_id, moe_expert_num, expert_shard_type=expert_shard_type,
-                           shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
-                           global_bs=global_bs, comm_quant_mode=comm_quant_mode, comm_type=comm_type,
-                           comm_alg=comm_alg)
+    params = MoeCommParams(
+        group_ep,
+        ep_world_size,
+        ep_rank_id,
+        moe_expert_num,
+        expert_shard_type=expert_shard_type,
+        shared_expert_num=shared_expert_num,
+        shared_expert_rank_num=shared_expert_rank_num,
+        global_bs=global_bs,
+        comm_quant_mode=comm_quant_mode,
+        comm_type=comm_type,
+        comm_alg=comm_alg,
+    )
     if shared_expert_x is not None and shared_expert_rank_num != 0:
-        raise ValueError(f"shared_expert_x must be None when shared_expert_rank_num > 0 (shared experts live on "
-                         f"their own ranks), got shared_expert_rank_num = {shared_expert_rank_num}")
+        raise ValueError(
+            f"shared_expert_x must be None when shared_expert_rank_num > 0 (shared experts live on "
+            f"their own ranks), got shared_expert_rank_num = {shared_expert_rank_num}"
+        )
     expand_x, batch, top_k, capacity = _check_expand_x(params, expand_x, expert_ids)
     hidden = expand_x.shape[1]
     check_tensor("quant_expand_x", quant_expand_x, shape=_quant_expand_x_shape(capacity, hidden), dtypes=(torch.int8,))
@@ -492,16 +613,24 @@ def combine_teardown(
     num_shared_rows = num_active * shared_expert_num if shared_expert_rank_num > 0 else 0
     expected = num_shared_rows + num_active * top_k
     if recv.shape[0] != expected:
-        raise ValueError(f"combine_teardown received {recv.shape[0]} rows but x_active_mask / expert_ids describe "
-                         f"{expected}: pass the same expert_ids and x_active_mask as to dispatch_setup")
+        raise ValueError(
+            f"combine_teardown received {recv.shape[0]} rows but x_active_mask / expert_ids describe "
+            f"{expected}: pass the same expert_ids and x_active_mask as to dispatch_setup"
+        )
     rows = recv.view(expand_x.dtype)[:, :hidden]
-    positions = kernels.combine_positions(expert_ids, expand_idx, num_active=num_active,
-                                          moe_expert_num=moe_expert_num, num_shared_rows=num_shared_rows)
+    positions = kernels.combine_positions(
+        expert_ids, expand_idx, num_active=num_active, moe_expert_num=moe_expert_num, num_shared_rows=num_shared_rows
+    )
     shared_positions = None
     if num_shared_rows:
         shared_positions = torch.arange(num_shared_rows, device=rows.device).view(shared_expert_num, num_active)
     x_out = torch.zeros(batch, hidden, dtype=expand_x.dtype, device=expand_x.device)
-    kernels.weighted_combine(rows, positions, expert_scales[:num_active], shared_positions=shared_positions,
-                             extra=None if shared_expert_x is None else shared_expert_x[:num_active],
-                             out=x_out[:num_active])
+    kernels.weighted_combine(
+        rows,
+        positions,
+        expert_scales[:num_active],
+        shared_positions=shared_positions,
+        extra=None if shared_expert_x is None else shared_expert_x[:num_active],
+        out=x_out[:num_active],
+    )
     return x_out

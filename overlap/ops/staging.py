@@ -125,8 +125,10 @@ def kind_for(group: dist.ProcessGroup, device: torch.device) -> str:
     backend = str(dist.get_backend(group)).lower()
     if device.type == "cpu":
         if "gloo" not in backend:
-            raise ValueError(f"tensors on cpu need a gloo group, but group {group.group_name!r} uses {backend!r}: "
-                             f"move the tensors to cuda or pass a gloo group's group_name as group_ep")
+            raise ValueError(
+                f"tensors on cpu need a gloo group, but group {group.group_name!r} uses {backend!r}: "
+                f"move the tensors to cuda or pass a gloo group's group_name as group_ep"
+            )
         return "gloo-staged" if is_simulating() else "gloo"
     if device.type == "cuda":
         if "nccl" in backend:
@@ -181,8 +183,9 @@ class ExchangePlan:
     trace: list[str] = field(default_factory=list)
 
 
-def begin(group: dist.ProcessGroup, group_name: str, send_buf: Tensor,
-          checks: Sequence[DeferredCheck] = ()) -> ExchangePlan:
+def begin(
+    group: dist.ProcessGroup, group_name: str, send_buf: Tensor, checks: Sequence[DeferredCheck] = ()
+) -> ExchangePlan:
     """Plan an exchange whose send rows live in `send_buf` (caller's thread; reads no values)."""
     kind = kind_for(group, send_buf.device)
     with _kinds_lock:
@@ -272,8 +275,9 @@ class Stager:
         pinned.copy_(tensor)
         return pinned.to(device, non_blocking=True)  # the host allocator keeps `pinned` until the copy ran
 
-    def exchange(self, transfer: Transfer,
-                 exchange: Callable[[Transfer], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    def exchange(
+        self, transfer: Transfer, exchange: Callable[[Transfer], tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, Tensor]:
         """Run `exchange` (the transport's) on a host copy of the send rows; return device rows."""
         device = transfer.send_buf.device
         original = transfer.send_buf
@@ -286,8 +290,9 @@ class Stager:
         return self.to_device(rows, device), counts
 
 
-def run(transfer: Transfer, exchange: Callable[[Transfer], tuple[Tensor, Tensor]],
-        side_stream: Any) -> tuple[Tensor, Tensor]:
+def run(
+    transfer: Transfer, exchange: Callable[[Transfer], tuple[Tensor, Tensor]], side_stream: Any
+) -> tuple[Tensor, Tensor]:
     """Carry `transfer` on the transport's thread: `exchange` does the header and payload phases.
 
     Args:

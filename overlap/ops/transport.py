@@ -133,8 +133,9 @@ _KEEP = "keep"
 # Per-call overrides: context variables, so that they follow the caller into the threads a pipeline
 # runs its ops on (`contextvars.copy_context().run(...)`), unlike a thread-local.
 _timeout_override: contextvars.ContextVar[float | None] = contextvars.ContextVar("overlap_timeout_s", default=None)
-_link_override: contextvars.ContextVar[EmulatedLink | None | str] = contextvars.ContextVar("overlap_link",
-                                                                                          default=_KEEP)
+_link_override: contextvars.ContextVar[EmulatedLink | None | str] = contextvars.ContextVar(
+    "overlap_link", default=_KEEP
+)
 
 
 def configure(
@@ -235,13 +236,16 @@ def max_in_flight() -> int:
 def resolve_group(group_ep: str, ep_world_size: int, ep_rank_id: int) -> dist.ProcessGroup:
     """The `torch.distributed` process group named `group_ep`, checked against W and the rank."""
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialised: call dist.init_process_group(...) and pass "
-                           "group_ep=<group>.group_name")
+        raise RuntimeError(
+            "torch.distributed is not initialised: call dist.init_process_group(...) and pass "
+            "group_ep=<group>.group_name"
+        )
     try:
         group = dist.distributed_c10d._resolve_process_group(group_ep)  # type: ignore[arg-type]
     except Exception as exc:  # torch raises ValueError or RuntimeError depending on the version
-        raise ValueError(f"group_ep must name a torch.distributed process group (its group_name), got "
-                         f"{group_ep!r}") from exc
+        raise ValueError(
+            f"group_ep must name a torch.distributed process group (its group_name), got {group_ep!r}"
+        ) from exc
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     if size != ep_world_size:
         raise ValueError(f"ep_world_size must equal the size of group {group_ep!r} ({size}), got {ep_world_size}")
@@ -307,12 +311,14 @@ class Transfer:
             if self.started_at is None:  # never reached the link: an earlier exchange holds the worker
                 raise CommTimeoutError(
                     f"{self.op}_teardown{where} on group {self.group_name!r} timed out after {timeout:g} s while "
-                    f"still queued behind an earlier exchange of the group that has not completed {hint}")
+                    f"still queued behind an earlier exchange of the group that has not completed {hint}"
+                )
             world = self.block_counts.shape[0]
             missing = sorted(set(range(world)) - self.delivered)
             raise CommTimeoutError(
                 f"{self.op}_teardown{where} on group {self.group_name!r} timed out after {timeout:g} s: "
-                f"ranks {missing} have not delivered {hint}")
+                f"ranks {missing} have not delivered {hint}"
+            )
         if self._error is not None:
             raise self._error
 
@@ -371,8 +377,10 @@ def read_ticket(comm_cmd_info: Tensor, op: str) -> int:
     if len(head) < 6 or head[0] != MAGIC:
         raise HandleError(f"comm_cmd_info was not returned by {op}_setup: {op}_teardown without its setup")
     if head[4] != _NONCE or head[5] != _check_word(head[:5]):
-        raise HandleError(f"comm_cmd_info names ticket {head[1]}, which this process never issued (forged, "
-                          f"corrupted, or from another process): pass the comm_cmd_info {op}_setup returned")
+        raise HandleError(
+            f"comm_cmd_info names ticket {head[1]}, which this process never issued (forged, "
+            f"corrupted, or from another process): pass the comm_cmd_info {op}_setup returned"
+        )
     return int(head[1])
 
 
@@ -384,17 +392,23 @@ def claim(comm_cmd_info: Tensor, op: str, group_name: str | None = None) -> Tran
         transfer = _registry.get(ticket)
         if transfer is None:
             if ticket in _cancelled:
-                raise CommError(f"{op}_teardown: ticket {ticket} was cancelled by overlap.ops.abort "
-                                f"({_cancelled[ticket]}); its exchange will not complete: set up again")
+                raise CommError(
+                    f"{op}_teardown: ticket {ticket} was cancelled by overlap.ops.abort "
+                    f"({_cancelled[ticket]}); its exchange will not complete: set up again"
+                )
             if not 0 < ticket <= _last_ticket:
-                raise HandleError(f"comm_cmd_info names ticket {ticket}, which this process never issued: pass the "
-                                  f"comm_cmd_info {op}_setup returned")
+                raise HandleError(
+                    f"comm_cmd_info names ticket {ticket}, which this process never issued: pass the "
+                    f"comm_cmd_info {op}_setup returned"
+                )
             raise HandleError(f"comm_cmd_info ticket {ticket} was already torn down (a teardown runs once per setup)")
         if transfer.op != op:
             raise HandleError(f"{op}_teardown was given the comm_cmd_info of a {transfer.op}_setup (ticket {ticket})")
         if group_name is not None and transfer.group_name != group_name:
-            raise HandleError(f"{op}_teardown on group {group_name!r} was given the comm_cmd_info of an exchange on "
-                              f"group {transfer.group_name!r} (ticket {ticket}): tear it down on its own group")
+            raise HandleError(
+                f"{op}_teardown on group {group_name!r} was given the comm_cmd_info of an exchange on "
+                f"group {transfer.group_name!r} (ticket {ticket}): tear it down on its own group"
+            )
         del _registry[ticket]
     return transfer
 
@@ -438,8 +452,10 @@ class _GroupWorker:
 
     def unusable_error(self) -> CommError:
         """The error a use of a broken group raises (never nested: it quotes the first failure)."""
-        hint = ("the group's gloo/NCCL connections cannot be trusted any more: call overlap.ops.recover(group) on "
-                "every surviving rank and use the group it returns (see docs/faults.md)")
+        hint = (
+            "the group's gloo/NCCL connections cannot be trusted any more: call overlap.ops.recover(group) on "
+            "every surviving rank and use the group it returns (see docs/faults.md)"
+        )
         return CommError(f"group {self.group_name!r} is unusable after an earlier failure ({self.broken}); {hint}")
 
     def refusal(self) -> CommError | None:
@@ -447,9 +463,11 @@ class _GroupWorker:
         if self.broken is not None:
             return self.unusable_error()
         if self.ended is not None and self.stream_epoch == self.epoch:
-            return CommError(f"{self.ended.describe(self.group_name)}; every exchange of that epoch was cancelled: "
-                             f"call overlap.ops.abort({self.group_name!r}, error) on this rank to go on (an "
-                             f"overlap.scheduler context does it when it exits with the error)")
+            return CommError(
+                f"{self.ended.describe(self.group_name)}; every exchange of that epoch was cancelled: "
+                f"call overlap.ops.abort({self.group_name!r}, error) on this rank to go on (an "
+                f"overlap.scheduler context does it when it exits with the error)"
+            )
         return None
 
     def _loop(self) -> None:
@@ -471,8 +489,9 @@ class _GroupWorker:
                 if self.broken is not None:
                     raise _Refused(str(self.unusable_error()))
                 if self.ended is not None:  # the stream of this epoch ended at an abort: no exchange
-                    raise _Refused(f"{transfer.op} exchange{_where(transfer)} cancelled: "
-                                   f"{self.ended.describe(self.group_name)}")
+                    raise _Refused(
+                        f"{transfer.op} exchange{_where(transfer)} cancelled: {self.ended.describe(self.group_name)}"
+                    )
                 transfer.seq = self.next_seq
                 self.next_seq += 1
                 transfer.header[_H_SEQ] = transfer.seq
@@ -516,8 +535,9 @@ class _GroupWorker:
             try:
                 self._abort_exchange(seq, marker.reason, marker.timeout_s)
             except BaseException as exc:  # a peer is dead or silent: nobody can agree any more
-                error = CommError(f"the abort of group {self.group_name!r} at exchange #{seq} could not reach every "
-                                  f"rank: {exc}")
+                error = CommError(
+                    f"the abort of group {self.group_name!r} at exchange #{seq} could not reach every rank: {exc}"
+                )
                 error.__cause__ = exc
                 with self.lock:
                     self.broken = self.broken or error
@@ -531,9 +551,17 @@ class _GroupWorker:
         theirs; no payload follows on any rank. Returns `{rank: reason}` of every rank that
         aborted at this number (this one included)."""
         header = make_abort_header(seq, reason)
-        probe = Transfer(ticket=0, op="abort", group_name=self.group_name, seq=seq, header=header,
-                         send_buf=torch.empty(0, 1, dtype=torch.uint8), send_rows=[0] * self.world,
-                         block_counts=torch.zeros(self.world, 1, dtype=torch.int64), timeout_s=timeout_s)
+        probe = Transfer(
+            ticket=0,
+            op="abort",
+            group_name=self.group_name,
+            seq=seq,
+            header=header,
+            send_buf=torch.empty(0, 1, dtype=torch.uint8),
+            send_rows=[0] * self.world,
+            block_counts=torch.zeros(self.world, 1, dtype=torch.int64),
+            timeout_s=timeout_s,
+        )
         outs = {r: header.clone() for r in range(self.world) if r != self.rank}
         ins = {r: torch.empty(HEADER_LEN, dtype=torch.int64) for r in outs}
         device = _wire_device(self.group, self.device)
@@ -579,14 +607,22 @@ class _GroupWorker:
                 if time.perf_counter() >= deadline - 0.01:  # gloo raises when its wait times out (ms granularity)
                     raise CommTimeoutError(
                         f"{transfer.op} exchange{where} on group {self.group_name!r} timed out after "
-                        f"{transfer.timeout_s:g} s: ranks {missing} have not delivered ({exc})") from exc
-                who = f"receiving from rank {peer}" if peer is not None else \
-                    f"sending to rank {send_peers[i - len(recv_peers)]}"
-                raise CommError(f"{transfer.op} exchange{where} on group {self.group_name!r}: {who} failed ({exc}); "
-                                f"ranks {missing} have not delivered") from exc
+                        f"{transfer.timeout_s:g} s: ranks {missing} have not delivered ({exc})"
+                    ) from exc
+                who = (
+                    f"receiving from rank {peer}"
+                    if peer is not None
+                    else f"sending to rank {send_peers[i - len(recv_peers)]}"
+                )
+                raise CommError(
+                    f"{transfer.op} exchange{where} on group {self.group_name!r}: {who} failed ({exc}); "
+                    f"ranks {missing} have not delivered"
+                ) from exc
             if ok is False:
-                raise CommTimeoutError(f"{transfer.op} exchange{where} on group {self.group_name!r} timed out after "
-                                       f"{transfer.timeout_s:g} s: ranks {missing} have not delivered")
+                raise CommTimeoutError(
+                    f"{transfer.op} exchange{where} on group {self.group_name!r} timed out after "
+                    f"{transfer.timeout_s:g} s: ranks {missing} have not delivered"
+                )
             if peer is not None:
                 transfer.delivered.add(peer)
 
@@ -626,8 +662,9 @@ class _GroupWorker:
             rows = transfer.send_buf[offsets[r] : offsets[r + 1]]
             counts = transfer.block_counts[r].contiguous().view(torch.uint8).to(device)
             sends[r] = torch.cat([counts, rows.reshape(-1)])
-            recvs[r] = torch.empty(count_bytes + int(headers_in[r][_H_ROWS]) * row_bytes, dtype=torch.uint8,
-                                   device=device)
+            recvs[r] = torch.empty(
+                count_bytes + int(headers_in[r][_H_ROWS]) * row_bytes, dtype=torch.uint8, device=device
+            )
         self._p2p(sends, recvs, transfer, deadline)
 
         recv_counts = torch.empty(world, lmax, dtype=torch.int64)
@@ -726,38 +763,51 @@ class _InvalidInput(_ParameterMismatch, ValueError):
 
 def _check_headers(transfer: Transfer, headers: dict[int, Tensor], me: int) -> None:
     mine = transfer.header
-    aborters = {r: _decode_reason(h) for r, h in headers.items()
-                if int(h[_H_MAGIC]) == MAGIC and int(h[_H_OP]) == OP_ABORT}
+    aborters = {
+        r: _decode_reason(h) for r, h in headers.items() if int(h[_H_MAGIC]) == MAGIC and int(h[_H_OP]) == OP_ABORT
+    }
     if aborters:  # every rank sees the same aborts at this number: no payload moves anywhere
         ended = _Ended(int(mine[_H_SEQ]), aborters)
-        raise _StreamAborted(f"{transfer.op} exchange{_where(transfer)} failed: {ended.describe(transfer.group_name)}",
-                             ended.seq, aborters)
+        raise _StreamAborted(
+            f"{transfer.op} exchange{_where(transfer)} failed: {ended.describe(transfer.group_name)}",
+            ended.seq,
+            aborters,
+        )
     if transfer.plan is not None and transfer.plan.error is not None:
         raise _InvalidInput(str(transfer.plan.error))  # the peers saw the flag in our header too
     for r in sorted(headers):
         theirs = headers[r]
         if int(theirs[_H_INVALID]):
-            raise _ParameterMismatch(f"rank {r} gave {transfer.op}_setup invalid input (a check made on the "
-                                     f"transport's thread; rank {r} raises its ValueError); no rows moved")
+            raise _ParameterMismatch(
+                f"rank {r} gave {transfer.op}_setup invalid input (a check made on the "
+                f"transport's thread; rank {r} raises its ValueError); no rows moved"
+            )
         if int(theirs[_H_MAGIC]) != MAGIC:
-            raise _ParameterMismatch(f"rank {r} sent no overlap header on group {transfer.group_name!r}: another "
-                                     f"collective ran on the group during an exchange")
+            raise _ParameterMismatch(
+                f"rank {r} sent no overlap header on group {transfer.group_name!r}: another "
+                f"collective ran on the group during an exchange"
+            )
         if int(theirs[_H_OP]) != int(mine[_H_OP]) or int(theirs[_H_SEQ]) != int(mine[_H_SEQ]):
             names = {v: k for k, v in OP_CODES.items()}
             raise _ParameterMismatch(
                 f"ranks disagree on op order on group {transfer.group_name!r}: rank {me} is at exchange "
                 f"#{int(mine[_H_SEQ])} ({names.get(int(mine[_H_OP]), '?')}), rank {r} at #{int(theirs[_H_SEQ])} "
-                f"({names.get(int(theirs[_H_OP]), '?')})")
+                f"({names.get(int(theirs[_H_OP]), '?')})"
+            )
         for i, name in enumerate(PARAM_FIELDS):
             a, b = int(mine[_H_PARAMS + i]), int(theirs[_H_PARAMS + i])
             if a != b:
-                raise _ParameterMismatch(f"ranks disagree on {name} on group {transfer.group_name!r}: rank {me} "
-                                         f"has {a}, rank {r} has {b}; it must be the same on all ranks")
+                raise _ParameterMismatch(
+                    f"ranks disagree on {name} on group {transfer.group_name!r}: rank {me} "
+                    f"has {a}, rank {r} has {b}; it must be the same on all ranks"
+                )
         if int(mine[_H_PARAMS + PARAM_FIELDS.index("global_bs")]) == 0:
             a, b = int(mine[_H_BATCH]), int(theirs[_H_BATCH])
             if a != b:
-                raise _ParameterMismatch(f"global_bs = 0 needs the same BS on all ranks, got BS = {a} on rank {me} "
-                                         f"and {b} on rank {r}; pass global_bs = max_bs * ep_world_size")
+                raise _ParameterMismatch(
+                    f"global_bs = 0 needs the same BS on all ranks, got BS = {a} on rank {me} "
+                    f"and {b} on rank {r}; pass global_bs = max_bs * ep_world_size"
+                )
 
 
 _workers: dict[str, _GroupWorker] = {}
@@ -835,14 +885,26 @@ def start(
     """
     timeout_s, link = current_timeout(), current_link()
     if group_name in _replaced:
-        raise CommError(f"{op}_setup: group {group_name!r} was replaced by overlap.ops.recover with group "
-                        f"{_replaced[group_name]!r}: pass the new group's group_name")
+        raise CommError(
+            f"{op}_setup: group {group_name!r} was replaced by overlap.ops.recover with group "
+            f"{_replaced[group_name]!r}: pass the new group's group_name"
+        )
     plan = staging.begin(group, group_name, send_buf, checks)  # ValueError before any state changes
     worker = _worker_for(group, group_name)
-    transfer = Transfer(ticket=0, op=op, group_name=group_name, seq=-1, header=header.clone(), send_buf=send_buf,
-                        send_rows=send_rows,
-                        block_counts=block_counts if send_rows is None else block_counts.to("cpu", torch.int64),
-                        label=label, timeout_s=timeout_s, link=link, plan=plan)
+    transfer = Transfer(
+        ticket=0,
+        op=op,
+        group_name=group_name,
+        seq=-1,
+        header=header.clone(),
+        send_buf=send_buf,
+        send_rows=send_rows,
+        block_counts=block_counts if send_rows is None else block_counts.to("cpu", torch.int64),
+        label=label,
+        timeout_s=timeout_s,
+        link=link,
+        plan=plan,
+    )
     if send_buf.device.type == "cuda":
         transfer.ready_event = torch.cuda.Event()
         transfer.ready_event.record(torch.cuda.current_stream(send_buf.device))
@@ -857,7 +919,8 @@ def start(
                 raise CapacityError(
                     f"{op}_setup: {len(busy)} {op} exchanges already in flight on group {group_name!r} (tickets "
                     f"{[t.ticket for t in busy]}); at most max_in_flight = {_options.max_in_flight} (the double "
-                    f"buffer): tear one down first or raise it with overlap.ops.configure(max_in_flight=...)")
+                    f"buffer): tear one down first or raise it with overlap.ops.configure(max_in_flight=...)"
+                )
             _last_ticket += 1
             transfer.ticket = _last_ticket
             _registry[transfer.ticket] = transfer
@@ -879,8 +942,9 @@ def _group_and_name(group: dist.ProcessGroup | str) -> tuple[dist.ProcessGroup, 
         try:
             return dist.distributed_c10d._resolve_process_group(group), group  # type: ignore[arg-type]
         except Exception as exc:  # torch raises ValueError or RuntimeError depending on the version
-            raise ValueError(f"group must be a torch.distributed process group or its group_name, got "
-                             f"{group!r}") from exc
+            raise ValueError(
+                f"group must be a torch.distributed process group or its group_name, got {group!r}"
+            ) from exc
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup or its group_name, got {type(group).__name__}")
     return group, group.group_name
@@ -891,8 +955,7 @@ def _wire_device(group: dist.ProcessGroup, device: torch.device | None) -> torch
     carries device exchanges, staged through host buffers)."""
     if dist.get_backend(group) != "nccl":
         return torch.device("cpu")
-    return device if device is not None and device.type == "cuda" else torch.device("cuda",
-                                                                                     torch.cuda.current_device())
+    return device if device is not None and device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
 
 
 def _reason(error: BaseException | str | None) -> str:
@@ -952,15 +1015,19 @@ def abort(
         if error is not None and worker.last_abort == id(error) and worker.issued_in_epoch == 0:
             return []
         with _registry_lock:
-            victims = [t for t in _registry.values()
-                       if t.group_name == group_name and (wanted is None or t.ticket in wanted)]
+            victims = [
+                t for t in _registry.values() if t.group_name == group_name and (wanted is None or t.ticket in wanted)
+            ]
             for t in victims:
                 del _registry[t.ticket]
                 _cancelled[t.ticket] = reason
             while len(_cancelled) > _CANCELLED_KEPT:
                 del _cancelled[next(iter(_cancelled))]
-        victims += [t for t in worker.pending
-                    if t not in victims and t.epoch == worker.epoch and (wanted is None or t.ticket in wanted)]
+        victims += [
+            t
+            for t in worker.pending
+            if t not in victims and t.epoch == worker.epoch and (wanted is None or t.ticket in wanted)
+        ]
         for t in victims:
             t.cancelled, t.abort_reason = True, reason
             if not t._done.is_set():
@@ -1001,16 +1068,22 @@ def settle(
     mine = make_abort_header(0, _reason(error)) if error is not None else torch.zeros(HEADER_LEN, dtype=torch.int64)
     world = dist.get_world_size(group_obj)
     gathered = [torch.zeros(HEADER_LEN, dtype=torch.int64, device=device) for _ in range(world)]
-    collective(lambda: dist.all_gather(gathered, mine.to(device), group=group_obj, async_op=True),
-               "the failure agreement (all_gather)", group_obj, timeout_s=timeout_s)
+    collective(
+        lambda: dist.all_gather(gathered, mine.to(device), group=group_obj, async_op=True),
+        "the failure agreement (all_gather)",
+        group_obj,
+        timeout_s=timeout_s,
+    )
     failed = {r: _decode_reason(h.cpu()) for r, h in enumerate(gathered) if int(h[_H_OP]) == OP_ABORT}
     if not failed or error is not None:
         return
     ranks = sorted(failed)
     names = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
     who = "; ".join(f"rank {r}: {why}" for r, why in sorted(failed.items()))
-    exc = CommError(f"{names} failed in the same unit of work on group {group_name!r} ({who}); this rank's part "
-                    f"was aborted too, on every rank: the group is usable again")
+    exc = CommError(
+        f"{names} failed in the same unit of work on group {group_name!r} ({who}); this rank's part "
+        f"was aborted too, on every rank: the group is usable again"
+    )
     abort(group_obj, exc, tickets=tickets, timeout_s=timeout_s)
     raise exc
 
@@ -1037,8 +1110,10 @@ def collective(
     group_obj, group_name = _group_and_name(group)
     timeout = current_timeout() if timeout_s is None else timeout_s
     if group_name in _replaced:
-        raise CommError(f"{what}: group {group_name!r} was replaced by overlap.ops.recover with group "
-                        f"{_replaced[group_name]!r}: use the new group")
+        raise CommError(
+            f"{what}: group {group_name!r} was replaced by overlap.ops.recover with group "
+            f"{_replaced[group_name]!r}: use the new group"
+        )
     worker = _workers.get(group_name)
     if worker is not None and worker.broken is not None:
         raise worker.unusable_error()
@@ -1057,8 +1132,9 @@ def collective(
         worker = _worker_for(group_obj, group_name)
         with worker.lock:
             worker.broken = worker.broken or error
-        raise cls(f"{error}; the group is unusable: call overlap.ops.recover(group) on every surviving rank "
-                  f"(docs/faults.md)") from exc
+        raise cls(
+            f"{error}; the group is unusable: call overlap.ops.recover(group) on every surviving rank (docs/faults.md)"
+        ) from exc
 
 
 def recover(
@@ -1112,14 +1188,14 @@ def recover(
             _cancelled[t.ticket] = reason
     try:
         kwargs = {} if timeout is None else {"timeout": timeout}
-        new = dist.new_group(survivors, backend=dist.get_backend(group_obj), use_local_synchronization=True,
-                             **kwargs)  # type: ignore[arg-type]
+        new = dist.new_group(survivors, backend=dist.get_backend(group_obj), use_local_synchronization=True, **kwargs)  # type: ignore[arg-type]
     except Exception as exc:
         raise CommError(
             f"overlap.ops.recover could not build a new group of ranks {survivors}: {exc}. torch.distributed needs "
             f"its store for that; if the store is gone (the rank hosting it died), call overlap.ops.shutdown(), "
             f"dist.destroy_process_group() and dist.init_process_group(...) with a new store on the surviving "
-            f"ranks, then build the EP group again") from exc
+            f"ranks, then build the EP group again"
+        ) from exc
     _replaced[group_name] = new.group_name
     return new
 
@@ -1148,10 +1224,19 @@ def group_status(group_name: str, *, wait_s: float = 0.0) -> GroupStatus:
         worker.queue.put(flushed)
         flushed.wait(wait_s)
     with worker.lock:
-        aborted = worker.ended.describe(group_name) if worker.ended is not None and \
-            worker.stream_epoch == worker.epoch else None
-        return GroupStatus(group_name, worker.next_seq, worker.epoch, len(in_flight(group_name)), aborted,
-                           None if worker.broken is None else str(worker.broken))
+        aborted = (
+            worker.ended.describe(group_name)
+            if worker.ended is not None and worker.stream_epoch == worker.epoch
+            else None
+        )
+        return GroupStatus(
+            group_name,
+            worker.next_seq,
+            worker.epoch,
+            len(in_flight(group_name)),
+            aborted,
+            None if worker.broken is None else str(worker.broken),
+        )
 
 
 def transfer_of(comm_cmd_info: Tensor) -> Transfer | None:

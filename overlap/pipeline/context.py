@@ -90,8 +90,10 @@ class Scheduler:
                 in `recording`, not planned).
         """
         if not self.plans:
-            raise HandleError("no protocol layer has run on the planned executor in this scheduler context; what "
-                              "fibers and direct op calls ran is in .recording")
+            raise HandleError(
+                "no protocol layer has run on the planned executor in this scheduler context; what "
+                "fibers and direct op calls ran is in .recording"
+            )
         return self.plans[-1]
 
     @property
@@ -198,9 +200,16 @@ class Scheduler:
 
     # -- the executors --
 
-    def run_layer(self, layer: MoEProtocol, x: Tensor, *, routes: Routes | None = None,
-                  layer_index: int | None = None, microbatches: int | None = None,
-                  min_tokens: int | None = None) -> Tensor:
+    def run_layer(
+        self,
+        layer: MoEProtocol,
+        x: Tensor,
+        *,
+        routes: Routes | None = None,
+        layer_index: int | None = None,
+        microbatches: int | None = None,
+        min_tokens: int | None = None,
+    ) -> Tensor:
         """Run a protocol layer's forward on `x` `(T, H)` on the planned executor; returns `(T, H)`.
 
         Args:
@@ -213,8 +222,12 @@ class Scheduler:
         """
         self._flush_direct()
         call = LayerCall.of(layer)
-        split = policy.agree(x.shape[0], self._use(self._group(call)), self.microbatches if microbatches is None else microbatches,
-                             self.min_tokens if min_tokens is None else min_tokens)
+        split = policy.agree(
+            x.shape[0],
+            self._use(self._group(call)),
+            self.microbatches if microbatches is None else microbatches,
+            self.min_tokens if min_tokens is None else min_tokens,
+        )
         if split.count == 0:  # no rank has a token: no exchange at all (every rank sees the same total)
             return x[:0]
         index = self._layer_index(layer_index)
@@ -248,8 +261,12 @@ class Scheduler:
         return output
 
 
-def scheduler(group: dist.ProcessGroup | None = None, microbatches: int = policy.DEFAULT_MICROBATCHES, *,
-              min_tokens: int = policy.DEFAULT_MIN_TOKENS) -> Scheduler:
+def scheduler(
+    group: dist.ProcessGroup | None = None,
+    microbatches: int = policy.DEFAULT_MICROBATCHES,
+    *,
+    min_tokens: int = policy.DEFAULT_MIN_TOKENS,
+) -> Scheduler:
     """Context manager: protocol MoE layers and wrapped modules called inside run pipelined.
 
     Args:
@@ -272,8 +289,10 @@ class Pipelined(torch.nn.Module):
         if executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
         if executor == "planned" and not is_protocol_layer(module):
-            raise TypeError(f"executor 'planned' needs a layer implementing the MoE protocol (moe_route, "
-                            f"moe_experts, moe_shared, moe_comm_kwargs), got {type(module).__name__}")
+            raise TypeError(
+                f"executor 'planned' needs a layer implementing the MoE protocol (moe_route, "
+                f"moe_experts, moe_shared, moe_comm_kwargs), got {type(module).__name__}"
+            )
         self.module, self.executor = module, executor
 
     def forward(self, x: Tensor, **kwargs: Any) -> Any:
@@ -283,8 +302,10 @@ class Pipelined(torch.nn.Module):
         if self.executor == "fibers":
             return sched.run_module(self.module, x, **kwargs)
         if kwargs:
-            raise TypeError(f"a protocol layer on the planned executor takes only x, got keyword arguments "
-                            f"{sorted(kwargs)}: wrap it with executor='fibers'")
+            raise TypeError(
+                f"a protocol layer on the planned executor takes only x, got keyword arguments "
+                f"{sorted(kwargs)}: wrap it with executor='fibers'"
+            )
         return sched.run_layer(self.module, x)  # type: ignore[arg-type]  # checked in __init__
 
 

@@ -43,8 +43,9 @@ class _Abort(BaseException):
 class FiberRun:
     """One pipelined call of `module` over `chunks` (one per microbatch), recorded into `recording`."""
 
-    def __init__(self, module: Any, chunks: list[Tensor], kwargs: dict[str, Any], layer_base: int,
-                 recording: Recording) -> None:
+    def __init__(
+        self, module: Any, chunks: list[Tensor], kwargs: dict[str, Any], layer_base: int, recording: Recording
+    ) -> None:
         self.module, self.chunks, self.kwargs = module, chunks, kwargs
         self.count = len(chunks)
         self.lanes = [LaneRecorder(recording, i, layer_base) for i in range(self.count)]
@@ -91,8 +92,10 @@ class FiberRun:
                 with self.cv:
                     stuck = all(s in ("done", "at_setup") for j, s in enumerate(self.state) if j != i)
                 if stuck:
-                    raise CapacityError(f"{name}@mb{i}: {self.in_flight[kind]} {kind} exchanges in flight and no "
-                                        f"microbatch can tear one down (max_in_flight = {budget})")
+                    raise CapacityError(
+                        f"{name}@mb{i}: {self.in_flight[kind]} {kind} exchanges in flight and no "
+                        f"microbatch can tear one down (max_in_flight = {budget})"
+                    )
                 self._hand_on(i, "at_setup")
         else:
             self._hand_on(i, "at_teardown")
@@ -115,8 +118,12 @@ class FiberRun:
                 self.state[i] = "running"
             self.lanes[i].segment_start = time.perf_counter()
             hook = lambda name, call: self._on_op(i, name, call)  # noqa: E731
-            with op_context.intercepted(hook), op_context.bound(_executor, InlineExchange()), \
-                    torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad_enabled):
+            with (
+                op_context.intercepted(hook),
+                op_context.bound(_executor, InlineExchange()),
+                torch.inference_mode(self.inference),
+                torch.set_grad_enabled(self.grad_enabled),
+            ):
                 self.outputs[i] = self.module(self.chunks[i], **self.kwargs)
             self.lanes[i].close_segment("end")
         except _Abort:
@@ -136,8 +143,12 @@ class FiberRun:
         """Run every fiber to its end; the outputs per microbatch, or the first fiber's error."""
         # Each fiber runs in its own copy of the caller's context: explicit, whatever the build of
         # CPython does with the context of new threads.
-        threads = [threading.Thread(target=contextvars.copy_context().run, args=(self._fiber, i),
-                                    name=f"overlap-mb{i}", daemon=True) for i in range(self.count)]
+        threads = [
+            threading.Thread(
+                target=contextvars.copy_context().run, args=(self._fiber, i), name=f"overlap-mb{i}", daemon=True
+            )
+            for i in range(self.count)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -147,8 +158,9 @@ class FiberRun:
         return self.outputs
 
 
-def run_module(module: Any, x: Tensor, kwargs: dict[str, Any], split: policy.Split, layer_base: int,
-               recording: Recording) -> tuple[Any, int]:
+def run_module(
+    module: Any, x: Tensor, kwargs: dict[str, Any], split: policy.Split, layer_base: int, recording: Recording
+) -> tuple[Any, int]:
     """Run `module(x_i, **kwargs)` for every microbatch of `split` as fibers; returns the outputs
     concatenated along dim 0 (trimmed to x's rows) and the number of layers the module went through.
 
@@ -210,8 +222,9 @@ def concat(outputs: list[Any]) -> Any:
         return type(first)(**fields)
     if isinstance(first, tuple):
         return type(first)(concat(list(parts)) for parts in zip(*outputs))
-    raise TypeError(f"outputs of an op-calling module must be tensors, tuples or dicts of tensors, got "
-                    f"{type(first).__name__}")
+    raise TypeError(
+        f"outputs of an op-calling module must be tensors, tuples or dicts of tensors, got {type(first).__name__}"
+    )
 
 
 def trim(output: Any, rows: int) -> Any:

@@ -39,13 +39,21 @@ Stage = tuple[str, int]
 """`(stage name, microbatch)` or, in a strategy's step, `(stage name, microbatch offset)`."""
 
 STAGES = ("route", "dispatch_setup", "dispatch_teardown", "experts", "combine_setup", "shared", "combine_teardown")
-KIND = {"dispatch_setup": "comm_issue", "combine_setup": "comm_issue",
-        "dispatch_teardown": "comm_wait", "combine_teardown": "comm_wait"}
+KIND = {
+    "dispatch_setup": "comm_issue",
+    "combine_setup": "comm_issue",
+    "dispatch_teardown": "comm_wait",
+    "combine_teardown": "comm_wait",
+}
 # The data each stage reads (same microbatch).
 DEPENDS = {
-    "route": (), "dispatch_setup": ("route",), "dispatch_teardown": ("route", "dispatch_setup"),
-    "experts": ("dispatch_teardown",), "combine_setup": ("route", "dispatch_teardown", "experts"),
-    "shared": (), "combine_teardown": ("route", "dispatch_teardown", "combine_setup", "experts", "shared"),
+    "route": (),
+    "dispatch_setup": ("route",),
+    "dispatch_teardown": ("route", "dispatch_setup"),
+    "experts": ("dispatch_teardown",),
+    "combine_setup": ("route", "dispatch_teardown", "experts"),
+    "shared": (),
+    "combine_teardown": ("route", "dispatch_teardown", "combine_setup", "experts", "shared"),
 }
 
 
@@ -70,8 +78,9 @@ class Strategy:
     def order(self, count: int) -> list[Stage]:
         """Every `(stage, microbatch)` of a `count`-microbatch layer, in pipeline order."""
         depth = max(offset for _, offset in self.step)
-        seq = [(name, s - offset) for s in range(count + depth) for name, offset in self.step
-               if 0 <= s - offset < count]
+        seq = [
+            (name, s - offset) for s in range(count + depth) for name, offset in self.step if 0 <= s - offset < count
+        ]
         for item, anchor in self.hoisted:
             if item in seq and anchor in seq:
                 seq.remove(item)
@@ -80,9 +89,15 @@ class Strategy:
 
 
 TWO_BATCH = Strategy(
-    step=(("route", 0), ("dispatch_setup", 0),
-          ("dispatch_teardown", 1), ("experts", 1), ("combine_setup", 1),
-          ("shared", 2), ("combine_teardown", 2)),
+    step=(
+        ("route", 0),
+        ("dispatch_setup", 0),
+        ("dispatch_teardown", 1),
+        ("experts", 1),
+        ("combine_setup", 1),
+        ("shared", 2),
+        ("combine_teardown", 2),
+    ),
     hoisted=((("shared", 0), ("dispatch_setup", 0)),),
 )
 
@@ -95,15 +110,27 @@ def _in_caller_context(fn: Callable[[dict[Node, Any]], Any], label: str) -> Call
     grad_enabled, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def body(inputs: dict[Node, Any]) -> Any:
-        with op_context.labelled(label), op_context.intercepted(None), op_context.bound(_executor, None), \
-                torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
+        with (
+            op_context.labelled(label),
+            op_context.intercepted(None),
+            op_context.bound(_executor, None),
+            torch.inference_mode(inference),
+            torch.set_grad_enabled(grad_enabled),
+        ):
             return fn(inputs)
 
     return lambda inputs: caller.copy().run(body, inputs)
 
 
-def build(layer: MoEProtocol, call: LayerCall, x: Tensor, routes: Routes | None, split: policy.Split,
-          layer_index: int, strategy: Strategy = TWO_BATCH) -> tuple[Graph, list[Node], list[ops.Transfer]]:
+def build(
+    layer: MoEProtocol,
+    call: LayerCall,
+    x: Tensor,
+    routes: Routes | None,
+    split: policy.Split,
+    layer_index: int,
+    strategy: Strategy = TWO_BATCH,
+) -> tuple[Graph, list[Node], list[ops.Transfer]]:
     """The graph of one layer call: returns it, the nodes whose results are the microbatches'
     outputs (in order), and the list the setup nodes append their transfers to while running."""
     g = Graph()
@@ -151,11 +178,28 @@ def build(layer: MoEProtocol, call: LayerCall, x: Tensor, routes: Routes | None,
             ids, w = get(inputs, "route")
             expand_idx = get(inputs, "dispatch_teardown")[4]
             qx, cmd = get(inputs, "combine_setup")
-            return ops.combine_teardown(get(inputs, "experts"), qx, ids, expand_idx, w, cmd, *args, x_active_mask=mask,
-                                        shared_expert_x=get(inputs, "shared"), **kw)
+            return ops.combine_teardown(
+                get(inputs, "experts"),
+                qx,
+                ids,
+                expand_idx,
+                w,
+                cmd,
+                *args,
+                x_active_mask=mask,
+                shared_expert_x=get(inputs, "shared"),
+                **kw,
+            )
 
-        return dict(route=route, dispatch_setup=dispatch_setup, dispatch_teardown=dispatch_teardown,
-                    experts=experts, combine_setup=combine_setup, shared=shared, combine_teardown=combine_teardown)
+        return dict(
+            route=route,
+            dispatch_setup=dispatch_setup,
+            dispatch_teardown=dispatch_teardown,
+            experts=experts,
+            combine_setup=combine_setup,
+            shared=shared,
+            combine_teardown=combine_teardown,
+        )
 
     def keep(comm_cmd_info: Tensor) -> None:
         t = ops.transfer_of(comm_cmd_info)
@@ -167,6 +211,11 @@ def build(layer: MoEProtocol, call: LayerCall, x: Tensor, routes: Routes | None,
         after = [node[d, i] for d in DEPENDS[stage]]
         if stage.endswith("_setup") and i >= budget:  # the in-flight budget
             after.append(node[stage.replace("setup", "teardown"), i - budget])
-        g.add(node[stage, i], _in_caller_context(per_microbatch[i][stage], f"mb{i}.l{layer_index}"), after=after,
-              kind=KIND.get(stage, "compute"), priority=priority)
+        g.add(
+            node[stage, i],
+            _in_caller_context(per_microbatch[i][stage], f"mb{i}.l{layer_index}"),
+            after=after,
+            kind=KIND.get(stage, "compute"),
+            priority=priority,
+        )
     return g, [node["combine_teardown", i] for i in range(count)], transfers

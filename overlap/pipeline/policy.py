@@ -98,8 +98,11 @@ def largest_batch(num_tokens: int, group: dist.ProcessGroup | None) -> int:
         t = t.cuda()
     # Through the transport: a broken group raises CommError at once, a backend failure becomes
     # CommError / CommTimeoutError (never the backend's own exception), bounded by the timeout.
-    transport.collective(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True),
-                         "agreeing on the largest batch (all-reduce)", group)
+    transport.collective(
+        lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True),
+        "agreeing on the largest batch (all-reduce)",
+        group,
+    )
     return int(t.item())
 
 

@@ -83,9 +83,16 @@ class LayerCall:
 class Executor(Protocol):
     """Runs one forward of a protocol layer (`overlap.pipeline.forward` hands it over)."""
 
-    def run_layer(self, layer: MoEProtocol, x: Tensor, *, routes: Routes | None = None,
-                  layer_index: int | None = None, microbatches: int | None = None,
-                  min_tokens: int | None = None) -> Tensor: ...
+    def run_layer(
+        self,
+        layer: MoEProtocol,
+        x: Tensor,
+        *,
+        routes: Routes | None = None,
+        layer_index: int | None = None,
+        microbatches: int | None = None,
+        min_tokens: int | None = None,
+    ) -> Tensor: ...
 
 
 _executor: contextvars.ContextVar[Executor | None] = contextvars.ContextVar("overlap_executor", default=None)

@@ -18,20 +18,24 @@ from . import policy
 from .protocol import LayerCall, MoEProtocol, Routes, active_executor
 
 
-def _one_microbatch(layer: MoEProtocol, call: LayerCall, chunk: Tensor, mask: Tensor | None,
-                    routes: Routes | None) -> Tensor:
+def _one_microbatch(
+    layer: MoEProtocol, call: LayerCall, chunk: Tensor, mask: Tensor | None, routes: Routes | None
+) -> Tensor:
     """Route (unless given), dispatch, experts, combine for one `(BS, H)` chunk; `(BS, H)`."""
     ids, scales = layer.moe_route(chunk) if routes is None else routes
     kw = call.shared
-    y, expand_idx, cmd = ops.dispatch_setup(chunk, ids, *call.args, x_active_mask=mask, quant_mode=call.quant_mode,
-                                            **kw)
-    expand_x, dyn, assist, nums = ops.dispatch_teardown(chunk, y, ids, cmd, *call.args, quant_mode=call.quant_mode,
-                                                        **kw)
+    y, expand_idx, cmd = ops.dispatch_setup(
+        chunk, ids, *call.args, x_active_mask=mask, quant_mode=call.quant_mode, **kw
+    )
+    expand_x, dyn, assist, nums = ops.dispatch_teardown(
+        chunk, y, ids, cmd, *call.args, quant_mode=call.quant_mode, **kw
+    )
     out = layer.moe_experts(expand_x, dyn, nums)
     qx, cmd2 = ops.combine_setup(out, ids, assist, *call.args, **kw)
     shared = layer.moe_shared(chunk)
-    return ops.combine_teardown(out, qx, ids, expand_idx, scales, cmd2, *call.args, x_active_mask=mask,
-                                shared_expert_x=shared, **kw)
+    return ops.combine_teardown(
+        out, qx, ids, expand_idx, scales, cmd2, *call.args, x_active_mask=mask, shared_expert_x=shared, **kw
+    )
 
 
 def serial_forward(layer: MoEProtocol, x: Tensor, *, routes: Routes | None = None) -> Tensor:
@@ -62,23 +66,41 @@ class InlineExchange:
     microbatch's exchange may be in flight on the group. Without an agreement on sizes, every
     rank sends with `global_bs = 512 · W`, so a fiber's layer takes at most 512 tokens."""
 
-    def run_layer(self, layer: MoEProtocol, x: Tensor, *, routes: Routes | None = None,
-                  layer_index: int | None = None, microbatches: int | None = None,
-                  min_tokens: int | None = None) -> Tensor:
+    def run_layer(
+        self,
+        layer: MoEProtocol,
+        x: Tensor,
+        *,
+        routes: Routes | None = None,
+        layer_index: int | None = None,
+        microbatches: int | None = None,
+        min_tokens: int | None = None,
+    ) -> Tensor:
         limit = policy.MAX_TOKENS_PER_CALL
         if x.shape[0] > limit:
-            raise ValueError(f"x must have at most {limit} rows per microbatch inside a scheduler's fibers, got "
-                             f"{x.shape[0]}: give the scheduler more microbatches")
+            raise ValueError(
+                f"x must have at most {limit} rows per microbatch inside a scheduler's fibers, got "
+                f"{x.shape[0]}: give the scheduler more microbatches"
+            )
         if x.shape[0] == 0:
-            raise ValueError("x must have at least 1 row inside a scheduler's fibers, got 0: every rank must make "
-                             "the same exchanges (the fibers pad empty microbatches)")
+            raise ValueError(
+                "x must have at least 1 row inside a scheduler's fibers, got 0: every rank must make "
+                "the same exchanges (the fibers pad empty microbatches)"
+            )
         call = LayerCall.of(layer)
         call = call.with_global_bs(limit * call.ep_world_size)
         return _one_microbatch(layer, call, x, None, routes)
 
 
-def forward(layer: MoEProtocol, x: Tensor, *, routes: Routes | None = None, layer_index: int | None = None,
-            microbatches: int | None = None, min_tokens: int | None = None) -> Tensor:
+def forward(
+    layer: MoEProtocol,
+    x: Tensor,
+    *,
+    routes: Routes | None = None,
+    layer_index: int | None = None,
+    microbatches: int | None = None,
+    min_tokens: int | None = None,
+) -> Tensor:
     """Run a protocol layer's forward on the executor active in the context: a scheduler context's
     planned executor, a fiber's inline exchange, or (none active) `serial_forward`.
 
@@ -92,5 +114,6 @@ def forward(layer: MoEProtocol, x: Tensor, *, routes: Routes | None = None, laye
     executor = active_executor()
     if executor is None:
         return serial_forward(layer, x, routes=routes)
-    return executor.run_layer(layer, x, routes=routes, layer_index=layer_index, microbatches=microbatches,
-                              min_tokens=min_tokens)
+    return executor.run_layer(
+        layer, x, routes=routes, layer_index=layer_index, microbatches=microbatches, min_tokens=min_tokens
+    )
