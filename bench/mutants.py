@@ -52,7 +52,7 @@ def weighted_combine(rows, positions, weights, *args, **kwargs):
     only_first = weights.clone()
     only_first[:, 1:] = 1.0  # k > 0 unweighted
     return _mutant_original(rows, positions, only_first, *args, **kwargs)
-''', (("tests/test_ops.py", None),)),
+''', (("tests/test_ops.py", None),), "kernels/combine.py"),
     Mutant("swapped rows in the block transpose", "block_transpose_index", '''
 def block_transpose_index(counts):
     index = _mutant_original(counts).clone()
