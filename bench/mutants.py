@@ -57,6 +57,7 @@ def weighted_combine(rows, positions, weights, *args, **kwargs):
     return _mutant_original(rows, positions, only_first, *args, **kwargs)
 """,
         (("tests/test_ops.py", None),),
+        "kernels/combine.py",
     ),
     Mutant(
         "swapped rows in the block transpose",
