@@ -124,7 +124,7 @@ class RankPool:
         for p in self._procs:
             p.start()
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 120.0, **kwargs: Any) -> list[Any]:
+    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 600.0, **kwargs: Any) -> list[Any]:
         """Results of `fn(*args, **kwargs)` on ranks 0..world-1 (raises `RankError` if one raised)."""
         outcomes = self.run_outcomes(fn, *args, timeout_s=timeout_s, **kwargs)
         for rank, (ok, value) in enumerate(outcomes):
@@ -133,7 +133,7 @@ class RankPool:
         return [value for _, value in outcomes]
 
     def run_outcomes(
-        self, fn: Callable[..., Any], *args: Any, timeout_s: float = 120.0, **kwargs: Any
+        self, fn: Callable[..., Any], *args: Any, timeout_s: float = 600.0, **kwargs: Any
     ) -> list[tuple[bool, Any]]:
         """Per rank `(True, result)` or `(False, (type name, message, traceback))`.
 
