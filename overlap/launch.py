@@ -70,7 +70,7 @@ def rank_device(kind: str, local_rank: int) -> torch.device:
 def _rank_main(rank: int, world: int, init_file: str, threads: int, tasks: Any, results: Any) -> None:
     torch.set_num_threads(threads)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=600)
     )
     while True:
         task = tasks.get()
