@@ -149,9 +149,6 @@ _DONE = _Marker(done=True)  # the record of a host event: reached at once, never
 _RUN, _RECORD, _WAIT, _CLEAR = 0, 1, 2, 3
 
 
-_add_note = add_note
-
-
 class Stream:
     """An ordered queue of work on one device.
 
@@ -271,7 +268,7 @@ class _CpuStream(Stream):
                     try:
                         b.set_result(a())
                     except BaseException as exc:  # noqa: BLE001 - surfaced on the waiter
-                        _add_note(exc, f"(raised on stream {self.name!r})")
+                        add_note(exc, f"(raised on stream {self.name!r})")
                         self._error = exc
                         b.set_exception(exc)
                 self._num_finished += 1
