@@ -14,44 +14,72 @@ over tokens or experts. Each function states the shapes and dtypes it takes and 
   missing) or their Triton twins in `triton_kernels` (CUDA tensors; see docs/kernels.md).
 - `cpu_combine`: the combine fused by `torch.compile` for large CPU calls (bit-equal).
 
-Shipped as `overlap.kernels` (the folder sits at the repository root; see DESIGN.md).
+Shipped as `overlap.kernels`: the folder sits at the repository root (the project's layout keeps
+one folder per layer, kernels at the bottom), but a top-level module named `kernels` belongs to the
+Hugging Face kernel hub on PyPI, which transformers imports. Whenever the repository root is on
+`sys.path` (`python -m pytest`, `python -m overlap`, `python -c` run from the root) this file is
+also found as `kernels`; it then steps aside: it loads the next `kernels` on `sys.path` (the hub
+package) in its own place, or raises `ModuleNotFoundError` as if the folder were not there. So this
+folder never shadows the hub package, from any working directory.
 """
 
 from __future__ import annotations
 
-from .combine import weighted_combine
-from .layout import (
-    DispatchLayout,
-    align,
-    assist_info_from_counts,
-    block_transpose_index,
-    combine_positions,
-    count_values,
-    counts_from_assist_info,
-    dispatch_layout,
-    expand_idx_from_ids,
-    expert_token_nums_from_counts,
-)
-from .permute import gather_rows, scatter_rows
-from .quant import dequantize_rows, pack_quantized, quantize_packed, quantize_rows, unpack_quantized
+import sys as _sys
 
-__all__ = [
-    "DispatchLayout",
-    "align",
-    "assist_info_from_counts",
-    "block_transpose_index",
-    "combine_positions",
-    "count_values",
-    "counts_from_assist_info",
-    "dequantize_rows",
-    "dispatch_layout",
-    "expand_idx_from_ids",
-    "expert_token_nums_from_counts",
-    "gather_rows",
-    "pack_quantized",
-    "quantize_packed",
-    "quantize_rows",
-    "scatter_rows",
-    "unpack_quantized",
-    "weighted_combine",
-]
+if __name__ == "kernels":  # imported top-level because the repository root is on sys.path
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _path = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root]
+    _spec = _machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError(
+            "No module named 'kernels' (the repository's kernels/ folder is overlap.kernels)", name="kernels"
+        )
+    _hub = _util.module_from_spec(_spec)
+    _sys.modules["kernels"] = _hub  # the import statement returns what sys.modules holds
+    try:
+        _spec.loader.exec_module(_hub)
+    except BaseException:
+        _sys.modules.pop("kernels", None)
+        raise
+else:
+    from .combine import weighted_combine
+    from .layout import (
+        DispatchLayout,
+        align,
+        assist_info_from_counts,
+        block_transpose_index,
+        combine_positions,
+        count_values,
+        counts_from_assist_info,
+        dispatch_layout,
+        expand_idx_from_ids,
+        expert_token_nums_from_counts,
+    )
+    from .permute import gather_rows, scatter_rows
+    from .quant import dequantize_rows, pack_quantized, quantize_packed, quantize_rows, unpack_quantized
+
+    __all__ = [
+        "DispatchLayout",
+        "align",
+        "assist_info_from_counts",
+        "block_transpose_index",
+        "combine_positions",
+        "count_values",
+        "counts_from_assist_info",
+        "dequantize_rows",
+        "dispatch_layout",
+        "expand_idx_from_ids",
+        "expert_token_nums_from_counts",
+        "gather_rows",
+        "pack_quantized",
+        "quantize_packed",
+        "quantize_rows",
+        "scatter_rows",
+        "unpack_quantized",
+        "weighted_combine",
+    ]
