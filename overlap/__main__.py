@@ -324,7 +324,10 @@ def _print_demo(row: dict) -> int:
     """The demo's results, after every progress line: the timeline, the table, the check, the files."""
     from . import demo
 
-    print(f"overlapped run, rank {row['pictured_rank']}, median repetition (# compute, > setup, < teardown, = link):")
+    print(
+        f"overlapped run, rank {row['pictured_rank']}, median repetition, over the table's overlapped time "
+        f"{row['overlapped_s'] * 1e3:.1f} ms (# compute, > setup, < teardown, = link):"
+    )
     print(row["timeline_text"])
     print()
     print(demo.format_table([row]))

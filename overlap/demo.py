@@ -342,7 +342,8 @@ def measure(
 
     Returns (every rank gets the same figures): the row of the module docstring's JSON, plus with
     `keep` the overlapped scheduler of the median repetition (`"_sched"`) and the pictured
-    timeline (`"_timeline"`, that of the rank that hid least) on rank 0.
+    timeline (`"_timeline"`, that of the rank that hid least) on rank 0, with its time axis
+    (`"_window"`: that repetition's start there, plus the table's overlapped time).
     """
     progress = progress or Progress(False)
     dev, group = _device_and_group(device)
@@ -381,6 +382,7 @@ def measure(
         emulated = _calibrate(layer, x, link, group, dev, serial, compute0)
 
     times: tuple[list[float], list[float]] = ([], [])
+    starts: list[float] = []  # the overlapped repetitions' start on this rank (the picture's time axis)
     scheds: tuple[list[Scheduler], list[Scheduler]] = ([], [])
     outs: list[torch.Tensor] = [x, x]
     ops.configure(link=emulated)
@@ -390,6 +392,8 @@ def measure(
                 for i, fn in enumerate((serial, overlapped)):
                     dist.barrier(group)
                     t0 = time.perf_counter()
+                    if i:
+                        starts.append(t0)
                     outs[i], sched = fn()
                     times[i].append(time.perf_counter() - t0)
                     scheds[i].append(sched)
@@ -451,15 +455,19 @@ def measure(
         dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
         pictured = int(candidate.item())
         payload: list[Any] = [
-            [(iv.track, iv.name, iv.start, iv.end, iv.kind) for iv in o_sched.timeline.intervals]
+            ([(iv.track, iv.name, iv.start, iv.end, iv.kind) for iv in o_sched.timeline.intervals], starts[o_rep])
             if rank == pictured
             else None
         ]
         dist.broadcast_object_list(payload, src=dist.get_global_rank(group, pictured), group=group)
         timeline = Timeline(o_sched.timeline.tracks)
-        for track, name, start, end, kind in payload[0]:
+        rows, started = payload[0]
+        for track, name, start, end, kind in rows:
             timeline.add(track, name, start, end, kind)
-        row.update(_sched=o_sched, _timeline=timeline, pictured_rank=pictured, pictured_rep=o_rep)
+        # The picture's time axis: from the repetition's start on the pictured rank, as long as the
+        # table's overlapped time (this repetition on its slowest rank).
+        window = (started, started + over_t[o_rep])
+        row.update(_sched=o_sched, _timeline=timeline, _window=window, pictured_rank=pictured, pictured_rep=o_rep)
     return row
 
 
@@ -472,7 +480,7 @@ def demo_rank(shape: Shape, microbatches: int, link: Link, reps: int, device: st
             f"[overlap] {dist.get_world_size()} ranks up; {shape}; {link}; device {device}", file=sys.stderr, flush=True
         )
     row = measure(shape, microbatches, link, reps, device, progress, keep=True)
-    sched, timeline = row.pop("_sched"), row.pop("_timeline")
+    sched, timeline, (start, end) = row.pop("_sched"), row.pop("_timeline"), row.pop("_window")
     if dist.get_rank() != 0:
         return row
     with progress.step("writing the trace and the pictures"):
@@ -480,7 +488,7 @@ def demo_rank(shape: Shape, microbatches: int, link: Link, reps: int, device: st
         files = ["trace.json"]
         timeline.save_chrome_trace(os.path.join(out_dir, "trace.json"))
         try:
-            timeline.save_png(os.path.join(out_dir, "timeline.png"), title=picture_title(row))
+            timeline.save_png(os.path.join(out_dir, "timeline.png"), title=picture_title(row), start=start, end=end)
             sched.plan.save_png(os.path.join(out_dir, "plan.png"))
             files += ["timeline.png", "plan.png"]
         except ImportError as exc:
@@ -489,7 +497,7 @@ def demo_rank(shape: Shape, microbatches: int, link: Link, reps: int, device: st
             f.write(sched.plan.to_grid() + "\n")
         files.append("plan.txt")
     row["files"] = [os.path.join(out_dir, f) for f in files]
-    row["timeline_text"] = timeline.to_text()
+    row["timeline_text"] = timeline.to_text(start=start, end=end)
     return row
 
 
