@@ -102,7 +102,7 @@ def plan_title(plan: Plan) -> str:
     """What the plan picture shows: its layer(s), microbatch count, steps, streams and events."""
     layers, micro = _shape_of(plan.nodes)
     return (
-        f"Plan of {_layers_text(layers)} with {micro} microbatch{'es' if micro != 1 else ''}: "
+        f"Plan of {_layers_text(layers)}{f' with {micro} microbatch' + ('es' if micro != 1 else '') if micro else ''}: "
         f"{len(plan.steps)} steps on {len(plan.streams)} streams, {len(plan.events)} events"
     )
 
@@ -114,15 +114,15 @@ def plan_title(plan: Plan) -> str:
 STEP_IN, LANE_IN = 0.72, 1.6
 BOX_W, BOX_H = 0.86, 0.34  # of a column, of a lane
 LEFT_IN, RIGHT_IN, TOP_IN, BOTTOM_IN = 1.35, 0.3, 0.55, 1.75
-Y_MARGIN = 0.6, 0.35  # lanes above the top lane: with arrows running there, without
+Y_MARGIN = 0.35  # lanes: the least room above the top lane and below the bottom one
 
 
 def node_label(node: Any) -> str:
-    """A node's name in a plan box: the op split at its underscores, then ``mb<i>.l<j>``
+    """A node's name in a plan box: the op wrapped at its underscores, then ``mb<i>.l<j>``
     (``dispatch_setup@mb0.l0`` -> ``dispatch / setup / mb0.l0``, one per line)."""
     op = getattr(node, "op", str(node))
-    lines = [part for part in op.split("_") if part] or [op]
-    lines = [piece for line in lines for piece in textwrap.wrap(line, 10, break_long_words=True)]
+    words = textwrap.wrap(op.replace("_", " "), 10, break_long_words=True) or [op]
+    lines = [line.replace(" ", "_") for line in words]
     tag = []
     if getattr(node, "microbatch", None) is not None:
         tag.append(f"mb{node.microbatch}")
@@ -235,8 +235,9 @@ def plan_figure(plan: Plan, *, title: str | None = None) -> Any:
     position = {s.node: s.index for s in plan.steps}
     edges = sorted(plan.graph.edges, key=lambda e: (position[e[0]], position[e[1]]))
     paths = route_edges(edges, centre)
-    top = lanes - 1 + (Y_MARGIN[0] if any(y > lanes - 1 for pts in paths.values() for _, y in pts) else Y_MARGIN[1])
-    bottom = -Y_MARGIN[0] if any(y < 0 for pts in paths.values() for _, y in pts) else -Y_MARGIN[1]
+    ys = [y for pts in paths.values() for _, y in pts]
+    top = max([lanes - 1 + Y_MARGIN, *(y + 0.12 for y in ys)])
+    bottom = min([-Y_MARGIN, *(y - 0.12 for y in ys)])
     axes_w, axes_h = max(n, 1) * STEP_IN, (top - bottom) * LANE_IN
     width = max(9.0, LEFT_IN + axes_w + RIGHT_IN)
     height = TOP_IN + axes_h + BOTTOM_IN
@@ -318,7 +319,7 @@ def plan_figure(plan: Plan, *, title: str | None = None) -> Any:
     )
     fig.suptitle(title or plan_title(plan), y=1 - 0.12 / height, va="top", fontsize=11)
     caption = (
-        "Each box holds a node's name: op (split at its underscores), then mb<i>.l<j>; dispatch / setup / mb0.l0 "
+        "Each box holds a node's name: op (wrapped at its underscores), then mb<i>.l<j>; dispatch / setup / mb0.l0 "
         "is dispatch_setup@mb0.l0, op dispatch_setup of microbatch 0 in layer 0. "
         f"Plan fingerprint {plan.fingerprint()} (the same on every rank)."
     )
