@@ -449,7 +449,7 @@ def check_imports_from(root: Path) -> None:
         raise SystemExit(f"the copy at {root} is not what Python imports: {out.stdout}{out.stderr}")
 
 
-FAILED_TEST = re.compile(r"^(?:FAILED|ERROR) (\S+)")
+FAILED_TEST = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$")  # the test id may hold spaces
 
 
 def run_tests(root: Path, tests: Tests, timeout_s: float) -> list[tuple[str, bool, str, str, float]]:
