@@ -30,7 +30,7 @@ def routings(draw):
     moe_ranks = world - shared_ranks
     experts = moe_ranks * draw(st.integers(1, 4))
     top_k = draw(st.integers(1, min(experts, 6)))
-    batch = draw(st.integers(1, 24))
+    batch = draw(st.integers(0, 24))  # 0: an empty batch
     # a subset of experts to draw from: some experts (and whole ranks) may get no tokens
     allowed = draw(st.lists(st.integers(0, experts - 1), min_size=top_k, max_size=experts, unique=True))
     seed = draw(st.integers(0, 2**16))
@@ -134,7 +134,7 @@ def test_block_transpose_is_a_permutation_and_its_double_transpose_is_the_identi
 
 @st.composite
 def rows_and_index(draw):
-    n = draw(st.integers(1, 40))
+    n = draw(st.integers(0, 40))  # 0 and 1: empty and single-row sources
     m = draw(st.integers(0, n))
     hidden = draw(st.sampled_from([1, 7, 64, 1024]))
     dtype = draw(st.sampled_from([torch.bfloat16, torch.float16, torch.float32]))
