@@ -175,25 +175,24 @@ def _mismatched_exchanges(cases: dict) -> dict:
     correct exchange on the last group (it stays usable after a refused exchange)."""
     from overlap import ops
 
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     out = {}
     with ops.comm_options(timeout_s=120):
         for name, per_rank in cases.items():
-            group = dist.new_group(ranks=[0, 1]).group_name
-            op, batch, hidden, experts, kw = per_rank[rank]
+            group = dist.new_group(ranks=list(range(world))).group_name
+            op, batch, hidden, experts, kw = per_rank.get(rank, SAME)
             try:
-                if op == "restart":  # one exchange on both ranks, then only this rank's transport restarts
-                    _round_trip(group, "dispatch", batch, hidden, experts, kw)
-                    ops.shutdown()
-                    op = "dispatch"
-                elif name == "seq":
-                    _round_trip(group, "dispatch", batch, hidden, experts, kw)
+                if any(spec[0] == "restart" for spec in per_rank.values()):  # one exchange on every rank, then
+                    _round_trip(group, "dispatch", batch, hidden, experts, kw)  # only this rank's transport
+                    if op == "restart":  # restarts: its exchange numbers start over
+                        ops.shutdown()
+                        op = "dispatch"
                 _round_trip(group, op, batch, hidden, experts, kw)
                 out[name] = None
             except Exception as exc:  # noqa: BLE001 - judged by the test
                 out[name] = (type(exc).__name__, str(exc), isinstance(exc, CommError))
-        ops.shutdown()  # both ranks' exchange numbers start over together (the "seq" case left them apart)
-        group = dist.new_group(ranks=[0, 1]).group_name
+        ops.shutdown()  # every rank's exchange numbers start over together (the "seq" case left them apart)
+        group = dist.new_group(ranks=list(range(world))).group_name
         _round_trip(group, *SAME)
     return out
 
@@ -226,3 +225,25 @@ def test_every_rank_refuses_a_peer_differing_in_one_field_through_the_public_ops
             mine, theirs = _shown(case, rank)
             pattern = EXPECTED[case].format(me=rank, peer=1 - rank, mine=mine, theirs=theirs)
             assert re.search(pattern, message), (rank, case, message)
+
+
+def test_on_four_ranks_the_ranks_that_agree_refuse_the_one_that_differs_too(rank_pools):
+    """Rank 3 alone has another moe_expert_num; rank 2 alone restarted (another exchange number):
+    the ranks that agree with each other raise as well, naming the odd one."""
+    cases = {
+        "moe_expert_num": {3: ("dispatch", 4, 1024, 4, {})},
+        "seq": {2: ("restart", 4, 1024, 8, {})},
+    }
+    results = rank_pools(4).run(_mismatched_exchanges, cases)
+    for rank, per_case in enumerate(results):
+        message = per_case["moe_expert_num"][1]
+        want = r"rank 3 has 4, rank 0 has 8" if rank == 3 else rf"rank {rank} has 8, rank 3 has 4"
+        assert re.search(r"ranks disagree on moe_expert_num .*" + want, message), (rank, message)
+        message = per_case["seq"][1]
+        want = (
+            r"rank 2 is at exchange #0 \(dispatch\), rank 0 at #1"
+            if rank == 2
+            else rf"rank {rank} is at exchange #1 \(dispatch\), rank 2 at #0"
+        )
+        assert re.search(r"ranks disagree on op order .*" + want, message), (rank, message)
+        assert per_case["moe_expert_num"][2] and per_case["seq"][2]  # CommError on every rank
