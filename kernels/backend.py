@@ -22,6 +22,8 @@ from types import ModuleType
 
 from torch import Tensor
 
+from . import cpu_native
+
 MODES = ("auto", "torch", "triton")
 
 _mode = os.environ.get("OVERLAP_KERNELS", "auto") or "auto"
@@ -67,10 +69,8 @@ def cpu_kernels(tensor: Tensor) -> ModuleType | None:
     Args:
         tensor: any tensor of the call.
     """
-    if tensor.device.type != "cpu" or not _on_cuda or _everywhere:
+    if tensor.device.type != "cpu" or not _on_cuda or _everywhere or not cpu_native._enabled:
         return None
-    from . import cpu_native
-
     return cpu_native if cpu_native.available() else None
 
 

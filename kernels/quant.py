@@ -106,12 +106,10 @@ def quantize_packed(
     if device is not None:
         return device.quantize_packed(x, index, out, scales=scales, scale_rows=scale_rows)
     native = cpu_kernels(x)
-    hidden = x.shape[1]
-    if native is not None and out.stride(1) == 1:
-        at = align(hidden, 32)
-        values, scale_bytes = out[:, :hidden], out[:, at : at + 4]
-        if native.quantize(x, index, scales, scale_rows, values, scale_bytes, scale_byte_stride=out.stride(0)):
-            return out  # gather, smoothing, quantisation and packing in one pass per row (cpu_native)
+    if native is not None and native.quantize(
+        x, index, scales, scale_rows, out, out, scale_offset=align(x.shape[1], 32), scale_stride=out.stride(0)
+    ):
+        return out  # gather, smoothing, quantisation and packing in one pass per row (cpu_native)
     rows = x if index is None else x.index_select(0, index)
     smooth = None if scales is None or scale_rows is None else scales.index_select(0, scale_rows)
     q, scale = quantize_rows(rows, smooth)

@@ -74,6 +74,18 @@ def test_quantize_packed_is_bit_equal_to_the_reference(dtype, n, hidden, pad, sm
         assert out[0, :6].tolist() == [127, 2, -4, 0, 0, 2]  # half to even, not away from zero
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_row_so_small_that_127_over_its_amax_overflows_saturates_as_the_reference(dtype):
+    rows = torch.full((3, 70), 1e-39, dtype=dtype)  # subnormal: d = 127 / amax = inf, x * d = inf
+    rows[:, 1::2] *= -2
+    for factors in (None, torch.ones(3, 70)):
+        q, scale = kernels.quantize_rows(rows, factors)
+        with backend.use("torch"):
+            q_ref, scale_ref = kernels.quantize_rows(rows, factors)
+        assert _same(q, q_ref) and _same(scale, scale_ref)
+        assert q[0, :2].tolist() == [127, -128] and scale[0].item() == 0.0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,hidden", [(0, 8), (1, 33), (40, 1030)])
 def test_quantize_rows_is_bit_equal_to_the_reference(dtype, n, hidden):
