@@ -192,11 +192,29 @@ def bench_cpu(repeats: int) -> None:
                 print(f"{label:>18}  {name:>9}  {seconds * 1e6:7.0f} µs")
 
 
+def host_time(fn: Callable[[], object], repeats: int) -> float:
+    """Seconds the host spends in the best of `repeats` calls (the launch, not the device work)."""
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return best
+
+
 def bench_cuda(repeats: int) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
     print(f"{torch.cuda.get_device_name()}; Triton path: {backend.device_kernels(torch.empty(0, device='cuda'))}")
-    print(f"{'T x K x H':>18}  {'kernel':>8}  {'triton':>14}  {'% copy':>7}  {'torch':>14}  {'% copy':>7}  same bits")
+    print(
+        f"{'T x K x H':>18}  {'kernel':>8}  {'triton':>14}  {'% copy':>7}  {'host µs':>7}  {'torch':>14}  "
+        f"{'% copy':>7}  same bits"
+    )
+    lowest: tuple[float, str] = (float("inf"), "")
+    layout_4096 = float("nan")
+    differ = []
     for tokens, top_k, hidden in CUDA_SHAPES:
         inp = make_inputs(tokens, top_k, hidden, "cuda")
         rows = inp["rows"]
@@ -210,14 +228,27 @@ def bench_cuda(repeats: int) -> None:
             for mode in ("auto", "torch"):
                 with backend.use(mode):
                     seconds = best_time(fn, repeats, "cuda")
-                    results.append(_outputs(fn()))
+                    results.append(_bits(fn()))
+                    host = f"{1e6 * host_time(fn, repeats):7.1f}" if mode == "auto" else ""
                 if nbytes:
                     rate = nbytes / seconds
                     cells.append(f"{rate / 1e9:9.0f} GB/s  {100 * rate / copy_rate:6.0f}%")
+                    if mode == "auto":
+                        lowest = min(lowest, (100 * rate / copy_rate, f"{name} at {label}"))
                 else:
                     cells.append(f"{seconds * 1e6:11.1f} µs  {'':>7}")
+                    if mode == "auto" and tokens == 4096:
+                        layout_4096 = seconds * 1e6
+                if host:
+                    cells[-1] += f"  {host}"
             same = all(torch.equal(a, b) for a, b in zip(*results))
+            if not same:
+                differ.append(f"{name} at {label}")
             print(f"{label:>18}  {name:>8}  {cells[0]}  {cells[1]}  {'yes' if same else 'NO'}")
+    # One line each for bench/device_check.sh's summary (issue 21's targets).
+    print(f"summary: layout at 4096 tokens {layout_4096:.1f} µs (target <= 50)")
+    print(f"summary: lowest Triton kernel {lowest[0]:.0f}% of copy_, {lowest[1]} (target >= 60 at every shape)")
+    print(f"summary: bits equal to the torch reference: {'all' if not differ else 'NO for ' + ', '.join(differ)}")
 
 
 def main(argv: list[str] | None = None) -> None:
