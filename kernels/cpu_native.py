@@ -66,8 +66,9 @@ SOURCE = r"""
     _Pragma("omp parallel for schedule(static) num_threads(num_threads) if(work >= PARALLEL_MIN) reduction(+:bad)")
 /* Both kernels gather rows in an order the hardware prefetcher cannot guess. When the source is
  * larger than the caches hold (these sizes, measured on a 2-core AMD EPYC), each row or token asks
- * for the next one's rows while it is computed: 15-100 % faster from memory, 10-30 % slower from
- * cache, hence the thresholds. */
+ * for the next one's rows while it is computed (quantize: the whole next row at once; combine: one
+ * line of each next row per 32 columns): 10-50 % faster from memory, up to 30 % slower from cache,
+ * hence the thresholds. */
 #define PREFETCH(p) __builtin_prefetch(p)
 #define PREFETCH_MIN_BYTES (2 << 20)
 #define COMBINE_PREFETCH_MIN_BYTES (8 << 20)
@@ -242,9 +243,10 @@ DEF_QUANTIZE(f32, float)
  * k < top_k, then each further row, then extra, in that order; the accumulators stay in registers. */
 static inline int64_t combine_block_bf16(const uint16_t *rows, int64_t row_stride, const int64_t *idx,
                                          int64_t num_terms, int64_t top_k, const float *wt,
-                                         const uint16_t *e, uint16_t *dst, int64_t h) {
+                                         const uint16_t *e, uint16_t *dst, int64_t h, const int64_t *next) {
     int64_t j = 0;
     for (; j + 2 * L <= h; j += 2 * L) {
+        if (next) for (int64_t k = 0; k < num_terms; ++k) PREFETCH(rows + next[k] * row_stride + j);
         vf ae = {0}, ao = {0};
         for (int64_t k = 0; k < num_terms; ++k) {
             vu w = load_pairs(rows + idx[k] * row_stride + j);
@@ -268,7 +270,7 @@ static inline int64_t combine_block_bf16(const uint16_t *rows, int64_t row_strid
 #define DEF_COMBINE_BLOCK(NAME, T)                                                                   \
     static inline int64_t combine_block_##NAME(const T *rows, int64_t row_stride, const int64_t *idx, \
                                                int64_t num_terms, int64_t top_k, const float *wt,    \
-                                               const T *e, T *dst, int64_t h) {                      \
+                                               const T *e, T *dst, int64_t h, const int64_t *next) { \
         int64_t j = 0;                                                                               \
         for (; j + L <= h; j += L) {                                                                 \
             vf a = {0};                                                                              \
@@ -305,13 +307,8 @@ DEF_COMBINE_BLOCK(f32, float)
                 ++bad; /* out of range: the caller raises IndexError */                              \
                 continue;                                                                            \
             }                                                                                        \
-            if (prefetch && t + 1 < n) /* the next token's rows, while this one is summed */         \
-                for (int64_t k = 0; k < num_terms; ++k) {                                            \
-                    int64_t next = idx[num_terms + k];                                               \
-                    if (next >= 0 && next < num_rows)                                                \
-                        for (int64_t j = 0; j < h; j += 64 / sizeof(T)) PREFETCH(rows + next * row_stride + j); \
-                }                                                                                    \
-            int64_t j = combine_block_##NAME(rows, row_stride, idx, num_terms, top_k, wt, e, dst, h); \
+            const int64_t *next = prefetch && t + 1 < n ? idx + num_terms : 0;                       \
+            int64_t j = combine_block_##NAME(rows, row_stride, idx, num_terms, top_k, wt, e, dst, h, next); \
             for (; j < h; ++j) {                                                                     \
                 float a = 0.0f;                                                                      \
                 for (int64_t k = 0; k < num_terms; ++k) {                                            \
