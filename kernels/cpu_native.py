@@ -18,13 +18,15 @@ Bit-equality. Each function computes the reference's expression in its order, in
               acc += float(shared row) for each; then acc += float(extra); then one cast.
 
 It is compiled with `-ffp-contract=off` (no fused multiply-add) and without fast-math, so every
-operation rounds as torch's does; `rint` rounds half to even; the fp32 -> bf16 cast is c10's round
-half to even; the abs-max compares bit patterns (for non-negative floats the unsigned order is the
+operation rounds as torch's does. The int8 rounding is half to even by the `v + 1.5 * 2^23`
+identity, exact because |xf * d| <= 127.00002 (no clamp needed); a row so small that 127 / amax
+overflows takes a clamped path and saturates as the reference does. The fp32 -> bf16 cast is c10's
+round half to even. The abs-max compares bit patterns (for non-negative floats the unsigned order is the
 numeric order, and a NaN sorts above infinity, so it propagates as `torch.amax` does). NaN inputs
 give NaN scales and sums, as the reference; the int8 value of a NaN is unspecified in both.
 tests/test_kernels_cpu.py checks every path against the reference on irregular shapes.
 
-Build. The first call in a process compiles `SOURCE` with the C compiler (`$CC`, else `cc`/`gcc`),
+Build. The first call on a machine compiles `SOURCE` with the C compiler (`$CC`, else `cc`/`gcc`),
 `-O3 -march=native -fopenmp`, in about half a second, into a cache folder (`$OVERLAP_CACHE_DIR`,
 else `$XDG_CACHE_HOME/overlap`, else `~/.cache/overlap`) under a name hashing the source, the flags
 and the CPU's feature flags; later processes load that file (milliseconds). Concurrent first calls
@@ -33,9 +35,9 @@ rows, `torch.get_num_threads()` of them; the process already holds torch's libgo
 share torch's thread pool. ctypes releases the GIL for the call.
 
 Off switch and fallbacks. `OVERLAP_CPU_COMPILE=0` never compiles (the reference runs). With no C
-compiler the reference runs, silently; a failed build or load turns the path off for the process with
-one warning. Dtypes outside (bf16, fp16, fp32) with one dtype for rows, `extra` and `out` take the
-reference.
+compiler the reference runs, silently; a compiler without OpenMP builds a one-thread library; a
+failed build or load turns the path off for the process with one warning. Dtypes other than bf16,
+fp16 and fp32, or mixed dtypes among rows, `extra` and `out`, take the reference.
 """
 
 from __future__ import annotations
@@ -354,8 +356,8 @@ def _cache_dir() -> Path:
     return Path(base)
 
 
-def _build(compiler: str) -> Path:
-    key = hashlib.sha256("\0".join([SOURCE, compiler, *FLAGS, _cpu_key()]).encode()).hexdigest()[:20]
+def _build(compiler: str, flags: tuple[str, ...]) -> Path:
+    key = hashlib.sha256("\0".join([SOURCE, compiler, *flags, _cpu_key()]).encode()).hexdigest()[:20]
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"overlap-{os.getuid()}"):
         path = folder / f"cpu_native-{key}.so"
         if path.exists():
@@ -371,7 +373,7 @@ def _build(compiler: str) -> Path:
         source.write_text(SOURCE)
         built = Path(tmp) / "cpu_native.so"
         run = subprocess.run(
-            [compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True, timeout=300
+            [compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True, timeout=300
         )
         if run.returncode != 0:
             raise RuntimeError(f"{compiler} failed (rc {run.returncode}): {run.stderr.strip()[-2000:]}")
@@ -389,7 +391,11 @@ def _load() -> ctypes.CDLL | None:
             _enabled = False  # no compiler: the reference runs, as it always could
             return None
         try:
-            library = ctypes.CDLL(str(_build(compiler)))
+            try:
+                path = _build(compiler, FLAGS)
+            except RuntimeError:  # a compiler without OpenMP (Apple clang): one thread per call
+                path = _build(compiler, tuple(f for f in FLAGS if f != "-fopenmp"))
+            library = ctypes.CDLL(str(path))
             p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
             for dtype, name in _SUFFIX.items():
                 quantize_fn, combine_fn = getattr(library, f"quantize_{name}"), getattr(library, f"combine_{name}")
