@@ -212,6 +212,20 @@ def test_the_library_is_built_once_into_the_cache_and_loaded_by_later_processes(
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not built again (a build replaces the file)
 
 
+def test_ranks_that_start_together_on_an_empty_cache_all_get_the_library(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OVERLAP_CACHE_DIR": str(tmp_path), "OVERLAP_CPU_COMPILE": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(_PROBE)], cwd=root, env=env, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all("available True True" in out for out in outputs), outputs
+    assert len(list(tmp_path.glob("cpu_native-*.so"))) == 1 and not list(tmp_path.glob("tmp*"))
+
+
 def test_a_failing_compiler_warns_once_and_the_reference_runs(tmp_path):
     result = _run(_PROBE, {"OVERLAP_CACHE_DIR": str(tmp_path), "CC": "/bin/false", "OVERLAP_CPU_COMPILE": "1"})
     assert "available False False" in result.stdout, result.stderr
