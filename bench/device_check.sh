@@ -10,7 +10,7 @@
 #                                    the transformers integration (skipped without transformers)
 #   2. python -m overlap demo --device cuda
 #   3. python -m overlap bench --device cuda
-#   4. python bench/bench_kernels.py --device cuda
+#   4. python bench/bench_kernels.py --device cuda   (summary: layout µs at 4096 tokens, lowest % of copy_)
 #   5. python -m overlap bench --device cpu   (this host's cores, for the many-core figures)
 # then prints a short summary: each step's status, time and last lines.
 #
@@ -73,6 +73,11 @@ for i in "${!names[@]}"; do
 done
 grep -E "passed|failed|skipped|error" "$LOG/cuda-tests.log" | tail -n 1
 grep -E "^rank [0-9]+: dispatch_setup" "$LOG/cuda-tests.log" | head -n 2
+# --- kernels (cpukern, issue 21 item 3): the dispatch layout's time at 4096 tokens, the lowest Triton
+# kernel's % of copy_ over every bench shape, and whether every kernel's bits equal the reference.
+# The full table (each kernel's GB/s, % of copy_ and host launch µs per shape) is in kernels-cuda.log.
+grep -E "^summary:" "$LOG/kernels-cuda.log" | sed 's/^summary:/kernels:/'
+# --- end kernels
 echo "logs: $LOG"
 rm -rf "$SHADOW"
 for s in "${statuses[@]}"; do [ "$s" = ok ] || exit 1; done

@@ -10,9 +10,11 @@ over tokens or experts. Each function states the shapes and dtypes it takes and 
 - `permute`: gather rows into send order and scatter them back.
 - `quant`: per-row dynamic int8 quantisation and dequantisation (round half to even).
 - `combine`: the weighted sum back per token, in k order, in fp32, then one cast.
-- `backend`: which implementation runs: these torch references (CPU, and anywhere triton is
-  missing) or their Triton twins in `triton_kernels` (CUDA tensors; see docs/kernels.md).
-- `cpu_combine`: the combine fused by `torch.compile` for large CPU calls (bit-equal).
+- `backend`: which implementation runs: these torch references (the oracle; anywhere nothing
+  faster applies), their C twins in `cpu_native` (CPU tensors, where a C compiler is found), or
+  their Triton twins in `triton_kernels` (CUDA tensors); see docs/kernels.md.
+- `cpu_native`: `quantize_*` and `weighted_combine` for CPU tensors in C, compiled at first use
+  (about half a second, then cached on disk), bit-equal to the references.
 
 Shipped as `overlap.kernels`: the folder sits at the repository root (the project's layout keeps
 one folder per layer, kernels at the bottom), but a top-level module named `kernels` belongs to the

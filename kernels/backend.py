@@ -1,9 +1,11 @@
-"""Which implementation of a kernel runs: the torch reference or its Triton twin.
+"""Which implementation of a kernel runs: the torch reference, its Triton twin, or its C twin on CPU.
 
 Owns the choice and nothing else. The public functions of `overlap.kernels` ask `device_kernels(t)`
 with one of their tensors; it answers the `triton_kernels` module for a CUDA tensor when triton
 imports, and `None` (run the torch reference) otherwise. The question costs one attribute read
 and one comparison for a CPU tensor; triton is imported lazily, on the first CUDA tensor, once.
+
+For a CPU tensor, `cpu_kernels(t)` answers the compiled C kernels (`cpu_native`) where they build.
 
 The mode is `auto` (above), `torch` (the reference everywhere: compare or debug on a GPU) or
 `triton` (the Triton kernels for every device: with `TRITON_INTERPRET=1` set before triton is
@@ -19,6 +21,8 @@ from collections.abc import Iterator
 from types import ModuleType
 
 from torch import Tensor
+
+from . import cpu_native
 
 MODES = ("auto", "torch", "triton")
 
@@ -54,6 +58,20 @@ def device_kernels(tensor: Tensor) -> ModuleType | None:
     if _everywhere or (tensor.is_cuda and _on_cuda):
         return _load()
     return None
+
+
+def cpu_kernels(tensor: Tensor) -> ModuleType | None:
+    """The compiled CPU kernels module (`cpu_native`) when `tensor` should use it, else `None`.
+
+    They run for CPU tensors in the `auto` mode when they build on this machine (see `cpu_native`);
+    `torch` mode runs the reference, and `triton` mode was answered by `device_kernels` first.
+
+    Args:
+        tensor: any tensor of the call.
+    """
+    if tensor.device.type != "cpu" or not _on_cuda or _everywhere or not cpu_native._enabled:
+        return None
+    return cpu_native if cpu_native.available() else None
 
 
 def mode() -> str:

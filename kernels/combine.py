@@ -6,8 +6,9 @@ ascending, then `extra`), then one round-half-to-even cast. The fixed order make
 bit-reproducible against any reference that sums the same way. The loops run over K (≤ 16), the
 shared experts (≤ 4) and cache-sized blocks of tokens, never over single tokens.
 
-This eager function is the reference. Large CPU calls run the same expression fused and compiled
-(`cpu_combine`); CUDA tensors run the Triton kernel (`triton_kernels`); both are bit-equal to it.
+This eager function is the reference. CPU calls run the same expression in compiled C, one token
+at a time (`cpu_native`); CUDA tensors run the Triton kernel (`triton_kernels`); both are bit-equal
+to it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import cpu_combine
-from .backend import device_kernels
+from .backend import cpu_kernels, device_kernels
 
 CACHE_ELEMENTS = 1 << 19  # fp32 temporaries per block of tokens: 2 MiB, about one core's L2
 
@@ -48,20 +48,15 @@ def weighted_combine(
         return device.weighted_combine(
             rows, positions, weights, shared_positions=shared_positions, extra=extra, out=out
         )
-    if (
-        out.device.type == "cpu"
-        and cpu_combine.is_worth_it(out, positions, shared_positions)
-        and cpu_combine.weighted_combine(
-            rows, positions, weights, shared_positions=shared_positions, extra=extra, out=out
-        )
-    ):
-        return out  # the same sum, fused and compiled (cpu_combine)
-    num_tokens, hidden = out.shape
-    top_k = positions.shape[1]
-    num_shared = 0 if shared_positions is None else shared_positions.shape[0]
     index = positions
     if shared_positions is not None:
         index = torch.cat([positions, shared_positions.t().to(positions.dtype)], 1)
+    native = cpu_kernels(out)
+    if native is not None and native.combine(rows, index, positions.shape[1], weights, extra, out):
+        return out  # the same sum, compiled (cpu_native)
+    num_tokens, hidden = out.shape
+    top_k = positions.shape[1]
+    num_shared = 0 if shared_positions is None else shared_positions.shape[0]
     # Blocks of tokens whose fp32 temporaries (about CACHE_ELEMENTS floats) stay in cache: one pass
     # over memory per input row instead of one per temporary. The loop runs over blocks, not tokens.
     block = max(1, min(num_tokens, CACHE_ELEMENTS // ((top_k + num_shared + 1) * hidden)))

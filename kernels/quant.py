@@ -4,6 +4,9 @@ For each row: `xf = float32(row) · smooth` (when smoothing scales are given), `
 `q = round_half_even(xf · d)` as int8, and the scale travelling with the row is `1 / d`, so that
 `row ≈ q · scale`. A zero row gets scale 0 and q 0 (the hardware kernel divides by zero there).
 
+These torch functions are the reference; CPU calls run the same arithmetic in compiled C
+(`cpu_native`), CUDA tensors the Triton kernels; both are bit-equal to it.
+
 `pack_quantized` lays a row out as the dispatch staging buffer `y` does for quant_mode 2: the H
 int8 values, then at byte `Align32(H)` the fp32 scale, in rows of `Align512(Align32(H) + 4)` bytes.
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import device_kernels
+from .backend import cpu_kernels, device_kernels
 from .layout import align
 
 
@@ -30,6 +33,12 @@ def quantize_rows(rows: Tensor, smooth: Tensor | None = None) -> tuple[Tensor, T
     device = device_kernels(rows)
     if device is not None:
         return device.quantize_rows(rows, smooth)
+    native = cpu_kernels(rows)
+    if native is not None:
+        q = torch.empty(rows.shape, dtype=torch.int8)
+        scale = torch.empty(rows.shape[0], dtype=torch.float32)
+        if native.quantize(rows, None, smooth, None, q, scale):
+            return q, scale  # the same arithmetic, compiled (cpu_native)
     xf = rows.float()
     if smooth is not None:
         xf = xf * smooth
@@ -96,6 +105,11 @@ def quantize_packed(
     device = device_kernels(x)
     if device is not None:
         return device.quantize_packed(x, index, out, scales=scales, scale_rows=scale_rows)
+    native = cpu_kernels(x)
+    if native is not None and native.quantize(
+        x, index, scales, scale_rows, out, out, scale_offset=align(x.shape[1], 32), scale_stride=out.stride(0)
+    ):
+        return out  # gather, smoothing, quantisation and packing in one pass per row (cpu_native)
     rows = x if index is None else x.index_select(0, index)
     smooth = None if scales is None or scale_rows is None else scales.index_select(0, scale_rows)
     q, scale = quantize_rows(rows, smooth)

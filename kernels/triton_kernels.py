@@ -12,8 +12,9 @@ CUDA tensor. Portable Triton only (no inline assembly, no libdevice), so that ot
 
 Kernels, in the order the ops use them::
 
-    dispatch_layout: count (per block of (t, k) entries, per expert)  -> torch.cumsum over blocks
-                     place (stable slot, send position, shared rows, counts): no host read
+    dispatch_layout: count (per block of (t, k) entries, per expert histograms)
+                     place (each program sums the histograms it needs: stable slot, send
+                     position, shared rows, counts): two launches, no host read
     gather/scatter:  copy rows through an index on either side, tiles of (rows, hidden)
     quantize:        per row amax, 127 / amax, round half to even, int8 + fp32 scale (packed in place)
     combine:         per tile of (tokens, hidden): fp32 sum in k order, shared rows, extra, one cast
@@ -429,8 +430,8 @@ def _layout_place_kernel(
     num_active_entries,
     top_k,
     hist_all_ptr,
-    cum_all_ptr,
-    totals_ptr,
+    hist_active_ptr,
+    num_blocks,
     expand_idx_ptr,
     send_token_ptr,
     send_scale_ptr,
@@ -448,22 +449,32 @@ def _layout_place_kernel(
     BLOCK: tl.constexpr,
     E_PAD: tl.constexpr,
     COUNTS_PAD: tl.constexpr,
+    HIST_ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     lane = tl.arange(0, BLOCK)
     entry = pid * BLOCK + lane
     in_range = entry < num_entries
     expert = tl.load(ids_ptr + entry, mask=in_range, other=-1).to(tl.int32)
-    # stable slot: earlier blocks (exclusive prefix of the block histograms) + earlier lanes of this block
-    before = tl.load(cum_all_ptr + pid * E_PAD + expert, mask=in_range, other=0) - tl.load(
-        hist_all_ptr + pid * E_PAD + expert, mask=in_range, other=0
-    )
+    # Each program sums the block histograms itself, HIST_ROWS blocks per load: the entries of every
+    # earlier block per expert (exclusive prefix), and every block's active entries (the totals). No
+    # launch between the two kernels, no host read.
+    bins = tl.arange(0, E_PAD)
+    hist_rows = tl.arange(0, HIST_ROWS)
+    prefix = tl.zeros((E_PAD,), dtype=tl.int32)
+    totals = tl.zeros((E_PAD,), dtype=tl.int32)
+    for first in range(0, num_blocks, HIST_ROWS):
+        b = first + hist_rows
+        cell = b[:, None] * E_PAD + bins[None, :]
+        prefix += tl.sum(tl.load(hist_all_ptr + cell, mask=(b < pid)[:, None], other=0), axis=0)
+        totals += tl.sum(tl.load(hist_active_ptr + cell, mask=(b < num_blocks)[:, None], other=0), axis=0)
+    is_expert = expert[:, None] == bins[None, :]  # (BLOCK, E_PAD) one-hot: a gather from registers
+    # stable slot: entries of its expert in earlier blocks, then in earlier lanes of this block
+    before = tl.sum(tl.where(is_expert, prefix[None, :], 0), axis=1)
     same_earlier = (expert[:, None] == expert[None, :]) & (lane[None, :] < lane[:, None])
     slot = before + tl.sum(same_earlier.to(tl.int32), axis=1)
     tl.store(expand_idx_ptr + entry, slot, mask=in_range)
     # send position of an active entry: shared block, then the rows of every smaller expert, then its slot
-    bins = tl.arange(0, E_PAD)
-    totals = tl.load(totals_ptr + bins, mask=bins < num_experts, other=0)
     start = tl.sum(tl.where(bins[None, :] < expert[:, None], totals[None, :], 0), axis=1)
     active = entry < num_active_entries
     pos = (num_shared_rows + start + slot).to(tl.int64)
@@ -480,7 +491,8 @@ def _layout_place_kernel(
         dest = cell // max_local
         slot_l = cell % max_local
         routed = (dest >= shared_rank_num) & (slot_l < local) & (cell < world * max_local)
-        value = tl.load(totals_ptr + (dest - shared_rank_num) * local + slot_l, mask=routed, other=0).to(tl.int64)
+        tl.debug_barrier()  # the expert counts just stored are visible to every thread of this program
+        value = tl.load(expert_counts_ptr + (dest - shared_rank_num) * local + slot_l, mask=routed, other=0)
         if shared_rank_num > 0:
             replicas = shared_rank_num // shared_num
             is_shared_dest = (dest < shared_rank_num) & (slot_l == 0) & (dest % replicas == rank % replicas)
@@ -498,7 +510,7 @@ def dispatch_layout(
     shared_expert_num: int,
     shared_expert_rank_num: int,
 ) -> DispatchLayout:
-    """`layout.dispatch_layout` on the device: two kernels and one cumsum, no host read.
+    """`layout.dispatch_layout` on the device: two kernel launches, no host read.
 
     Every output length is a host integer (`num_active`, the shapes), so `DispatchLayout.num_rows`
     (`send_token.numel()`) never waits for the device.
@@ -521,8 +533,6 @@ def dispatch_layout(
     _layout_count_kernel[(num_blocks,)](
         ids, num_entries, num_active * top_k, hist_all, hist_active, BLOCK=block, E_PAD=e_pad, num_warps=4
     )
-    cum_all = torch.cumsum(hist_all, 0, dtype=torch.int32)
-    totals = hist_active.sum(0, dtype=torch.int32)
 
     expand_idx = torch.empty(num_entries, dtype=torch.int32, device=device)
     send_token = torch.empty(num_rows, dtype=torch.int64, device=device)
@@ -535,8 +545,8 @@ def dispatch_layout(
         num_active * top_k,
         top_k,
         hist_all,
-        cum_all,
-        totals,
+        hist_active,
+        num_blocks,
         expand_idx,
         send_token,
         send_scale_row,
@@ -554,6 +564,7 @@ def dispatch_layout(
         BLOCK=block,
         E_PAD=e_pad,
         COUNTS_PAD=triton.next_power_of_2(ep_world_size * max_local),
+        HIST_ROWS=max(1, min(triton.next_power_of_2(num_blocks), 8192 // e_pad)),
         num_warps=4,
     )
     return DispatchLayout(

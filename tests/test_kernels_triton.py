@@ -232,6 +232,8 @@ LAYOUT_CASES = [
     (13, 3, 8, 5, 24, 2, 4, 13, [0, 1, 2, 17, 23]),  # experts and whole ranks that receive nothing
     (4, 2, 2, 0, 4, 0, 0, 0, None),  # no active token
     (40, 8, 4, 3, 512, 1, 0, 37, None),  # 512 experts: small entry blocks, several programs
+    (300, 8, 4, 1, 64, 0, 0, 290, None),  # 19 blocks: slots and send positions continue across blocks
+    (200, 8, 8, 2, 512, 0, 0, 190, None),  # 50 blocks: more than one histogram chunk per program
 ]
 
 
