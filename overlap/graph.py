@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import functools
 import hashlib
 import os
 import re
@@ -551,17 +552,19 @@ class _Run:
         """Give the timeline what ran: host intervals, or device intervals once the device is done."""
         if self.timeline is None:
             return
-        rows = list(self.rows)
-        if self.marks:
-            for s in self.resolved.values():
-                s.synchronize()
-            dev = next(iter(self.resolved.values())).device
-            ref, ref_host = _device_clock(dev)
-            spans = device_to_host_clock(
-                ref_host, [(ref.elapsed_time(b), ref.elapsed_time(e)) for _, _, _, b, e in self.marks]
-            )
-            rows += [(track, label, a, b, kind) for (track, label, kind, _, _), (a, b) in zip(self.marks, spans)]
-        self.timeline.add_many(rows)
+        self.timeline.add_many(self.rows)
+        if self.marks:  # device times: read when the timeline is, never waited for here (no host sync)
+            self.timeline.add_pending(functools.partial(_device_rows, list(self.marks), self.resolved))
+
+
+def _device_rows(marks: list[tuple[str, str, str, Any, Any]], resolved: dict[str, _streams.Stream]) -> list[tuple]:
+    """The rows of a run's device timing events, on the host clock; waits for each end event."""
+    for *_, finish in marks:
+        finish.synchronize()  # an event wait, when the timeline is read (not a stream sync in the run)
+    dev = next(iter(resolved.values())).device
+    ref, ref_host = _device_clock(dev)
+    spans = device_to_host_clock(ref_host, [(ref.elapsed_time(b), ref.elapsed_time(e)) for _, _, _, b, e in marks])
+    return [(track, label, a, b, kind) for (track, label, kind, _, _), (a, b) in zip(marks, spans)]
 
 
 @dataclass(frozen=True, eq=False)

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import ops
-from ..graph import Graph, Node
+from .. import ops, streams
+from ..graph import Graph, Node, Plan
 from ..ops import context as op_context
 from . import policy
 from .protocol import LayerCall, MoEProtocol, Routes, _executor
@@ -100,6 +100,18 @@ TWO_BATCH = Strategy(
     ),
     hoisted=((("shared", 0), ("dispatch_setup", 0)),),
 )
+
+
+def streams_for(plan: Plan, device: torch.device) -> dict[str, streams.Stream] | None:
+    """The streams a layer's plan runs on: None on cpu (the plan's defaults: compute on the calling
+    thread, comm on the pooled workers); on a device, the caller's current stream for every plan
+    stream. The ops move their bytes on the transport's own stream, so one device stream loses no
+    overlap, and tensors never cross streams (no allocator hazard); the plan's timing events on that
+    stream give every node's device time."""
+    if device.type == "cpu":
+        return None
+    current = streams.current_stream(device)
+    return {name: current for name in plan.streams}
 
 
 def _in_caller_context(fn: Callable[[dict[Node, Any]], Any], label: str) -> Callable[[dict[Node, Any]], Any]:
