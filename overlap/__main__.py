@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     link = demo.Link(args.transport, ratio, args.link_gbps, args.latency_us)
     ranks = int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.ranks
     counts = args.microbatches if isinstance(args.microbatches, list) else [args.microbatches]
+    if args.command == "demo" and not _shape_given([a for a in argv if not a.startswith("--quant")]):
+        shape = demo.default_shape(args.device, args.quant)  # on cuda a shape that gives the GPU work
     shapes = (shape,) if args.command == "demo" or _shape_given(argv) else demo.DEFAULT_BENCH_SHAPES
     try:
         for s in shapes:
