@@ -2,14 +2,15 @@
 
 Owns: the `EPImplementation` that transformers (>= 5.23) calls for every `ep_dispatch_experts`
 module, registered as ``"overlap"`` in `EPImplementationInterface` when this module is imported
-(idempotent); the microbatch pipeline it runs; `generate`, two-batch overlap for decoding; and
+(idempotent; `import overlap` imports it as soon as transformers' EP module is: see
+`overlap.integrations`); the microbatch pipeline it runs; `generate`, two-batch overlap for decoding; and
 `record`, a context manager that records what ran into an `overlap.timeline.Timeline` and reports
 the overlap over the whole run (`ForwardReport`). Never edits transformers' plans, never falls back
 to another implementation: what the ops refuse is raised, naming the model's config field.
 
 Usage::
 
-    import overlap.integrations.transformers as overlap_hf  # registers "overlap"
+    import overlap.integrations.transformers as overlap_hf  # ("overlap" is known once overlap is imported)
     from transformers.distributed import DistributedConfig
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
         distributed_config=DistributedConfig(fsdp_size=W, ep_size=W, ep_implementation="overlap"))
