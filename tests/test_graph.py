@@ -543,6 +543,7 @@ class _FakeDevice:
     """A stand-in for torch.cuda on CPU: kernels 'run' at launch, advancing a device clock (ms)."""
 
     now_ms = 0.0
+    event_waits = 0
 
     class Event:
         def __init__(self, enable_timing: bool = False) -> None:
@@ -555,7 +556,7 @@ class _FakeDevice:
             return other.t - self.t
 
         def synchronize(self) -> None:
-            pass
+            _FakeDevice.event_waits += 1
 
         def query(self) -> bool:
             return True
@@ -611,9 +612,14 @@ def test_device_timeline_path_with_a_fake_device(monkeypatch):
     plan = build(moe_edges(1), fns={n: kernel(n) for n in cost_ms}).plan()
     given = {name: st._TorchStream("cuda", name=name, torch_stream=_FakeDevice.Stream()) for name in plan.streams}
     tl = Timeline()
+    waits = _FakeDevice.event_waits
     out = plan.run(given, timeline=tl)
     assert out[Node.parse("experts@mb0")] == "experts@mb0"
-    assert all(s._torch.synced >= 1 for s in given.values())  # read only after the device finished
+    # The run never waits for the device (no host sync in a forward): the device times are read,
+    # after waiting for each node's end event, when the timeline is read.
+    assert all(s._torch.synced == 0 for s in given.values()) and _FakeDevice.event_waits == waits
+    assert len(tl.intervals) == len(plan.steps)
+    assert _FakeDevice.event_waits == waits + len(plan.steps)
     expected, t = {}, 0.0
     for s in plan.steps:  # every node is launched in plan order; the fake device runs it at once
         expected[str(s.node)] = (s.stream, 50.0 + t / 1e3, 50.0 + (t + cost_ms[str(s.node)]) / 1e3)

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import ops, streams
-from ..graph import Graph, Node, Plan
+from .. import ops
+from .. import streams as _streams
+from ..graph import Graph, Node
 from ..ops import context as op_context
 from . import policy
 from .protocol import LayerCall, MoEProtocol, Routes, _executor
@@ -102,15 +103,16 @@ TWO_BATCH = Strategy(
 )
 
 
-def streams_for(plan: Plan, device: torch.device) -> dict[str, streams.Stream] | None:
-    """The streams a layer's plan runs on: None on cpu (the plan's defaults: compute on the calling
-    thread, comm on the pooled workers); on a device, the caller's current stream for every plan
-    stream. The ops move their bytes on the transport's own stream, so one device stream loses no
-    overlap, and tensors never cross streams (no allocator hazard); the plan's timing events on that
-    stream give every node's device time."""
+def streams_for(plan: Any, device: torch.device) -> dict[str, _streams.Stream] | None:
+    """The streams a layer's plan runs on for tensors on `device`: None on cpu (the plan's
+    defaults: compute on the calling thread, comm on the pooled workers); on a device, the caller's
+    current stream for every plan stream. (None there would make `Plan.run` take the defaults of
+    the *default* device, the cpu: host-timed nodes, not device time.) The ops move their bytes on
+    the transport's own stream, so one device stream loses no overlap, and no tensor crosses
+    streams (no allocator hazard); the plan's timing events on it give every node's device time."""
     if device.type == "cpu":
         return None
-    current = streams.current_stream(device)
+    current = _streams.current_stream(device)
     return {name: current for name in plan.streams}
 
 
