@@ -554,16 +554,23 @@ class _Run:
             return
         self.timeline.add_many(self.rows)
         if self.marks:  # device times: read when the timeline is, never waited for here (no host sync)
-            self.timeline.add_pending(functools.partial(_device_rows, list(self.marks), self.resolved))
+            dev = next(iter(self.resolved.values())).device
+            marks, after_ref = list(self.marks), dev in _CLOCKS
+            self.timeline.add_pending(functools.partial(_device_rows, marks, dev, after_ref))
 
 
-def _device_rows(marks: list[tuple[str, str, str, Any, Any]], resolved: dict[str, _streams.Stream]) -> list[tuple]:
-    """The rows of a run's device timing events, on the host clock; waits for each end event."""
+def _device_rows(marks: list[tuple[str, str, str, Any, Any]], dev: torch.device, after_ref: bool) -> list[tuple]:
+    """The rows of a run's device timing events, on the host clock; waits for each end event.
+    `after_ref`: the device's clock was calibrated before the run (else it is now, after it: each
+    time is then measured from the event to the reference, and negated)."""
     for *_, finish in marks:
         finish.synchronize()  # an event wait, when the timeline is read (not a stream sync in the run)
-    dev = next(iter(resolved.values())).device
     ref, ref_host = _device_clock(dev)
-    spans = device_to_host_clock(ref_host, [(ref.elapsed_time(b), ref.elapsed_time(e)) for _, _, _, b, e in marks])
+
+    def ms(event: Any) -> float:
+        return ref.elapsed_time(event) if after_ref else -event.elapsed_time(ref)
+
+    spans = device_to_host_clock(ref_host, [(ms(b), ms(e)) for _, _, _, b, e in marks])
     return [(track, label, a, b, kind) for (track, label, kind, _, _), (a, b) in zip(marks, spans)]
 
 

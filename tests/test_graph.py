@@ -629,3 +629,37 @@ def test_device_timeline_path_with_a_fake_device(monkeypatch):
     for name, (track, start, end) in expected.items():
         assert got[name][0] == track
         assert got[name][1:] == pytest.approx((start, end), abs=1e-9)
+
+
+def test_device_times_when_the_clock_is_calibrated_after_the_run(monkeypatch):
+    """The first timed run on a device calibrates its clock when the timeline is read, after the
+    run's events: each node's time is then measured from its event to the later reference."""
+    import torch
+
+    from overlap import graph as graph_mod
+    from overlap import streams as st
+
+    monkeypatch.setattr(st, "_torch_module", lambda dev: _FakeDevice)
+    monkeypatch.delitem(graph_mod._CLOCKS, torch.device("cuda"), raising=False)
+    calibrated = []
+
+    def clock(dev):  # the reference: recorded once the device ran everything, at host second 90
+        ref = _FakeDevice.Event()
+        ref.record()
+        calibrated.append(ref.t)
+        return ref, 90.0
+
+    monkeypatch.setattr(graph_mod, "_device_clock", clock)
+    g = Graph()
+    start = _FakeDevice.now_ms
+    g.add("route@mb0", lambda inputs: setattr(_FakeDevice, "now_ms", _FakeDevice.now_ms + 4.0))
+    g.add("experts@mb0", lambda inputs: setattr(_FakeDevice, "now_ms", _FakeDevice.now_ms + 6.0), after=["route@mb0"])
+    plan = g.plan()
+    given = {name: st._TorchStream("cuda", name=name, torch_stream=_FakeDevice.Stream()) for name in plan.streams}
+    tl = Timeline()
+    plan.run(given, timeline=tl)
+    assert calibrated == []  # nothing read yet
+    got = {iv.name: (iv.start, iv.end) for iv in tl.intervals}
+    assert calibrated == [start + 10.0]
+    assert got["route@mb0"] == pytest.approx((90.0 - 0.010, 90.0 - 0.006), abs=1e-9)
+    assert got["experts@mb0"] == pytest.approx((90.0 - 0.006, 90.0), abs=1e-9)
