@@ -16,6 +16,8 @@ What is watched, and what is allowed (docs/gpu.md, "Host syncs"):
   call and be one of `ALLOWED_OPS_READS`, reads of exchange metadata the ops made on the host
   (the ticket in `comm_cmd_info`, the counts received over the carrier). Every other read (the
   layer, the executors, the pipeline, or an op reading a device value) fails the test.
+- **The transformers integration**: every node of its EP calls' plans, transformers' own
+  `"grouped_mm"` experts included (their `histc` over an explicit range does not synchronise).
 - **Allowed** (not watched): the transport's own thread, which moves the bytes of the portable
   carriers (gloo, staged) and must know the sizes on the host: it resolves a setup's deferred
   sizes and checks after the setup's ready event, off the caller's thread; and the one agreement
@@ -52,13 +54,18 @@ class _Log:
         with self.lock:
             self.watched += 1
             for read, origin in reads:
+                if origin.startswith("transformers/") and read == "histc":
+                    continue  # transformers' grouped_mm experts: histc over an explicit range, no sync
                 (self.ops if origin.startswith("ops/") else self.lines).append(f"{where}: {read} ({origin})")
 
 
 def _origin() -> str:
-    """The innermost frame of the overlap package (not the tests) that led to the read."""
+    """The innermost frame of the overlap package (not the tests), or of transformers' own code,
+    that led to the read: `ops/portable.py:dispatch_teardown`, `transformers/...:<function>`."""
     for frame in reversed(traceback.extract_stack()):
         path = frame.filename.replace(os.sep, "/")
+        if "/site-packages/transformers/" in path:
+            return f"transformers/{path.rsplit('/site-packages/transformers/', 1)[1]}:{frame.name}"
         if "/overlap/" in path and "/tests/" not in path:
             return f"{path.rsplit('/overlap/', 1)[1]}:{frame.name}"
     return "?"
@@ -171,7 +178,8 @@ def _check(rank: int, res: dict) -> None:
         read, origin = rest[:-1].split(" (")
         assert node.split("@")[0] in OP_NODES or node == "fiber", line
         assert (origin, read) in ALLOWED_OPS_READS, f"rank {rank}: the ops read a device value: {line}"
-    assert res["vs_dense"].ok, str(res["vs_dense"])
+    if "vs_dense" in res:
+        assert res["vs_dense"].ok, str(res["vs_dense"])
 
 
 @pytest.mark.parametrize("quant", [0, 2], ids=["bf16", "int8"])
@@ -197,3 +205,40 @@ def test_the_watch_sees_the_expert_loop_read_its_counts(rank_pools):
         reads = [r.split(" (")[0] for r in res["reads"]]
         assert reads == ["experts@mb0.l0: tolist", "experts@mb1.l0: tolist"], res["reads"]
         assert all("moe.py" in r for r in res["reads"]), res["reads"]
+
+
+def _transformers_case(path: str) -> dict:
+    """An overlapped forward of a tiny transformers model (`ep_implementation="overlap"`, the
+    default `"grouped_mm"` experts) with every node of its EP calls' plans watched."""
+    from overlap.integrations.tiny_models import load_expert_parallel
+    from overlap.ops import staging
+
+    model = load_expert_parallel(path, "overlap")
+    ids = torch.randint(0, 256, (1, 80), generator=torch.Generator().manual_seed(dist.get_rank()))
+    log = _Log()
+    with torch.no_grad(), staging.simulate_device():
+        expected = model(ids).logits  # warm up, unwatched
+        undo = _watching_plan_nodes(log)
+        try:
+            got = model(ids).logits
+        finally:
+            undo()
+    return {
+        "reads": log.lines,
+        "ops_reads": log.ops,
+        "watched": log.watched,
+        "equal": torch.equal(got, expected),
+        "experts": model.config._experts_implementation,
+    }
+
+
+def test_transformers_ep_call_reads_no_device_value_on_the_host(rank_pools, tmp_path):
+    pytest.importorskip("transformers")
+    from overlap.integrations.tiny_models import family_config, save_random_model
+
+    path = save_random_model(family_config("qwen3_moe", experts=4, vocab_size=256), str(tmp_path / "qwen3"))
+    for rank, res in enumerate(rank_pools(2).run(_transformers_case, path, timeout_s=300)):
+        assert res["experts"] == "grouped_mm"
+        assert res["watched"] >= 7 * 2, res  # one layer, 80 tokens: two microbatches, every node watched
+        _check(rank, res)
+        assert res["equal"], f"rank {rank}: the watched forward differs from the unwatched one"
