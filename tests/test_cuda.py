@@ -233,10 +233,21 @@ def test_scheduler_equals_the_plain_layer_on_cuda(rank_pools, microbatches):
 
 
 def _no_sync_case(microbatches: int, quant: int) -> dict:
-    """Whole overlapped forwards under `torch.cuda.set_sync_debug_mode("error")`: any CUDA call that
+    """Whole overlapped forwards under `torch.cuda.set_sync_debug_mode`: every CUDA call that
     synchronises the host with the device (a device value read on the host, a blocking copy, a
-    stream sync), on any thread of this rank, raises."""
+    stream sync) is reported, with the thread that made it.
+
+    The debug mode is process-wide. In "warn" mode each report is a Python warning raised on the
+    thread that synchronised, so it is attributed: none may come from the thread that issues the
+    forward's kernels (the caller's: on cuda a layer's plan runs there). The gloo-staged carrier's
+    transport thread waits for its device-to-host copies by design (allowed, docs/gpu.md); where the
+    window transport carries the exchange nothing may synchronise at all, so the forwards also run
+    in "error" mode."""
+    import threading
+    import warnings
+
     import overlap
+    from overlap import ops
     from overlap.numerics import compare
 
     dev = _device()
@@ -247,20 +258,45 @@ def _no_sync_case(microbatches: int, quant: int) -> dict:
         layer(x)
     s.report()
     torch.cuda.synchronize()
+    kind = ops.transport_kind(dist.group.WORLD.group_name)
+    syncs: list[str] = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing CUDA operation" in str(message):
+            syncs.append(threading.current_thread().name)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(2):
+                with overlap.scheduler(microbatches=microbatches):
+                    layer(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     error = None
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(2):
-            with overlap.scheduler(microbatches=microbatches) as s:
-                out = layer(x)
-    except Exception as exc:  # noqa: BLE001 - reported with the rank's result
-        error = f"{type(exc).__name__}: {exc}"
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    if error is not None:
-        return {"error": error}
+    if kind == "window":
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2):
+                with overlap.scheduler(microbatches=microbatches):
+                    layer(x)
+        except Exception as exc:  # noqa: BLE001 - reported with the rank's result
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    with overlap.scheduler(microbatches=microbatches) as s:
+        out = layer(x)
     dense = layer.dense_forward(x, dtype=torch.float32)
-    return {"error": None, "vs_dense": compare(out.cpu(), dense.cpu()), "report": str(s.report())}
+    caller = threading.current_thread().name
+    return {
+        "kind": kind,
+        "caller_syncs": [t for t in syncs if t == caller],
+        "other_syncs": sorted({t: syncs.count(t) for t in syncs if t != caller}.items()),
+        "error": error,
+        "vs_dense": compare(out.cpu(), dense.cpu()),
+    }
 
 
 @pytest.mark.parametrize("quant", [0, 2], ids=["bf16", "int8"])
@@ -268,7 +304,9 @@ def _no_sync_case(microbatches: int, quant: int) -> dict:
 def test_overlapped_forward_makes_no_host_sync(rank_pools, microbatches, quant):
     results = rank_pools(2).run(_no_sync_case, microbatches, quant, timeout_s=300)
     for rank, res in enumerate(results):
-        assert res["error"] is None, f"rank {rank}: a host sync in an overlapped forward: {res['error']}"
+        print(f"rank {rank} ({res['kind']}): syncs on other threads (allowed): {res['other_syncs']}")
+        assert res["caller_syncs"] == [], f"rank {rank}: {len(res['caller_syncs'])} host syncs in 2 overlapped forwards"
+        assert res["error"] is None, f"rank {rank}: a host sync with the window transport: {res['error']}"
         assert res["vs_dense"].ok, str(res["vs_dense"])
     print(f"0 host syncs per overlapped forward (m={microbatches}, quant_mode={quant})")
 
