@@ -55,7 +55,8 @@ plan in which a step waits for an event recorded later in plan order would deadl
 (`DeadlockError`) before anything runs. Timeline rows are collected while the plan runs and added
 once it finished: on cpu host ``perf_counter`` times around each call; on npu/cuda the device
 times of timing events recorded around each node on its stream, moved onto the host clock by one
-calibration per device (`device_to_host_clock`). Nodes are labelled for ``torch.profiler`` when it
+calibration per device (`device_to_host_clock`), and read only when the timeline is read
+(`Timeline.add_pending`): a run never waits for the device. Nodes are labelled for ``torch.profiler`` when it
 is recording.
 
 **Simulation** (`Plan.simulate`): a discrete-event run of the same steps on the same streams, with

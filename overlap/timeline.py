@@ -7,7 +7,8 @@ and the exports: Chrome-trace JSON (Perfetto), a text timeline, and a PNG (drawn
 Inputs: intervals ``(track, name, start, end, kind)`` in seconds, ``time.perf_counter`` clock for
 measured runs, 0-based for simulated ones. The runtime (`overlap.graph.Plan.run`) adds one interval
 per node on its stream's track with the node's kind (``"compute"``, ``"comm_issue"``,
-``"comm_wait"``; on npu/cuda the node's device time, already moved onto the host clock); the
+``"comm_wait"``; on npu/cuda the node's device time, moved onto the host clock when the timeline
+is first read: `Timeline.add_pending`); the
 communication layer, or the simulator, adds transfers with kind ``"comm"`` (conventionally on
 track ``"link"``).
 
