@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check: everything in overlap that needs a GPU, in one command, in under 6 minutes on
+# The device check: everything in overlap that needs a GPU, in one command, in about 12 minutes on
 # one H100/H200, offline. Run it from the repository root on a CUDA machine:
 #
 #     bash bench/device_check.sh            # logs under $OUT if set, else ./device-check-<time>/
@@ -7,12 +7,16 @@
 # Steps (each under its own time limit; a failed or timed-out step does not stop the others):
 #   1. tests/test_cuda.py            the ops (2 and 4 ranks sharing one GPU), the scheduler, the
 #                                    fire-and-forget setup, allocator pressure, device-time report,
-#                                    the transformers integration (skipped without transformers)
-#   2. python -m overlap demo --device cuda
-#   3. python -m overlap bench --device cuda
-#   4. python bench/bench_kernels.py --device cuda   (summary: layout µs at 4096 tokens, lowest % of copy_)
-#   5. python -m overlap bench --device cpu   (this host's cores, for the many-core figures)
-# then prints a short summary: each step's status, time and last lines.
+#                                    0 host syncs per overlapped forward, the transformers integration
+#   2. python -m overlap demo --device cuda            (its default cuda shape, T2048 H4096)
+#   3. bench --device cuda --comm-ratio 1, T1024, H 4096 and H 7168, m = 1, 2, 4
+#   4. the window transport, no emulation: T4096 H7168 E64 K8 I2048 int8, 2 ranks, m = 2
+#      (pending until the CLI has `--transport window`)
+#   5. python bench/bench_kernels.py --device cuda     (layout time, kernels % of copy_)
+#   6. python bench/bench_experts.py --device cuda     (grouped GEMM vs the expert loop)
+#   7. python -m overlap bench --device cpu            (this host's cores, for the many-core figures)
+# then prints a short summary: each step's status, time and last lines, and issue 21's figures
+# (bench/device_figures.py: PASS / FAIL / PENDING each).
 #
 # The image needs torch, networkx, numpy, matplotlib and pytest; not pytest-asyncio, pytest-timeout
 # or the hf extra. Missing packages can travel as wheels in ./.whl (installed into /tmp/site, no
@@ -58,13 +62,27 @@ step() {  # step NAME LIMIT_S COMMAND...
 }
 
 # pytest without pytest-asyncio / pytest-timeout: their ini options only warn; no asyncio test is run.
-step cuda-tests 150 python3 -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning \
+step cuda-tests 240 python3 -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning \
     -m cuda -rs -s tests/test_cuda.py
-# --device: the CLI's flag (issue 14, item 1); written against that interface.
-step demo-cuda 50 python3 -m overlap demo --device cuda --ranks 2 --out "$LOG/demo-cuda"
-step bench-cuda 60 python3 -m overlap bench --device cuda --ranks 2 --json "$LOG/bench-cuda.json"
+# --- devlayer: issue 21's layer figures (demo shape, comm = compute benches, window run, experts) ---
+step demo-cuda 60 python3 -m overlap demo --device cuda --ranks 2 --out "$LOG/demo-cuda"
+for H in 4096 7168; do
+    step "bench-h$H" 100 python3 -m overlap bench --device cuda --ranks 2 --comm-ratio 1 --tokens 1024 \
+        --hidden "$H" --experts 8 --top-k 2 --intermediate 2048 --shared 1 --microbatches 1 2 4 --reps 5 \
+        --json "$LOG/bench-h$H.json"
+done
+if python3 -m overlap bench --help 2>/dev/null | grep -q "window"; then
+    step window 120 python3 -m overlap bench --device cuda --ranks 2 --transport window --tokens 4096 \
+        --hidden 7168 --experts 64 --top-k 8 --intermediate 2048 --shared 0 --quant 2 --microbatches 2 \
+        --reps 3 --json "$LOG/window.json"
+else
+    echo "== window: pending (python -m overlap bench has no --transport window yet)" | tee "$LOG/window.log"
+fi
+# --- end devlayer ---
 step kernels-cuda 45 python3 bench/bench_kernels.py --device cuda
-step bench-cpu 45 python3 -m overlap bench --device cpu --ranks 4 --json "$LOG/bench-cpu.json"
+step experts-cuda 30 python3 bench/bench_experts.py --device cuda --experts 16 --rows 8192 --hidden 4096 \
+    --inter 1536 --json "$LOG/experts-cuda.json"
+step bench-cpu 40 python3 -m overlap bench --device cpu --ranks 4 --json "$LOG/bench-cpu.json"
 
 echo
 echo "== device check summary ($(head -n 1 "$LOG/host.txt"))"
@@ -78,6 +96,9 @@ grep -E "^rank [0-9]+: dispatch_setup" "$LOG/cuda-tests.log" | head -n 2
 # The full table (each kernel's GB/s, % of copy_ and host launch µs per shape) is in kernels-cuda.log.
 grep -E "^summary:" "$LOG/kernels-cuda.log" | sed 's/^summary:/kernels:/'
 # --- end kernels
+echo
+echo "== issue 21's figures"
+python3 "$ROOT/bench/device_figures.py" "$LOG"
 echo "logs: $LOG"
 rm -rf "$SHADOW"
 for s in "${statuses[@]}"; do [ "$s" = ok ] || exit 1; done

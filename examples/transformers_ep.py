@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-import overlap.integrations.transformers as overlap_hf  # registers ep_implementation="overlap"
+import overlap.integrations.transformers as overlap_hf  # (import overlap registers ep_implementation="overlap")
 from overlap.integrations.tiny_models import family_config, load_expert_parallel, save_random_model
 
 # overlap rounds each weighted expert output in the model's dtype as transformers does, so with the same

@@ -12,13 +12,17 @@ scheduler (`overlap.graph`), and the layer-level scheduler context with microbat
 
 from __future__ import annotations
 
-from . import ops, pipeline
+from . import integrations, ops, pipeline
 from .errors import CapacityError, CommError, CommTimeoutError, HandleError, OverlapError, PlanError
 from .graph import Graph, Node, Plan
 from .moe import MoELayer
 from .pipeline import Scheduler, scheduler, wrap
 from .streams import Event, Stream
 from .timeline import OverlapReport, Timeline
+
+# ep_implementation="overlap" for transformers, in every process that imports overlap (lazily: this
+# imports nothing; see overlap.integrations).
+integrations.install_hooks()
 
 __version__ = "0.1.0"
 

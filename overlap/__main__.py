@@ -268,6 +268,8 @@ def checked(args: argparse.Namespace, argv: list[str]) -> tuple[tuple[Shape, ...
             raise ValueError(f"--ranks must equal torchrun's world size ({world}) or be left out, got {args.ranks}")
         ranks = world
     counts = args.microbatches if isinstance(args.microbatches, list) else [args.microbatches]
+    if args.command == "demo" and not _shape_given([a for a in argv if not a.startswith("--quant")]):
+        shape = demo.default_shape(args.device, args.quant)  # on cuda a shape that gives the GPU work
     shapes = (shape,) if args.command == "demo" or _shape_given(argv) else demo.DEFAULT_BENCH_SHAPES
     for s in shapes:
         demo.check_args(s, ranks, counts, link, args.reps, args.device)

@@ -55,7 +55,8 @@ plan in which a step waits for an event recorded later in plan order would deadl
 (`DeadlockError`) before anything runs. Timeline rows are collected while the plan runs and added
 once it finished: on cpu host ``perf_counter`` times around each call; on npu/cuda the device
 times of timing events recorded around each node on its stream, moved onto the host clock by one
-calibration per device (`device_to_host_clock`). Nodes are labelled for ``torch.profiler`` when it
+calibration per device (`device_to_host_clock`), and read only when the timeline is read
+(`Timeline.add_pending`): a run never waits for the device. Nodes are labelled for ``torch.profiler`` when it
 is recording.
 
 **Simulation** (`Plan.simulate`): a discrete-event run of the same steps on the same streams, with
@@ -70,6 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import functools
 import hashlib
 import os
 import re
@@ -551,17 +553,26 @@ class _Run:
         """Give the timeline what ran: host intervals, or device intervals once the device is done."""
         if self.timeline is None:
             return
-        rows = list(self.rows)
-        if self.marks:
-            for s in self.resolved.values():
-                s.synchronize()
+        self.timeline.add_many(self.rows)
+        if self.marks:  # device times: read when the timeline is, never waited for here (no host sync)
             dev = next(iter(self.resolved.values())).device
-            ref, ref_host = _device_clock(dev)
-            spans = device_to_host_clock(
-                ref_host, [(ref.elapsed_time(b), ref.elapsed_time(e)) for _, _, _, b, e in self.marks]
-            )
-            rows += [(track, label, a, b, kind) for (track, label, kind, _, _), (a, b) in zip(self.marks, spans)]
-        self.timeline.add_many(rows)
+            marks, after_ref = list(self.marks), dev in _CLOCKS
+            self.timeline.add_pending(functools.partial(_device_rows, marks, dev, after_ref))
+
+
+def _device_rows(marks: list[tuple[str, str, str, Any, Any]], dev: torch.device, after_ref: bool) -> list[tuple]:
+    """The rows of a run's device timing events, on the host clock; waits for each end event.
+    `after_ref`: the device's clock was calibrated before the run (else it is now, after it: each
+    time is then measured from the event to the reference, and negated)."""
+    for *_, finish in marks:
+        finish.synchronize()  # an event wait, when the timeline is read (not a stream sync in the run)
+    ref, ref_host = _device_clock(dev)
+
+    def ms(event: Any) -> float:
+        return ref.elapsed_time(event) if after_ref else -event.elapsed_time(ref)
+
+    spans = device_to_host_clock(ref_host, [(ms(b), ms(e)) for _, _, _, b, e in marks])
+    return [(track, label, a, b, kind) for (track, label, kind, _, _), (a, b) in zip(marks, spans)]
 
 
 @dataclass(frozen=True, eq=False)

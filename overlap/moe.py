@@ -10,6 +10,12 @@ gets microbatch pipelining from `overlap.scheduler`, and its forward is one line
 
 All weights derive from `seed`, so every rank (and a single-process dense reference,
 `dense_forward`) builds the same experts; each rank keeps only its local ones.
+
+The routed experts run as one grouped GEMM per projection (`grouped_gated_mlp`: torch's
+`grouped_mm`, with the per-expert row offsets computed on the device), so a forward reads no
+device value on the host; where torch has no grouped GEMM for the device and dtype
+(`has_grouped_mm`), a loop over the experts (`looped_gated_mlp`) reads the per-expert counts on
+the host instead (one device sync per call).
 """
 
 from __future__ import annotations
@@ -44,6 +50,98 @@ def gated_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
+# torch >= 2.10 has the public `F.grouped_mm`; 2.8 / 2.9 the private `torch._grouped_mm` (2.8: CUDA
+# SM90 only); older torch has neither (then the experts loop).
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+EXPERT_IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
+
+
+def has_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """True when torch runs a grouped GEMM of `dtype` on `device` (cpu: bf16, fp16, fp32, torch >= 2.9;
+    cuda: bf16 on compute capability >= 8.0)."""
+    if _GROUPED_MM is None:
+        return False
+    if device.type == "cpu":
+        return dtype in (torch.bfloat16, torch.float16, torch.float32) and _cpu_grouped_mm_works()
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+    return False
+
+
+_CPU_GROUPED_MM: list[bool] = []
+
+
+def _cpu_grouped_mm_works() -> bool:
+    """torch <= 2.8 declares `_grouped_mm` but has no CPU kernel: probe once."""
+    if not _CPU_GROUPED_MM:
+        try:
+            assert _GROUPED_MM is not None
+            _GROUPED_MM(torch.ones(2, 8), torch.ones(1, 8, 8), offs=torch.tensor([2], dtype=torch.int32))
+            _CPU_GROUPED_MM.append(True)
+        except (NotImplementedError, RuntimeError):
+            _CPU_GROUPED_MM.append(False)
+    return _CPU_GROUPED_MM[0]
+
+
+def grouped_gated_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor) -> Tensor:
+    """Every local expert's gated MLP on its rows, as three grouped GEMMs; nothing read on the host.
+
+    Args:
+        x: `(A, H)`, the rows of expert 0 first, then expert 1's, ... (`counts` of them each);
+            rows past `counts.sum()` are ignored.
+        gate, up: `(E, I, H)`; down: `(E, H, I)` (x's dtype).
+        counts: `(E,)` integer rows per expert, on x's device.
+
+    Returns:
+        `(A, H)`: row r is `down_e(silu(gate_e(x_r)) · up_e(x_r))` for its expert e; rows past
+        `counts.sum()` are 0.
+    """
+    assert _GROUPED_MM is not None  # callers check has_grouped_mm
+    counts = counts if counts.device == x.device else counts.to(x.device)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)  # end row of each expert
+    # grouped_mm(a, b) multiplies row group e of a by b[e] (K, N): a transposed (E, N, K) weight is the
+    # column-major operand the CUDA kernels want, with no copy.
+    h = F.silu(_GROUPED_MM(x, gate.transpose(-2, -1), offs=offs)) * _GROUPED_MM(x, up.transpose(-2, -1), offs=offs)
+    y = _GROUPED_MM(h, down.transpose(-2, -1), offs=offs)
+    # The kernels leave rows past the last offset uninitialised: zero them (no host read).
+    valid = torch.arange(x.shape[0], device=x.device) < offs[-1:]
+    return torch.where(valid[:, None], y, y.new_zeros(()))
+
+
+def looped_gated_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor) -> Tensor:
+    """`grouped_gated_mlp` as a loop over the experts: reads `counts` on the host (a device sync)."""
+    out = torch.zeros(x.shape[0], down.shape[1], dtype=x.dtype, device=x.device)
+    start = 0
+    for e, count in enumerate(counts.tolist()):
+        if count:
+            rows = slice(start, start + count)
+            out[rows] = gated_mlp(x[rows], gate[e], up[e], down[e])
+        start += count
+    return out
+
+
+def expert_mlps(
+    x: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor, *, implementation: str = "auto"
+) -> Tensor:
+    """`grouped_gated_mlp` where torch offers it for x's device and dtype ("auto"), else the loop.
+
+    Raises:
+        ValueError: `implementation` not one of "auto", "grouped_mm", "loop", or "grouped_mm" where
+            torch has none for x's device and dtype.
+    """
+    if implementation not in EXPERT_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {EXPERT_IMPLEMENTATIONS}, got {implementation!r}")
+    grouped = has_grouped_mm(x.device, x.dtype)
+    if implementation == "grouped_mm" and not grouped:
+        raise ValueError(
+            f"implementation 'grouped_mm' needs torch's grouped GEMM for {x.dtype} on {x.device.type} "
+            f"(torch {torch.__version__} has none): use 'auto' or 'loop'"
+        )
+    if implementation == "loop" or not grouped:
+        return looped_gated_mlp(x, gate, up, down, counts)
+    return grouped_gated_mlp(x, gate, up, down, counts)
+
+
 class MoELayer(nn.Module):
     """Expert-parallel MoE layer over `group` (every rank holds `num_experts / W` experts).
 
@@ -57,6 +155,8 @@ class MoELayer(nn.Module):
         quant_mode: 0, or 2 for int8 dispatch.
         dtype: fp16 or bf16.
         seed: all weights derive from it.
+        experts_implementation: "auto" (one grouped GEMM per projection where torch offers it
+            for the device and dtype, else the loop), "grouped_mm" or "loop" (`expert_mlps`).
     """
 
     def __init__(
@@ -71,8 +171,14 @@ class MoELayer(nn.Module):
         quant_mode: int = 0,
         dtype: torch.dtype = torch.bfloat16,
         seed: int = 0,
+        experts_implementation: str = "auto",
     ) -> None:
         super().__init__()
+        if experts_implementation not in EXPERT_IMPLEMENTATIONS:
+            raise ValueError(
+                f"experts_implementation must be one of {EXPERT_IMPLEMENTATIONS}, got {experts_implementation!r}"
+            )
+        self.experts_implementation = experts_implementation
         world_group = group if group is not None else dist.group.WORLD
         if world_group is None:
             raise RuntimeError("torch.distributed is not initialised: call dist.init_process_group(...) first")
@@ -116,14 +222,9 @@ class MoELayer(nn.Module):
     def moe_experts(self, expand_x: Tensor, dynamic_scales: Tensor, expert_token_nums: Tensor) -> Tensor:
         if expand_x.dtype == torch.int8:  # int8 dispatch: dequantise per row
             expand_x = (expand_x.float() * dynamic_scales[:, None]).to(self.dtype)
-        out = torch.zeros(expand_x.shape, dtype=self.dtype, device=expand_x.device)
-        start = 0
-        for e, count in enumerate(expert_token_nums.tolist()):
-            if count:
-                rows = slice(start, start + count)
-                out[rows] = gated_mlp(expand_x[rows], self.gate[e], self.up[e], self.down[e])
-            start += count
-        return out
+        return expert_mlps(
+            expand_x, self.gate, self.up, self.down, expert_token_nums, implementation=self.experts_implementation
+        )
 
     def moe_shared(self, x: Tensor) -> Tensor | None:
         if not self.num_shared_experts:

@@ -7,7 +7,8 @@ and the exports: Chrome-trace JSON (Perfetto), a text timeline, and a PNG (drawn
 Inputs: intervals ``(track, name, start, end, kind)`` in seconds, ``time.perf_counter`` clock for
 measured runs, 0-based for simulated ones. The runtime (`overlap.graph.Plan.run`) adds one interval
 per node on its stream's track with the node's kind (``"compute"``, ``"comm_issue"``,
-``"comm_wait"``; on npu/cuda the node's device time, already moved onto the host clock); the
+``"comm_wait"``; on npu/cuda the node's device time, moved onto the host clock when the timeline
+is first read: `Timeline.add_pending`); the
 communication layer, or the simulator, adds transfers with kind ``"comm"`` (conventionally on
 track ``"link"``).
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = ["Interval", "Timeline", "OverlapReport", "union", "total", "intersect"]
@@ -139,6 +140,8 @@ class Timeline:
         self._lock = threading.Lock()
         self._intervals: list[Interval] = []
         self._tracks: list[str] = list(tracks)
+        self._pending: list[Callable[[], Iterable[tuple[str, str, float, float, str]]]] = []
+        self._resolving = threading.Lock()
         self.source = source
 
     def add(self, track: str, name: str, start: float, end: float, kind: str = "compute") -> None:
@@ -178,6 +181,25 @@ class Timeline:
                     self._tracks.append(iv.track)
             self._intervals += new
 
+    def add_pending(self, resolve: Callable[[], Iterable[tuple[str, str, float, float, str]]]) -> None:
+        """Add intervals known only later: ``resolve()`` returns their ``(track, name, start, end,
+        kind)`` rows and is called once, in order of adding, the first time the timeline is read.
+
+        A run on a device adds its nodes' device times this way: reading them waits for the
+        device, which the run itself must never do (no host sync in a forward).
+        """
+        with self._lock:
+            self._pending.append(resolve)
+
+    def _resolve_pending(self) -> None:
+        if not self._pending:  # unlocked fast path: a list read is atomic
+            return
+        with self._resolving:  # one reader resolves; concurrent readers wait for it
+            with self._lock:
+                pending, self._pending = self._pending, []
+            for resolve in pending:
+                self.add_many(resolve())
+
     def add_tracks(self, tracks: Sequence[str]) -> None:
         """Make sure ``tracks`` exist (in this order, after those already present)."""
         with self._lock:
@@ -185,13 +207,15 @@ class Timeline:
 
     @property
     def intervals(self) -> tuple[Interval, ...]:
-        """All intervals, sorted by start (then end, track, name)."""
+        """All intervals, sorted by start (then end, track, name) (resolving pending ones first)."""
+        self._resolve_pending()
         with self._lock:
             return tuple(sorted(self._intervals))
 
     @property
     def tracks(self) -> tuple[str, ...]:
-        """Track names in display order."""
+        """Track names in display order (resolving pending intervals first)."""
+        self._resolve_pending()
         with self._lock:
             return tuple(self._tracks)
 

@@ -38,9 +38,18 @@ def _cuda_case(case: Case) -> dict:
 
 
 def _sleep_cycles(seconds: float) -> int:
-    """GPU clock cycles for `torch.cuda._sleep` to spin about `seconds`."""
-    khz = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "clock_rate", 0) or 1_500_000
-    return int(seconds * khz * 1e3)
+    """GPU clock cycles for `torch.cuda._sleep` to spin about `seconds`, measured with timing events.
+
+    (The device properties' `clock_rate` is gone with CUDA 13: its old 1.5 GHz fallback made the
+    "20 ms" sleeps 15 ms on a 1.98 GHz H200, half of why the device-time report saw 29 ms.)
+    """
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = 20_000_000
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return int(cycles / (start.elapsed_time(end) * 1e-3) * seconds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,6 +232,85 @@ def test_scheduler_equals_the_plain_layer_on_cuda(rank_pools, microbatches):
         assert res["plain_vs_dense"].ok, str(res["plain_vs_dense"])
 
 
+def _no_sync_case(microbatches: int, quant: int) -> dict:
+    """Whole overlapped forwards under `torch.cuda.set_sync_debug_mode`: every CUDA call that
+    synchronises the host with the device (a device value read on the host, a blocking copy, a
+    stream sync) is reported, with the thread that made it.
+
+    The debug mode is process-wide. In "warn" mode each report is a Python warning raised on the
+    thread that synchronised, so it is attributed: none may come from the thread that issues the
+    forward's kernels (the caller's: on cuda a layer's plan runs there). The gloo-staged carrier's
+    transport thread waits for its device-to-host copies by design (allowed, docs/gpu.md); where the
+    window transport carries the exchange nothing may synchronise at all, so the forwards also run
+    in "error" mode."""
+    import threading
+    import warnings
+
+    import overlap
+    from overlap import ops
+    from overlap.numerics import compare
+
+    dev = _device()
+    rank = dist.get_rank()
+    layer = overlap.MoELayer(1024, 8, 2, 512, num_shared_experts=1, quant_mode=quant, seed=5).to(dev)
+    x = torch.randn(256, 1024, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16).to(dev)
+    with overlap.scheduler(microbatches=microbatches) as s:  # warm up: allocator, streams, clock
+        layer(x)
+    s.report()
+    torch.cuda.synchronize()
+    kind = ops.transport_kind(dist.group.WORLD.group_name)
+    syncs: list[str] = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing CUDA operation" in str(message):
+            syncs.append(threading.current_thread().name)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(2):
+                with overlap.scheduler(microbatches=microbatches):
+                    layer(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    error = None
+    if kind == "window":
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2):
+                with overlap.scheduler(microbatches=microbatches):
+                    layer(x)
+        except Exception as exc:  # noqa: BLE001 - reported with the rank's result
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    with overlap.scheduler(microbatches=microbatches) as s:
+        out = layer(x)
+    dense = layer.dense_forward(x, dtype=torch.float32)
+    caller = threading.current_thread().name
+    return {
+        "kind": kind,
+        "caller_syncs": [t for t in syncs if t == caller],
+        "other_syncs": sorted({t: syncs.count(t) for t in syncs if t != caller}.items()),
+        "error": error,
+        "vs_dense": compare(out.cpu(), dense.cpu()),
+    }
+
+
+@pytest.mark.parametrize("quant", [0, 2], ids=["bf16", "int8"])
+@pytest.mark.parametrize("microbatches", [1, 2, 4])
+def test_overlapped_forward_makes_no_host_sync(rank_pools, microbatches, quant):
+    results = rank_pools(2).run(_no_sync_case, microbatches, quant, timeout_s=300)
+    for rank, res in enumerate(results):
+        print(f"rank {rank} ({res['kind']}): syncs on other threads (allowed): {res['other_syncs']}")
+        assert res["caller_syncs"] == [], f"rank {rank}: {len(res['caller_syncs'])} host syncs in 2 overlapped forwards"
+        assert res["error"] is None, f"rank {rank}: a host sync with the window transport: {res['error']}"
+        assert res["vs_dense"].ok, str(res["vs_dense"])
+    print(f"0 host syncs per overlapped forward (m={microbatches}, quant_mode={quant})")
+
+
 def _device_time_case() -> dict:
     """A plan whose compute is a known GPU sleep: on the device clock each compute node lasts at
     least the sleep, while the host only spends microseconds launching it."""
@@ -261,34 +349,55 @@ def test_device_time_report_measures_device_work(rank_pools):
 
 
 def _transformers_case(path: str) -> dict:
+    """`ep_implementation="overlap"` in a spawned rank that never imported the integration (it is
+    registered by `import overlap`), against `"all_to_all"` and the single process, on the GPU."""
+    import sys
+
     from transformers import AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
+
+    from overlap.integrations.tiny_models import load_expert_parallel
 
     dev = _device()
-    world = dist.get_world_size()
-    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1234 + dist.get_rank()))
+    ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(1234 + dist.get_rank())).to(dev)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev)
-    ours = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=torch.bfloat16,
-        distributed_config=DistributedConfig(ep_size=world, fsdp_size=world, ep_implementation="overlap"),
-    ).to(dev)
+    ours = load_expert_parallel(path, "overlap").to(dev)  # no import of the integration before this
+    theirs = load_expert_parallel(path, "all_to_all").to(dev)
+
+    import overlap.integrations.transformers as ohf
+
+    from .test_integration_transformers import _diff
+
     with torch.no_grad():
-        expected = ref(ids.to(dev)).logits.float()
-        got = ours(ids.to(dev)).logits.float()
-    d = (got - expected).abs()
-    return {"max": float(d.max()), "scale": float(expected.abs().max()), "device": got.device.type}
+        expected = ref(ids).logits
+        with ohf.microbatches(1):
+            one = ours(ids).logits
+        with ohf.microbatches(2):
+            two = ours(ids).logits
+        a2a = theirs(ids).logits
+    return {
+        "device": one.device.type,
+        "one_vs_a2a": _diff(one.cpu(), a2a.cpu()),
+        "two_vs_ref": _diff(two.cpu(), expected.cpu()),
+        "a2a_vs_ref": _diff(a2a.cpu(), expected.cpu()),
+        "registered": "overlap.integrations.transformers" in sys.modules,
+    }
 
 
-def test_transformers_integration_on_a_tiny_model(rank_pools, tmp_path):
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_transformers_integration_on_a_tiny_model(rank_pools, tmp_path, family):
     pytest.importorskip("transformers", reason="the hf extra is not installed on this image")
-    from .test_integration_transformers import qwen3_config, save_model
+    from overlap.integrations.tiny_models import family_config, save_random_model
 
-    path = save_model(qwen3_config(layers=1), str(tmp_path / "qwen3"))
-    for res in rank_pools(2).run(_transformers_case, path, timeout_s=300):
-        assert res["device"] == "cuda"
-        # bf16 GEMMs over other batch compositions: a few bf16 ulps of the logits' scale.
-        assert res["max"] <= 4 * 2**-7 * max(res["scale"], 1.0), res
+    from .test_integration_transformers import tolerance
+
+    path = save_random_model(family_config(family, experts=4, vocab_size=256), str(tmp_path / family))
+    for rank, res in enumerate(rank_pools(2).run(_transformers_case, path, timeout_s=300)):
+        assert res["device"] == "cuda" and res["registered"]
+        print(f"rank {rank} {family}: one microbatch vs all_to_all {res['one_vs_a2a']}; two vs ref {res['two_vs_ref']}")
+        # One microbatch runs the all_to_all computation: equal, or (GPU GEMMs over other row
+        # counts) within the tolerance; microbatched: within the tolerance of the single process.
+        for d in (res["one_vs_a2a"], res["two_vs_ref"]):
+            assert d["max"] <= max(tolerance(d["dtype"], d["scale"]), res["a2a_vs_ref"]["max"]), res
 
 
 def test_host_read_detector_sees_a_device_sync():
@@ -296,3 +405,32 @@ def test_host_read_detector_sees_a_device_sync():
     with HostReads() as reads:
         t.sum().item()
     assert reads.log
+
+
+# --------------------------------------------------------------------------------------------
+# Experts as one grouped GEMM against the per-expert loop, on the GPU
+# --------------------------------------------------------------------------------------------
+
+
+def test_grouped_gemm_equals_the_expert_loop_on_cuda():
+    from overlap import moe
+    from overlap.numerics import compare
+
+    dev = torch.device("cuda")
+    assert moe.has_grouped_mm(dev, torch.bfloat16), "torch has no CUDA grouped_mm for bf16 on this GPU"
+    g = torch.Generator().manual_seed(0)
+    experts, hidden, inter = 16, 1024, 512
+    gate = (torch.randn(experts, inter, hidden, generator=g) / 32).to(torch.bfloat16).to(dev)
+    up = (torch.randn(experts, inter, hidden, generator=g) / 32).to(torch.bfloat16).to(dev)
+    down = (torch.randn(experts, hidden, inter, generator=g) / 23).to(torch.bfloat16).to(dev)
+    counts = torch.randint(0, 200, (experts,), generator=g)
+    counts[3] = 0
+    rows = int(counts.sum()) + 37  # rows past the counts are ignored
+    x = torch.randn(rows, hidden, generator=g).to(torch.bfloat16).to(dev)
+    nums = counts.to(dev)
+    grouped = moe.expert_mlps(x, gate, up, down, nums, implementation="grouped_mm")
+    looped = moe.expert_mlps(x, gate, up, down, nums, implementation="loop")
+    between = compare(grouped.float().cpu(), looped.double().cpu(), torch.bfloat16, max_ulps=1.0)
+    print(f"grouped vs loop on cuda: bit-equal {torch.equal(grouped, looped)}, {between}")
+    assert between.ok, str(between)
+    assert torch.equal(grouped[-37:], torch.zeros_like(grouped[-37:]))

@@ -543,6 +543,7 @@ class _FakeDevice:
     """A stand-in for torch.cuda on CPU: kernels 'run' at launch, advancing a device clock (ms)."""
 
     now_ms = 0.0
+    event_waits = 0
 
     class Event:
         def __init__(self, enable_timing: bool = False) -> None:
@@ -555,7 +556,7 @@ class _FakeDevice:
             return other.t - self.t
 
         def synchronize(self) -> None:
-            pass
+            _FakeDevice.event_waits += 1
 
         def query(self) -> bool:
             return True
@@ -611,9 +612,14 @@ def test_device_timeline_path_with_a_fake_device(monkeypatch):
     plan = build(moe_edges(1), fns={n: kernel(n) for n in cost_ms}).plan()
     given = {name: st._TorchStream("cuda", name=name, torch_stream=_FakeDevice.Stream()) for name in plan.streams}
     tl = Timeline()
+    waits = _FakeDevice.event_waits
     out = plan.run(given, timeline=tl)
     assert out[Node.parse("experts@mb0")] == "experts@mb0"
-    assert all(s._torch.synced >= 1 for s in given.values())  # read only after the device finished
+    # The run never waits for the device (no host sync in a forward): the device times are read,
+    # after waiting for each node's end event, when the timeline is read.
+    assert all(s._torch.synced == 0 for s in given.values()) and _FakeDevice.event_waits == waits
+    assert len(tl.intervals) == len(plan.steps)
+    assert _FakeDevice.event_waits == waits + len(plan.steps)
     expected, t = {}, 0.0
     for s in plan.steps:  # every node is launched in plan order; the fake device runs it at once
         expected[str(s.node)] = (s.stream, 50.0 + t / 1e3, 50.0 + (t + cost_ms[str(s.node)]) / 1e3)
@@ -623,3 +629,37 @@ def test_device_timeline_path_with_a_fake_device(monkeypatch):
     for name, (track, start, end) in expected.items():
         assert got[name][0] == track
         assert got[name][1:] == pytest.approx((start, end), abs=1e-9)
+
+
+def test_device_times_when_the_clock_is_calibrated_after_the_run(monkeypatch):
+    """The first timed run on a device calibrates its clock when the timeline is read, after the
+    run's events: each node's time is then measured from its event to the later reference."""
+    import torch
+
+    from overlap import graph as graph_mod
+    from overlap import streams as st
+
+    monkeypatch.setattr(st, "_torch_module", lambda dev: _FakeDevice)
+    monkeypatch.delitem(graph_mod._CLOCKS, torch.device("cuda"), raising=False)
+    calibrated = []
+
+    def clock(dev):  # the reference: recorded once the device ran everything, at host second 90
+        ref = _FakeDevice.Event()
+        ref.record()
+        calibrated.append(ref.t)
+        return ref, 90.0
+
+    monkeypatch.setattr(graph_mod, "_device_clock", clock)
+    g = Graph()
+    start = _FakeDevice.now_ms
+    g.add("route@mb0", lambda inputs: setattr(_FakeDevice, "now_ms", _FakeDevice.now_ms + 4.0))
+    g.add("experts@mb0", lambda inputs: setattr(_FakeDevice, "now_ms", _FakeDevice.now_ms + 6.0), after=["route@mb0"])
+    plan = g.plan()
+    given = {name: st._TorchStream("cuda", name=name, torch_stream=_FakeDevice.Stream()) for name in plan.streams}
+    tl = Timeline()
+    plan.run(given, timeline=tl)
+    assert calibrated == []  # nothing read yet
+    got = {iv.name: (iv.start, iv.end) for iv in tl.intervals}
+    assert calibrated == [start + 10.0]
+    assert got["route@mb0"] == pytest.approx((90.0 - 0.010, 90.0 - 0.006), abs=1e-9)
+    assert got["experts@mb0"] == pytest.approx((90.0 - 0.006, 90.0), abs=1e-9)

@@ -477,3 +477,57 @@ def test_two_batch_overlap_over_the_whole_model(rank_pools, models, fibers):
         # mb1 computes (attention, router) and dispatches while mb0's dispatch travels, in every layer.
         for layer in (0, 1):
             assert pos[f"dispatch_setup@mb1.l{layer}"] < pos[f"dispatch_teardown@mb0.l{layer}"]
+
+
+# --------------------------------------------------------------------------------------------
+# Registration in every process that loads a model (issue 21 item 5)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_fresh_rank(res: dict) -> None:
+    assert not res["imported_before_load"], res  # nothing imported the integration before the load
+    assert res["implementations"] == ["OverlapEP"], res
+    assert res["finite"], res
+
+
+def test_spawned_ranks_know_overlap_without_importing_the_integration(tmp_path):
+    """Fresh spawned ranks (not the session's pool, which imported the integration long ago) whose
+    code never imports `overlap.integrations.transformers`: `import overlap` registered it."""
+    from overlap.launch import RankPool
+
+    from .spawned_hf import load_and_run
+
+    path = save_model(qwen3_config(layers=1), str(tmp_path / "qwen3"))
+    with RankPool(2) as pool:
+        for res in pool.run(load_and_run, path, timeout_s=300):
+            _check_fresh_rank(res)
+
+
+def test_torchrun_ranks_know_overlap_without_importing_the_integration(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path = save_model(qwen3_config(layers=1), str(tmp_path / "qwen3"))
+    script = os.path.join(os.path.dirname(__file__), "spawned_hf.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, path]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in results) == [0, 1], done.stdout
+    for res in results:
+        _check_fresh_rank(res)
+
+
+def test_import_order_does_not_matter():
+    """In fresh interpreters: overlap first, then transformers' EP module, and the other way round."""
+    import subprocess
+    import sys
+
+    check = "from transformers.distributed.expert_parallel import EPImplementationInterface as I; "
+    for code in (f"import overlap; {check}", f"{check}import overlap; "):
+        code += "assert 'overlap' in I(), list(I())"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]

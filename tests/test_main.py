@@ -271,3 +271,30 @@ def test_check_catches_a_wrong_weight(rank_pools):
     for r in rows:
         assert not r["within_tolerance"], r
         assert r["worst_ulps_serial"] > r["tolerance_ulps"] and r["worst_ulps_overlapped"] > r["tolerance_ulps"]
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["demo", "--device", "cuda"], "T2048 H4096 E8 K2 I2048 S1"),
+        (["demo", "--device", "cuda", "--quant", "2"], "T2048 H4096 E8 K2 I2048 S1 int8"),
+        (["demo", "--device", "cuda", "--tokens", "64"], "T64 H1024 E8 K2 I1024 S1"),
+        (["demo"], "T256 H1024 E8 K2 I1024 S1"),
+    ],
+)
+def test_demo_on_cuda_defaults_to_a_shape_that_gives_the_gpu_work(argv, expected, monkeypatch):
+    """Without shape flags the demo on cuda runs `demo.CUDA_DEMO_SHAPE`; shape flags still win."""
+    from overlap import __main__ as cli
+    from overlap import demo
+
+    seen = []
+
+    def no_ranks(ranks, fn, shape, *args):
+        seen.append(str(shape))
+        raise SystemExit(0)
+
+    monkeypatch.setattr("overlap.launch.run_ranks", no_ranks)
+    monkeypatch.setattr(demo, "check_args", lambda *a: None)  # no GPU here: the device check is not the point
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert seen == [expected]

@@ -332,3 +332,41 @@ def test_wrapped_layer_never_sends_more_than_512_rows(rank_pools, tokens, setups
     for rank, res in enumerate(results):
         assert res["equal"] and res["rows"] == tokens[rank] and res["left"] == 0
         assert res["setups"] == setups
+
+
+def test_a_device_plan_runs_on_the_callers_stream(monkeypatch):
+    """The CPU twin of the device-time fix: on cpu a layer's plan takes its defaults (None); on a
+    device every plan stream is the caller's current stream, whose timing events time each node."""
+    from overlap import streams
+    from overlap.graph import Graph
+    from overlap.pipeline import planned
+
+    g = Graph()
+    g.add("route@mb0", lambda inputs: None)
+    g.add("dispatch_setup@mb0", lambda inputs: None, after=["route@mb0"], kind="comm_issue")
+    g.add("dispatch_teardown@mb0", lambda inputs: None, after=["dispatch_setup@mb0"], kind="comm_wait")
+    plan = g.plan()
+    assert planned.streams_for(plan, torch.device("cpu")) is None
+    asked = []
+    monkeypatch.setattr(streams, "current_stream", lambda device=None: asked.append(device) or "the caller's stream")
+    chosen = planned.streams_for(plan, torch.device("cuda", 0))
+    assert chosen == {name: "the caller's stream" for name in plan.streams} and len(plan.streams) == 3
+    assert asked == [torch.device("cuda", 0)]
+
+
+def _streams_asked_case() -> list[str]:
+    from overlap.pipeline import planned
+
+    real, asked = planned.streams_for, []
+    planned.streams_for = lambda plan, device: asked.append(str(device)) or real(plan, device)
+    try:
+        layer = overlap.MoELayer(1024, 4, 2, 256, seed=5)
+        with overlap.scheduler(microbatches=2):
+            layer(torch.randn(64, 1024).to(torch.bfloat16))
+    finally:
+        planned.streams_for = real
+    return asked
+
+
+def test_the_scheduler_runs_each_plan_on_its_input_device(rank_pools):
+    assert rank_pools(2).run(_streams_asked_case) == [["cpu"], ["cpu"]]

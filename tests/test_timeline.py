@@ -86,3 +86,18 @@ def test_png_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r"pip install moe-overlap\[viz\]"):
         make().save_png(tmp_path / "t.png")
+
+
+def test_pending_intervals_are_resolved_once_when_the_timeline_is_read():
+    """A device run adds its device times as pending (reading them waits for the device): nothing is
+    resolved while the run adds, everything is, in order and once, at the first read."""
+    tl = Timeline(["compute"])
+    calls = []
+    tl.add("compute", "route@mb0", 0.0, 1.0)
+    tl.add_pending(lambda: calls.append("a") or [("compute", "experts@mb0", 1.0, 3.0, "compute")])
+    tl.add_pending(lambda: calls.append("b") or [("link", "dispatch@mb0", 0.5, 2.0, "comm")])
+    assert calls == []
+    assert [iv.name for iv in tl.intervals] == ["route@mb0", "dispatch@mb0", "experts@mb0"]
+    assert calls == ["a", "b"]
+    assert tl.tracks == ("compute", "link") and calls == ["a", "b"]
+    assert tl.report().compute_busy == 3.0

@@ -154,7 +154,7 @@ def load_expert_parallel(
 
     Args:
         path: a saved model.
-        implementation: "overlap" (import `overlap.integrations.transformers` first) or "all_to_all".
+        implementation: "overlap" (known in every process that imported overlap) or "all_to_all".
         layout: "dp" (each rank its own batch: `fsdp_size = ep_size`), "tp" (the group shares one
             batch: `tp_size = ep_size`) or "mixed" (`tp_size = 2` share a batch, `ep_size` over
             fsdp x tp).

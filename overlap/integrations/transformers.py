@@ -2,14 +2,15 @@
 
 Owns: the `EPImplementation` that transformers (>= 5.23) calls for every `ep_dispatch_experts`
 module, registered as ``"overlap"`` in `EPImplementationInterface` when this module is imported
-(idempotent); the microbatch pipeline it runs; `generate`, two-batch overlap for decoding; and
+(idempotent; `import overlap` imports it as soon as transformers' EP module is: see
+`overlap.integrations`); the microbatch pipeline it runs; `generate`, two-batch overlap for decoding; and
 `record`, a context manager that records what ran into an `overlap.timeline.Timeline` and reports
 the overlap over the whole run (`ForwardReport`). Never edits transformers' plans, never falls back
 to another implementation: what the ops refuse is raised, naming the model's config field.
 
 Usage::
 
-    import overlap.integrations.transformers as overlap_hf  # registers "overlap"
+    import overlap.integrations.transformers as overlap_hf  # ("overlap" is known once overlap is imported)
     from transformers.distributed import DistributedConfig
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
         distributed_config=DistributedConfig(fsdp_size=W, ep_size=W, ep_implementation="overlap"))
@@ -449,31 +450,33 @@ class OverlapEP(EPImplementation):
 
     def moe_experts(self, expand_x: Tensor, dynamic_scales: Tensor, expert_token_nums: Tensor) -> Tensor:
         """The rank's experts on the rows each local expert received, top-1 with unit weights (the
-        routing weights are applied by combine_teardown)."""
-        total = int(expert_token_nums.sum())
-        out = torch.zeros_like(expand_x)
-        if total == 0:
-            return out
-        local_ids = torch.repeat_interleave(
-            torch.arange(expert_token_nums.numel(), device=expand_x.device),
-            expert_token_nums.to(expand_x.device),
-            output_size=total,
-        ).unsqueeze(-1)
+        routing weights are applied by combine_teardown). Reads nothing on the host: every one of
+        the `A` rows goes to `experts_forward` with its local expert id, computed on the device from
+        the counts; rows past the received ones get the id `num_local_experts`, the sentinel that
+        transformers' expert-parallel experts skip (its ``"grouped_mm"`` experts sort them last and
+        leave them out of the GEMMs; ``"eager"`` skips that id), and come back as 0."""
+        num_rows = expand_x.shape[0]
+        device = expand_x.device
+        nums = expert_token_nums if expert_token_nums.device == device else expert_token_nums.to(device)
+        ends = torch.cumsum(nums, 0)  # (E_local,) end row of each local expert
+        row = torch.arange(num_rows, device=device)
+        local_ids = torch.searchsorted(ends, row, right=True)  # (A,) in [0, E_local]; E_local: not received
+        valid = (row < ends[-1:])[:, None]
         carried = self._carried
-        rows = expand_x[:total] if carried is None else expand_x[:total, : carried[0]].contiguous()
-        ones = torch.ones(total, 1, dtype=rows.dtype, device=rows.device)
+        rows = expand_x if carried is None else expand_x[:, : carried[0]].contiguous()
+        ones = torch.ones(num_rows, 1, dtype=rows.dtype, device=device)
         with _local_params(self._experts_module):
-            y = self.experts_forward(rows, local_ids, ones).to(out.dtype)
-        if carried is None:
-            out[:total] = y
-            return out
-        hidden, k = carried  # this row's weight: the one of the token's k whose expert is this rank's local one
-        cols = expand_x[:total, hidden : hidden + 3 * k]
-        ids = cols[:, k : 2 * k].long() * 32 + cols[:, 2 * k :].long()
-        mine = ids == (local_ids + self.ep_rank * self.num_local_experts)
-        weight = (cols[:, :k] * mine).sum(-1, keepdim=True)  # exactly one k matches: exact
-        out[:total, :hidden] = y * weight  # rounded to the model's dtype, as transformers does
-        return out
+            y = self.experts_forward(rows, local_ids.unsqueeze(-1), ones).to(expand_x.dtype)
+        if carried is not None:  # this row's weight: the one of the token's k whose expert is local
+            hidden, k = carried
+            cols = expand_x[:, hidden : hidden + 3 * k]
+            ids = cols[:, k : 2 * k].long() * 32 + cols[:, 2 * k :].long()
+            mine = ids == (local_ids[:, None] + self.ep_rank * self.num_local_experts)
+            weight = (cols[:, :k] * mine).sum(-1, keepdim=True)  # exactly one k matches: exact
+            y = y * weight  # rounded to the model's dtype, as transformers does
+            y = torch.cat([y, expand_x.new_zeros(num_rows, expand_x.shape[1] - hidden)], dim=1)
+        # Rows past the received ones may hold anything (NaN times a 0 weight): 0, chosen on the device.
+        return torch.where(valid, y, y.new_zeros(()))
 
     def moe_shared(self, x: Tensor) -> None:
         return None

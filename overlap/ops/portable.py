@@ -234,7 +234,7 @@ def dispatch_teardown(
             f"received {total} rows but A = {capacity}: global_bs = {global_bs} is too small for the "
             f"largest BS of the group (global_bs must be max_bs * ep_world_size)"
         )
-    order = kernels.block_transpose_index(counts).to(recv.device)  # (src, e) blocks -> (e, src) blocks
+    order = _to_device(kernels.block_transpose_index(counts), recv.device)  # (src, e) blocks -> (e, src) blocks
     rows = recv.index_select(0, order)
     dynamic_scales = torch.zeros(capacity, dtype=torch.float32, device=x.device)
     if quant_mode == 2:
@@ -245,10 +245,21 @@ def dispatch_teardown(
     else:
         expand_x = torch.zeros(capacity, hidden, dtype=x.dtype, device=x.device)
         expand_x[:total] = rows.view(x.dtype)[:, :hidden]
-    per_expert = counts.t().to(x.device)  # (L, W); the counts arrive on the host, the outputs live with x
+    per_expert = _to_device(counts.t(), x.device)  # (L, W); the counts arrive on the host, the outputs live with x
     assist_info = kernels.assist_info_from_counts(per_expert, capacity)
     expert_token_nums = kernels.expert_token_nums_from_counts(per_expert, expert_token_nums_type)
     return expand_x, dynamic_scales, assist_info, expert_token_nums
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host metadata `t` onto `device` without a host sync: a blocking host-to-device copy
+    synchronises the stream, so on a device it goes through pinned memory, non-blocking (the
+    pinned block is kept until the copy ran)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.contiguous().pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _dispatch_checks(
@@ -603,13 +614,25 @@ def combine_teardown(
     check_tensor("expand_idx", expand_idx, shape=(batch * top_k,), dtypes=(torch.int32,), rule="BS * K")
     check_tensor("expert_scales", expert_scales, shape=(batch, top_k), dtypes=(torch.float32,), rule="(BS, K)")
     check_tensor("comm_cmd_info", comm_cmd_info, shape=(None,), dtypes=(torch.int32,))
-    num_active = params.check_active_mask(x_active_mask, batch)
-    params.check_expert_ids(expert_ids, batch, num_active)
+    per_token = top_k + (shared_expert_num if shared_expert_rank_num > 0 else 0)  # rows each active token gets back
+    num_active: int | None = None
+    if staging.defers_host_reads(expand_x):
+        # On a device, reading the mask's and the ids' values would wait for the device. dispatch_setup
+        # checked them (deferred) and the same ones come back here; the rows received say how many
+        # tokens were active. Shapes and dtypes are still checked.
+        if x_active_mask is not None:
+            check_tensor("x_active_mask", x_active_mask, shape=(batch,), dtypes=(torch.bool,))
+        check_tensor("expert_ids", expert_ids, shape=(batch, None), dtypes=(torch.int32, torch.int64))
+    else:
+        num_active = params.check_active_mask(x_active_mask, batch)
+        params.check_expert_ids(expert_ids, batch, num_active)
     if shared_expert_x is not None:
         check_tensor("shared_expert_x", shared_expert_x, shape=(batch, hidden), dtypes=(expand_x.dtype,))
 
     handle = transport.claim(comm_cmd_info, "combine", group_ep)
     recv, _ = handle.take(transport.teardown_timeout())
+    if num_active is None:
+        num_active = min(recv.shape[0] // per_token, batch)
     num_shared_rows = num_active * shared_expert_num if shared_expert_rank_num > 0 else 0
     expected = num_shared_rows + num_active * top_k
     if recv.shape[0] != expected:

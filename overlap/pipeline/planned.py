@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .. import streams as _streams
 from ..graph import Graph, Node
 from ..ops import context as op_context
 from . import policy
@@ -100,6 +101,19 @@ TWO_BATCH = Strategy(
     ),
     hoisted=((("shared", 0), ("dispatch_setup", 0)),),
 )
+
+
+def streams_for(plan: Any, device: torch.device) -> dict[str, _streams.Stream] | None:
+    """The streams a layer's plan runs on for tensors on `device`: None on cpu (the plan's
+    defaults: compute on the calling thread, comm on the pooled workers); on a device, the caller's
+    current stream for every plan stream. (None there would make `Plan.run` take the defaults of
+    the *default* device, the cpu: host-timed nodes, not device time.) The ops move their bytes on
+    the transport's own stream, so one device stream loses no overlap, and no tensor crosses
+    streams (no allocator hazard); the plan's timing events on it give every node's device time."""
+    if device.type == "cpu":
+        return None
+    current = _streams.current_stream(device)
+    return {name: current for name in plan.streams}
 
 
 def _in_caller_context(fn: Callable[[dict[Node, Any]], Any], label: str) -> Callable[[dict[Node, Any]], Any]:
