@@ -116,6 +116,7 @@ class Scheduler:
     # -- the context --
 
     def __enter__(self) -> Scheduler:
+        policy.warn_if_spinning()  # once per process: idle OpenMP threads that spin starve the comm threads
         self._before = {t.ticket for t in ops.in_flight()}  # only setups made inside count at exit
         self._direct = self._new_direct()
         self._tokens = [_executor.set(self), op_context._hook.set(self._on_direct_op)]
