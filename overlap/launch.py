@@ -27,7 +27,7 @@ import os
 import queue
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -58,7 +58,7 @@ def threads_per_rank(world: int, cores: int | None = None) -> int:
     return share - 1 if share >= 4 else share
 
 
-def rank_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+def rank_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The variables a spawned rank's environment gets: `PASSIVE_ENV`, except those the user set
     already (`environ`, default `os.environ`), which are kept as they are."""
     environ = os.environ if environ is None else environ

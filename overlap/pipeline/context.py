@@ -235,7 +235,7 @@ class Scheduler:
         graph, outputs, transfers = planned.build(layer, call, x, routes, split, index)
         plan = graph.plan()
         self.plans.append(plan)
-        results = plan.run(timeline=self.timeline)
+        results = plan.run(planned.streams_for(plan, x.device), timeline=self.timeline)
         add_transfers(self.timeline, transfers)
         return torch.cat([results[n] for n in outputs])[: x.shape[0]]
 

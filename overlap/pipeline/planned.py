@@ -17,6 +17,15 @@ first dispatch). Microbatch i's dispatch travels while microbatch i-1's experts 
 combine while microbatch i+1's experts (and the shared experts) compute. At most
 `policy.in_flight_budget()` exchanges of each kind are in flight: explicit edges
 `dispatch_teardown@mb i → dispatch_setup@mb i+budget`, likewise for combine.
+
+Where it runs (`streams_for`): on npu/cuda, compute on the current stream and the setups and
+teardowns on their own streams. On CPU every stage runs on the calling thread, in plan order
+(`CPU_ON_CALLER = True`): a CPU setup is CPU work that returns once its rows are staged, and a
+teardown is a bounded wait plus CPU work, so comm worker threads would only add a thread handoff
+(a scheduler slice on a busy host) at each cross-stream edge, four per exchange, and a compute gap
+after every teardown. The transfers still travel on the transport's own thread (and the link's
+sleep) while the caller computes, and the order is deterministic: the first dispatch's setup is
+issued before the shared experts that hide it, and each teardown runs right before its experts.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .. import streams as _streams
 from ..graph import Graph, Node
 from ..ops import context as op_context
 from . import policy
@@ -100,6 +110,19 @@ TWO_BATCH = Strategy(
     ),
     hoisted=((("shared", 0), ("dispatch_setup", 0)),),
 )
+
+
+CPU_ON_CALLER = True
+"""Run a CPU plan's setups and teardowns on the calling thread (False: on the pooled comm workers,
+as on a device; kept for side-by-side measurement)."""
+
+
+def streams_for(plan: Any, device: torch.device) -> dict[str, _streams.Stream] | None:
+    """The streams `plan` runs on for tensors on `device`: every plan stream on the calling thread
+    (the host stream) on CPU with `CPU_ON_CALLER`, else None (`Plan.run`'s defaults)."""
+    if device.type != "cpu" or not CPU_ON_CALLER:
+        return None
+    return {name: _streams.host_stream() for name in plan.streams}
 
 
 def _in_caller_context(fn: Callable[[dict[Node, Any]], Any], label: str) -> Callable[[dict[Node, Any]], Any]:

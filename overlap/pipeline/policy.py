@@ -28,6 +28,7 @@ import functools
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -143,7 +144,7 @@ def openmp_runtime(parallel_info: str, loaded: str) -> str:
     return "intel" if "libiomp" in loaded else "gnu"
 
 
-def spins(runtime: str, num_threads: int, environ: dict[str, str] | None = None) -> str | None:
+def spins(runtime: str, num_threads: int, environ: Mapping[str, str] | None = None) -> str | None:
     """Why idle OpenMP threads spin (a one-line reason), or None when they do not.
 
     The rule: more than one intra-op thread, an OpenMP runtime (`openmp_runtime`), and a wait that
