@@ -108,10 +108,12 @@ class Scheduler:
             raise HandleError("nothing ran as fibers or as direct op calls in this scheduler context")
         return self.recordings[-1]
 
-    def report(self) -> OverlapReport:
-        """Measured overlap of everything that ran in the context (link intervals are the comm)."""
+    def report(self, serial_time: float | None = None) -> OverlapReport:
+        """Measured overlap of everything that ran in the context (link intervals are the comm).
+        `serial_time`: seconds a serial run of the same work took, for a measured speedup (None:
+        the estimate `OverlapReport.serial_time` describes, which overstates it)."""
         self._flush_direct()
-        return self.timeline.report()
+        return self.timeline.report(serial_time)
 
     # -- the context --
 
