@@ -114,8 +114,14 @@ def test_the_scheduler_warns_once_per_process(monkeypatch):
     monkeypatch.setattr(policy, "_spin_reason", lambda n: f"{n} threads spin")
     monkeypatch.setattr(policy, "_warned", [])
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    import overlap
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        with overlap.scheduler():  # entering a context checks
+            pass
+        with overlap.scheduler():
+            pass
         assert policy.warn_if_spinning() == "3 threads spin"
-        assert policy.warn_if_spinning() == "3 threads spin"
-    assert [str(w.message) for w in caught] == ["3 threads spin"]
+    assert [str(w.message) for w in caught] == ["3 threads spin"]  # once per process
+    assert caught[0].filename == __file__  # pointing at the caller's `with` line

@@ -1,0 +1,135 @@
+"""Side by side, in one run: what the CPU plan's two changes are worth (issue 22, items 1 and 3).
+
+    python bench/bench_cpu_plan.py [--reps 9] [--microbatches 1 2 4] [--threads 1] [--transport emulated]
+
+1. **Where the comm stages run** (`overlap.pipeline.planned.CPU_ON_CALLER`): every repetition
+   times, back to back on 2 ranks, the serial forward, the planned forward with every stage on the
+   caller's thread ("caller") and with the setups/teardowns on the pooled comm workers ("workers").
+2. **The OpenMP wait policy** (`overlap.launch.rank_env`): two rank pools, one started with a
+   passive wait and one with the environment as it is (unset: libgomp spins after each region),
+   alternated round by round. Give `--threads 2` to oversubscribe 2 cores, where spinning shows.
+
+Each figure is a ratio: the median of the per-repetition ratios (each repetition timed on its
+slowest rank) and its [min-max]. Prints `uptime`'s load first: on a loaded machine treat the
+figures as indicative. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from overlap import demo, ops
+from overlap.launch import PASSIVE_ENV, RankPool
+from overlap.pipeline import planned, scheduler, serial_forward
+
+SHAPE = demo.Shape()
+
+
+def _times(microbatches: tuple[int, ...], reps: int, transport: str) -> dict:
+    """On each rank: per m, per variant, the per-rep wall times (max over ranks)."""
+    group = dist.group.WORLD
+    layer = demo.MoELayer(
+        SHAPE.hidden, SHAPE.experts, SHAPE.top_k, SHAPE.intermediate, num_shared_experts=SHAPE.shared, seed=1
+    )
+    x = torch.randn(SHAPE.tokens, SHAPE.hidden, generator=torch.Generator().manual_seed(dist.get_rank()))
+    x = x.to(torch.bfloat16)
+
+    def serial():
+        with scheduler(group=group) as s:
+            serial_forward(layer, x)
+        return None, s
+
+    def overlapped(m: int, on_caller: bool):
+        def run():
+            planned.CPU_ON_CALLER = on_caller
+            try:
+                with scheduler(group=group, microbatches=m):
+                    layer(x)
+            finally:
+                planned.CPU_ON_CALLER = True
+
+        return run
+
+    _, s = serial()
+    compute = demo._max([s.report().compute_busy], group)[0]
+    link = demo._calibrate(layer, x, demo.Link(transport=transport), group, torch.device("cpu"), serial, compute)
+    ops.configure(link=link)
+    out: dict = {}
+    try:
+        for m in microbatches:
+            variants = {"serial": serial, "caller": overlapped(m, True), "workers": overlapped(m, False)}
+            for fn in variants.values():  # warm-up
+                fn()
+            times: dict[str, list[float]] = {k: [] for k in variants}
+            for r in range(reps):
+                names = list(variants)[r % 3 :] + list(variants)[: r % 3]  # rotate the order
+                for name in names:
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    variants[name]()
+                    times[name].append(time.perf_counter() - t0)
+            out[m] = {k: demo._max(v, group) for k, v in times.items()}
+    finally:
+        ops.configure(link=None)
+    return out
+
+
+def _ratio(num: list[float], den: list[float]) -> str:
+    ratios = [a / b for a, b in zip(num, den)]
+    return f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank (default 1)")
+    p.add_argument("--transport", choices=demo.TRANSPORTS, default="emulated")
+    p.add_argument("--rounds", type=int, default=2, help="alternated rounds of the two OpenMP pools")
+    args = p.parse_args()
+    print(f"load: {os.popen('uptime').read().strip()}", flush=True)
+    if "OMP_WAIT_POLICY" in os.environ:
+        print(f"note: OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} in this environment: both pools inherit it")
+    pools = {
+        "passive": RankPool(2, threads=args.threads, env=dict(PASSIVE_ENV)),
+        "as is": RankPool(2, threads=args.threads, env={}),
+    }
+    results: dict[str, list[dict]] = {k: [] for k in pools}
+    try:
+        for _ in range(args.rounds):
+            for name, pool in pools.items():
+                results[name].append(pool.run(_times, tuple(args.microbatches), args.reps, args.transport)[0])
+    finally:
+        for pool in pools.values():
+            pool.close()
+    print(f"2 ranks, {args.threads} thread(s) each, {SHAPE}, {args.transport}, {args.reps} reps x {args.rounds} rounds")
+    print(f"{'omp wait':>8} {'m':>2} {'serial/caller':>22} {'serial/workers':>22} {'workers/caller':>22}  serial ms")
+    merged: dict[str, dict[int, dict[str, list[float]]]] = {}
+    for name, rounds in results.items():
+        merged[name] = {
+            m: {k: sum((r[m][k] for r in rounds), []) for k in ("serial", "caller", "workers")}
+            for m in args.microbatches
+        }
+        for m, t in merged[name].items():
+            print(
+                f"{name:>8} {m:>2} {_ratio(t['serial'], t['caller']):>22} {_ratio(t['serial'], t['workers']):>22} "
+                f"{_ratio(t['workers'], t['caller']):>22}  {statistics.median(t['serial']) * 1e3:.1f}"
+            )
+    print("OpenMP policy, same run (as-is time / passive time, medians of each variant):")
+    for m in args.microbatches:
+        cells = []
+        for k in ("serial", "caller", "workers"):
+            a, b = merged["as is"][m][k], merged["passive"][m][k]
+            cells.append(f"{k} {statistics.median(a) / statistics.median(b):.2f}x")
+        print(f"  m={m}: " + ", ".join(cells))
+    print(f"load after: {os.popen('uptime').read().strip()}")
+
+
+if __name__ == "__main__":
+    main()
