@@ -5,9 +5,10 @@
 1. **Where the comm stages run** (`overlap.pipeline.planned.CPU_ON_CALLER`): every repetition
    times, back to back on 2 ranks, the serial forward, the planned forward with every stage on the
    caller's thread ("caller") and with the setups/teardowns on the pooled comm workers ("workers").
-2. **The OpenMP wait policy** (`overlap.launch.rank_env`): two rank pools, one started with a
-   passive wait and one with the environment as it is (unset: libgomp spins after each region),
-   alternated round by round. Give `--threads 2` to oversubscribe 2 cores, where spinning shows.
+2. **The ranks' OpenMP environment** (`overlap.launch.rank_env`): three rank pools, alternated
+   round by round: the environment as it is ("as is": libgomp spins after each region, and every
+   thread but the rank's main one gets a team of all cores), a passive wait only ("passive"), and
+   what the library sets ("passive+n": passive and OMP_NUM_THREADS = the rank's threads).
 
 Each figure is a ratio: the median of the per-repetition ratios (each repetition timed on its
 slowest rank) and its [min-max]. Prints `uptime`'s load first: on a loaded machine treat the
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from overlap import demo, ops
-from overlap.launch import PASSIVE_ENV, RankPool
+from overlap.launch import PASSIVE_ENV, RankPool, rank_env
 from overlap.pipeline import planned, scheduler, serial_forward
 
 SHAPE = demo.Shape()
@@ -94,11 +95,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternated rounds of the two OpenMP pools")
     args = p.parse_args()
     print(f"load: {os.popen('uptime').read().strip()}", flush=True)
-    if "OMP_WAIT_POLICY" in os.environ:
-        print(f"note: OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} in this environment: both pools inherit it")
+    for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS"):
+        if k in os.environ:
+            print(f"note: {k}={os.environ[k]} in this environment: every pool inherits it")
     pools = {
-        "passive": RankPool(2, threads=args.threads, env=dict(PASSIVE_ENV)),
         "as is": RankPool(2, threads=args.threads, env={}),
+        "passive": RankPool(2, threads=args.threads, env=dict(PASSIVE_ENV)),
+        "passive+n": RankPool(2, threads=args.threads, env=rank_env(args.threads, {})),
     }
     results: dict[str, list[dict]] = {k: [] for k in pools}
     try:
@@ -109,7 +112,7 @@ def main() -> None:
         for pool in pools.values():
             pool.close()
     print(f"2 ranks, {args.threads} thread(s) each, {SHAPE}, {args.transport}, {args.reps} reps x {args.rounds} rounds")
-    print(f"{'omp wait':>8} {'m':>2} {'serial/caller':>22} {'serial/workers':>22} {'workers/caller':>22}  serial ms")
+    print(f"{'omp env':>9} {'m':>2} {'serial/caller':>22} {'serial/workers':>22} {'workers/caller':>22}  serial ms")
     merged: dict[str, dict[int, dict[str, list[float]]]] = {}
     for name, rounds in results.items():
         merged[name] = {
@@ -118,16 +121,17 @@ def main() -> None:
         }
         for m, t in merged[name].items():
             print(
-                f"{name:>8} {m:>2} {_ratio(t['serial'], t['caller']):>22} {_ratio(t['serial'], t['workers']):>22} "
+                f"{name:>9} {m:>2} {_ratio(t['serial'], t['caller']):>22} {_ratio(t['serial'], t['workers']):>22} "
                 f"{_ratio(t['workers'], t['caller']):>22}  {statistics.median(t['serial']) * 1e3:.1f}"
             )
-    print("OpenMP policy, same run (as-is time / passive time, medians of each variant):")
-    for m in args.microbatches:
-        cells = []
-        for k in ("serial", "caller", "workers"):
-            a, b = merged["as is"][m][k], merged["passive"][m][k]
-            cells.append(f"{k} {statistics.median(a) / statistics.median(b):.2f}x")
-        print(f"  m={m}: " + ", ".join(cells))
+    print("OpenMP environment, same run (as-is time / this pool's time, medians of each variant):")
+    for name in ("passive", "passive+n"):
+        for m in args.microbatches:
+            cells = []
+            for k in ("serial", "caller", "workers"):
+                a, b = merged["as is"][m][k], merged[name][m][k]
+                cells.append(f"{k} {statistics.median(a) / statistics.median(b):.2f}x")
+            print(f"  {name:>9} m={m}: " + ", ".join(cells))
     print(f"load after: {os.popen('uptime').read().strip()}")
 
 

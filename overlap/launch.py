@@ -11,12 +11,15 @@ Owns process start-up only, in one place:
 - `rank_device(kind, local_rank)`: the device a rank computes on (`cuda:(local_rank % G)`).
 - `threads_per_rank(world)`: torch's intra-op threads per rank so that ranks × threads never
   exceed the cores.
-- `rank_env()`: what every spawned rank's environment gets before torch starts in it: a passive
-  OpenMP wait policy (`OMP_WAIT_POLICY=PASSIVE`, and `KMP_BLOCKTIME=0` for Intel's runtime), so
-  that idle intra-op threads sleep instead of spinning on the cores the comm threads need. An
-  OpenMP runtime reads these once, when it loads (with torch), so they cannot be set from inside a
-  running rank: under `torchrun` the user sets them (README), and the scheduler warns once when
-  they are missing (`overlap.pipeline.policy.spins`).
+- `rank_env(threads)`: what every spawned rank's environment gets before torch starts in it: a
+  passive OpenMP wait (`OMP_WAIT_POLICY=PASSIVE`, and `KMP_BLOCKTIME=0` for Intel's runtime), so
+  that idle OpenMP threads sleep instead of spinning on the cores the comm threads need, and
+  `OMP_NUM_THREADS=threads`: `torch.set_num_threads` sets only the calling thread's OpenMP team,
+  so without it every other thread that runs a torch op (the transport's worker, a stream worker)
+  gets a team as large as the host, spinning beside the rank's own. An OpenMP runtime reads these
+  once, when it loads (with torch), so they cannot be set from inside a running rank: under
+  `torchrun` the user sets them (README; torchrun sets OMP_NUM_THREADS=1 itself), and the
+  scheduler warns once when they are missing (`overlap.pipeline.policy.spins`).
 
 `fn` must be importable (module level): the processes are spawned.
 """
@@ -58,11 +61,13 @@ def threads_per_rank(world: int, cores: int | None = None) -> int:
     return share - 1 if share >= 4 else share
 
 
-def rank_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The variables a spawned rank's environment gets: `PASSIVE_ENV`, except those the user set
-    already (`environ`, default `os.environ`), which are kept as they are."""
+def rank_env(threads: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables a spawned rank with `threads` intra-op threads gets: `PASSIVE_ENV` and
+    `OMP_NUM_THREADS`, except those the user set already (`environ`, default `os.environ`), which
+    are kept as they are."""
     environ = os.environ if environ is None else environ
-    return {k: v for k, v in PASSIVE_ENV.items() if k not in environ}
+    wanted = {**PASSIVE_ENV, "OMP_NUM_THREADS": str(threads)}
+    return {k: v for k, v in wanted.items() if k not in environ}
 
 
 def rank_device(kind: str, local_rank: int) -> torch.device:
@@ -112,8 +117,8 @@ class RankPool:
         world: number of ranks (>= 2: the ops' ep_world_size range starts at 2).
         threads: torch intra-op threads per rank (default `threads_per_rank(world)`).
         env: variables set in every rank's environment before torch starts there (default
-            `rank_env()`: a passive OpenMP wait, unless the caller's environment sets one); `{}`
-            leaves the environment as it is.
+            `rank_env(threads)`: a passive OpenMP wait and OMP_NUM_THREADS, except what the
+            caller's environment sets); `{}` leaves the environment as it is.
     """
 
     def __init__(self, world: int, *, threads: int | None = None, env: dict[str, str] | None = None) -> None:
@@ -121,7 +126,7 @@ class RankPool:
             raise ValueError(f"world must be an int >= 2 (the ops' ep_world_size range is [2, 384]), got {world!r}")
         self.world = world
         self.threads = threads or threads_per_rank(world)
-        self.env = rank_env() if env is None else dict(env)
+        self.env = rank_env(self.threads) if env is None else dict(env)
         self._procs: list[Any] = []
         self._tasks: list[Any] = []
 

@@ -54,23 +54,45 @@ def test_pool_runs_on_every_rank_and_reports_a_ranks_error():
         assert pool.run(_rank_and_size)[2] == (2, 3)  # the pool goes on after a rank's error
 
 
-def _rank_env() -> tuple[str | None, str | None]:
+def _rank_env() -> tuple[str | None, str | None, str | None]:
     import os
 
-    return os.environ.get("OMP_WAIT_POLICY"), os.environ.get("KMP_BLOCKTIME")
+    return os.environ.get("OMP_WAIT_POLICY"), os.environ.get("KMP_BLOCKTIME"), os.environ.get("OMP_NUM_THREADS")
 
 
-def test_ranks_get_a_passive_openmp_wait_and_the_parent_keeps_its_environment(monkeypatch):
+def _thread_team() -> int:
+    """OS threads a fresh Python thread's first torch op leaves behind in this rank: its OpenMP team
+    is `OMP_NUM_THREADS` (torch.set_num_threads sets only the calling thread's)."""
+    import os
+    import threading
+
+    import torch.nn.functional as F
+
+    before = len(os.listdir("/proc/self/task"))
+    x, w = torch.randn(256, 1024), torch.randn(1024, 1024)
+    t = threading.Thread(target=F.linear, args=(x, w))
+    t.start()
+    t.join()
+    return len(os.listdir("/proc/self/task")) - before
+
+
+def test_ranks_get_a_passive_openmp_wait_and_their_thread_count_and_the_parent_keeps_its_environment(monkeypatch):
     import os
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("KMP_BLOCKTIME", "7")  # the user's own setting is kept
-    assert rank_env() == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert rank_env(3) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3"}
     with RankPool(2, threads=1) as pool:
-        assert pool.run(_rank_env) == [("PASSIVE", "7")] * 2
-    assert "OMP_WAIT_POLICY" not in os.environ and os.environ["KMP_BLOCKTIME"] == "7"
+        assert pool.run(_rank_env) == [("PASSIVE", "7", "1")] * 2
+        if os.path.isdir("/proc/self/task"):
+            assert pool.run(_thread_team) == [0, 0]  # a comm thread's op adds no OpenMP team
+    assert "OMP_WAIT_POLICY" not in os.environ and "OMP_NUM_THREADS" not in os.environ
+    assert os.environ["KMP_BLOCKTIME"] == "7"
     with RankPool(2, threads=1, env={}) as pool:  # opted out: the ranks inherit as is
-        assert pool.run(_rank_env) == [(None, "7")] * 2
+        assert pool.run(_rank_env) == [(None, "7", None)] * 2
+        if os.path.isdir("/proc/self/task") and (os.cpu_count() or 1) > 1:
+            assert all(n >= 1 for n in pool.run(_thread_team))  # the team the env var prevents
 
 
 GNU_INFO = "ATen/Parallel:\n\tat::get_num_threads() : 4\nOpenMP 201511\nATen parallel backend: OpenMP\n"
@@ -90,7 +112,9 @@ def test_which_openmp_runtime_runs_the_intra_op_threads():
         ("gnu", 4, {"OMP_WAIT_POLICY": "active"}, True),
         ("gnu", 4, {"OMP_WAIT_POLICY": "Passive"}, False),
         ("gnu", 4, {"KMP_BLOCKTIME": "0"}, True),  # libgomp ignores KMP_*
-        ("gnu", 1, {}, False),  # no parallel region with one thread
+        ("gnu", 1, {"OMP_NUM_THREADS": "1"}, False),  # no team anywhere
+        ("gnu", 1, {}, True),  # other threads' teams take every core (4 here)
+        ("gnu", 1, {"OMP_NUM_THREADS": "2"}, True),
         ("intel", 4, {}, True),  # 200 ms of spinning by default
         ("intel", 4, {"KMP_BLOCKTIME": "0"}, False),
         ("intel", 4, {"OMP_WAIT_POLICY": "PASSIVE"}, False),
@@ -98,12 +122,12 @@ def test_which_openmp_runtime_runs_the_intra_op_threads():
     ],
 )
 def test_the_spinning_rule(runtime, threads, env, spinning):
-    reason = spins(runtime, threads, env)
+    reason = spins(runtime, threads, env, cores=4)
     assert (reason is not None) == spinning
     if spinning:
         assert "OMP_WAIT_POLICY=PASSIVE" in reason and "\n" not in reason
     with pytest.raises(ValueError, match="runtime must be one of"):
-        spins("tbb", 4, {})
+        spins("tbb", 4, {}, cores=4)
 
 
 def test_the_scheduler_warns_once_per_process(monkeypatch):

@@ -144,29 +144,41 @@ def openmp_runtime(parallel_info: str, loaded: str) -> str:
     return "intel" if "libiomp" in loaded else "gnu"
 
 
-def spins(runtime: str, num_threads: int, environ: Mapping[str, str] | None = None) -> str | None:
+def spins(runtime: str, num_threads: int, environ: Mapping[str, str] | None = None, cores: int = 1) -> str | None:
     """Why idle OpenMP threads spin (a one-line reason), or None when they do not.
 
-    The rule: more than one intra-op thread, an OpenMP runtime (`openmp_runtime`), and a wait that
-    is not passive: for GNU OpenMP `OMP_WAIT_POLICY` is not `passive` (unset: each thread spins
+    The rule: an OpenMP runtime (`openmp_runtime`), a team of more than one thread somewhere in
+    the process, and a wait that is not passive. Teams: `num_threads` (torch's, set by
+    `torch.set_num_threads` for the calling thread only) and, for every other thread that runs a
+    torch op (the transport's, the stream workers), `OMP_NUM_THREADS`, or all `cores` when it is
+    unset. Waits: for GNU OpenMP `OMP_WAIT_POLICY` is not `passive` (unset: each thread spins
     300 000 turns after every parallel region; `active`: for ever); for Intel OpenMP neither
-    `OMP_WAIT_POLICY=passive` nor `KMP_BLOCKTIME=0` (unset: 200 ms of spinning). With one thread
-    there is no parallel region, and torch's native pool waits on a condition variable.
+    `OMP_WAIT_POLICY=passive` nor `KMP_BLOCKTIME=0` (unset: 200 ms of spinning). torch's native
+    pool waits on a condition variable.
     """
     if runtime not in OPENMP_RUNTIMES:
         raise ValueError(f"runtime must be one of {OPENMP_RUNTIMES}, got {runtime!r}")
     environ = os.environ if environ is None else environ
-    if num_threads <= 1 or runtime == "native":
+    if runtime == "native":
+        return None
+    try:
+        others = int(environ.get("OMP_NUM_THREADS", "").split(",")[0])
+    except ValueError:  # unset (or unreadable): a team of every core
+        others = cores
+    if max(num_threads, others) <= 1:
         return None
     if environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive":
         return None
     if runtime == "intel" and environ.get("KMP_BLOCKTIME", "").strip() == "0":
         return None
     policy = environ.get("OMP_WAIT_POLICY")
+    teams = (
+        f"torch's {num_threads} intra-op threads" if num_threads > 1 else f"teams of {others} threads in comm threads"
+    )
     return (
-        f"torch's {num_threads} intra-op threads ({runtime} OpenMP) spin after each parallel region "
+        f"{teams} ({runtime} OpenMP) spin after each parallel region "
         f"(OMP_WAIT_POLICY={'unset' if policy is None else policy}) and starve the comm threads: "
-        "set OMP_WAIT_POLICY=PASSIVE (Intel OpenMP: or KMP_BLOCKTIME=0) before the process starts"
+        "set OMP_WAIT_POLICY=PASSIVE (Intel OpenMP: or KMP_BLOCKTIME=0) and OMP_NUM_THREADS before the process starts"
     )
 
 
@@ -177,7 +189,8 @@ def _spin_reason(num_threads: int) -> str | None:
             loaded = f.read()
     except OSError:  # not Linux: judge by the parallel info alone
         loaded = ""
-    return spins(openmp_runtime(torch.__config__.parallel_info(), loaded), num_threads)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return spins(openmp_runtime(torch.__config__.parallel_info(), loaded), num_threads, cores=cores)
 
 
 _warned: list[str] = []
@@ -186,8 +199,7 @@ _warned: list[str] = []
 def warn_if_spinning() -> str | None:
     """Warn (`RuntimeWarning`, one line, once per process) when `spins` finds this process's OpenMP
     threads spinning; returns the reason, or None. Cheap after the first call."""
-    num_threads = torch.get_num_threads()
-    reason = _spin_reason(num_threads) if num_threads > 1 else None
+    reason = _spin_reason(torch.get_num_threads())
     if reason is not None and not _warned:
         _warned.append(reason)
         warnings.warn(reason, RuntimeWarning, stacklevel=3)
