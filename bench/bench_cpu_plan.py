@@ -32,8 +32,9 @@ from overlap.pipeline import planned, scheduler, serial_forward
 SHAPE = demo.Shape()
 
 
-def _times(microbatches: tuple[int, ...], reps: int, transport: str) -> dict:
-    """On each rank: per m, per variant, the per-rep wall times (max over ranks)."""
+def _times(microbatches: tuple[int, ...], reps: int, transport: str, gbps: float | None) -> dict:
+    """On each rank: per m, per variant, the per-rep wall times (max over ranks), and the link's
+    bandwidth (`gbps` as given, or calibrated here to comm = compute)."""
     group = dist.group.WORLD
     layer = demo.MoELayer(
         SHAPE.hidden, SHAPE.experts, SHAPE.top_k, SHAPE.intermediate, num_shared_experts=SHAPE.shared, seed=1
@@ -59,7 +60,8 @@ def _times(microbatches: tuple[int, ...], reps: int, transport: str) -> dict:
 
     _, s = serial()
     compute = demo._max([s.report().compute_busy], group)[0]
-    link = demo._calibrate(layer, x, demo.Link(transport=transport), group, torch.device("cpu"), serial, compute)
+    wanted = demo.Link(transport=transport, gbps=gbps)
+    link = demo._calibrate(layer, x, wanted, group, torch.device("cpu"), serial, compute)
     ops.configure(link=link)
     out: dict = {}
     try:
@@ -78,6 +80,7 @@ def _times(microbatches: tuple[int, ...], reps: int, transport: str) -> dict:
             out[m] = {k: demo._max(v, group) for k, v in times.items()}
     finally:
         ops.configure(link=None)
+    out["gbps"] = None if link is None else link.bandwidth_bytes_per_s / 1e9
     return out
 
 
@@ -92,7 +95,7 @@ def main() -> None:
     p.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank (default 1)")
     p.add_argument("--transport", choices=demo.TRANSPORTS, default="emulated")
-    p.add_argument("--rounds", type=int, default=2, help="alternated rounds of the two OpenMP pools")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the three OpenMP pools (default 3)")
     args = p.parse_args()
     print(f"load: {os.popen('uptime').read().strip()}", flush=True)
     for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS"):
@@ -104,10 +107,14 @@ def main() -> None:
         "passive+n": RankPool(2, threads=args.threads, env=rank_env(args.threads, {})),
     }
     results: dict[str, list[dict]] = {k: [] for k in pools}
+    names = list(pools)
+    gbps = None  # calibrated once (comm = compute), then the same link for every pool
     try:
-        for _ in range(args.rounds):
-            for name, pool in pools.items():
-                results[name].append(pool.run(_times, tuple(args.microbatches), args.reps, args.transport)[0])
+        for r in range(args.rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the pools' order
+                row = pools[name].run(_times, tuple(args.microbatches), args.reps, args.transport, gbps)[0]
+                gbps = row.pop("gbps")
+                results[name].append(row)
     finally:
         for pool in pools.values():
             pool.close()

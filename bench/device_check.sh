@@ -12,6 +12,7 @@
 #   3. python -m overlap bench --device cuda
 #   4. python bench/bench_kernels.py --device cuda
 #   5. python -m overlap bench --device cpu   (this host's cores, for the many-core figures)
+#   6. python bench/bench_cpu_plan.py          (CPU plan and OpenMP environment, side by side)
 # then prints a short summary: each step's status, time and last lines.
 #
 # The image needs torch, networkx, numpy, matplotlib and pytest; not pytest-asyncio, pytest-timeout
@@ -65,6 +66,11 @@ step demo-cuda 50 python3 -m overlap demo --device cuda --ranks 2 --out "$LOG/de
 step bench-cuda 60 python3 -m overlap bench --device cuda --ranks 2 --json "$LOG/bench-cuda.json"
 step kernels-cuda 45 python3 bench/bench_kernels.py --device cuda
 step bench-cpu 45 python3 -m overlap bench --device cpu --ranks 4 --json "$LOG/bench-cpu.json"
+# --- cpuplan (issue 22, items 1 and 3): on this host's cores, side by side in one run: the CPU
+# plan on the caller's thread vs on comm workers, and the ranks' OpenMP environment (as is /
+# passive / passive + OMP_NUM_THREADS), 2 ranks of 7 threads.
+step cpu-plan 60 python3 bench/bench_cpu_plan.py --reps 3 --rounds 3 --threads 7 --microbatches 2 4
+# --- end cpuplan
 
 echo
 echo "== device check summary ($(head -n 1 "$LOG/host.txt"))"
