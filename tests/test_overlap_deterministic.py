@@ -358,3 +358,33 @@ def test_comm_workers_would_hand_off_at_every_cross_stream_edge(rank_pools):
     for r in rank_pools(2).run(_ordering_case, 2, False):
         assert r["threads"] > 1 and not r["caller_only"]
         assert r["handoffs"] >= 3 * r["count"], r["handoffs"]
+
+
+def _cached_plan_case() -> dict:
+    from overlap.pipeline import planned, policy
+    from overlap.pipeline.protocol import LayerCall
+
+    rank = dist.get_rank()
+    layer = overlap.MoELayer(HIDDEN, EXPERTS, TOP_K, INTER, num_shared_experts=1, seed=6)
+    xs = [
+        torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(40 + 2 * rank + k)).to(torch.bfloat16)
+        for k in range(2)
+    ]
+    plain = [layer(x) for x in xs]  # serial, outside a context
+    with overlap.scheduler(microbatches=2, min_tokens=1) as s:
+        outs = [layer(x) for x in xs]  # two calls of one shape, layers 0 and 1
+        again = layer(xs[0])  # layer 2: the same shape and input as layer 0
+    fresh, _, _ = planned.build(layer, LayerCall.of(layer), xs[0], None, policy.split(64, 2, 1), 2)
+    return {
+        "close": [torch.allclose(o.float(), p.float(), rtol=1.6e-2, atol=1.6e-2) for o, p in zip(outs, plain)],
+        "again_equal": torch.equal(again, outs[0]),
+        "reused": s.plans[2] is planned.cached_plan(2, 2, policy.in_flight_budget(), planned.TWO_BATCH),
+        "distinct_layers": s.plans[0] is not s.plans[1],
+        "same_as_fresh": fresh.plan() == s.plans[2],
+    }
+
+
+def test_a_cached_plan_per_shape_gives_the_same_plan_and_results_as_a_fresh_one(rank_pools):
+    for r in rank_pools(2).run(_cached_plan_case):
+        assert r["close"] == [True, True] and r["again_equal"], r
+        assert r["reused"] and r["distinct_layers"] and r["same_as_fresh"], r

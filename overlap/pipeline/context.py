@@ -234,12 +234,11 @@ class Scheduler:
         if split.count == 0:  # no rank has a token: no exchange at all (every rank sees the same total)
             return x[:0]
         index = self._layer_index(layer_index)
-        graph, outputs, transfers = planned.build(layer, call, x, routes, split, index)
-        plan = graph.plan()
+        plan, bound, transfers = planned.prepare(layer, call, x, routes, split, index)
         self.plans.append(plan)
-        results = plan.run(planned.streams_for(plan, x.device), timeline=self.timeline)
+        outputs = planned.run(plan, bound, x.device, self.timeline)
         add_transfers(self.timeline, transfers)
-        return torch.cat([results[n] for n in outputs])[: x.shape[0]]
+        return torch.cat(outputs)[: x.shape[0]]
 
     def run_module(self, module: Any, x: Tensor, **kwargs: Any) -> Any:
         """Run `module(x, **kwargs)`, a module that calls the ops (however deep), as microbatch fibers.

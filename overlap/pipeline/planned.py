@@ -31,6 +31,7 @@ issued before the shared experts that hide it, and each teardown runs right befo
 from __future__ import annotations
 
 import contextvars
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,7 @@ from torch import Tensor
 
 from .. import ops
 from .. import streams as _streams
-from ..graph import Graph, Node
+from ..graph import Graph, Node, Plan
 from ..ops import context as op_context
 from . import policy
 from .protocol import LayerCall, MoEProtocol, Routes, _executor
@@ -145,23 +146,20 @@ def _in_caller_context(fn: Callable[[dict[Node, Any]], Any], label: str) -> Call
     return lambda inputs: caller.copy().run(body, inputs)
 
 
-def build(
+def _bind(
     layer: MoEProtocol,
     call: LayerCall,
     x: Tensor,
     routes: Routes | None,
     split: policy.Split,
     layer_index: int,
-    strategy: Strategy = TWO_BATCH,
-) -> tuple[Graph, list[Node], list[ops.Transfer]]:
-    """The graph of one layer call: returns it, the nodes whose results are the microbatches'
-    outputs (in order), and the list the setup nodes append their transfers to while running."""
-    g = Graph()
+) -> tuple[dict[Stage, Callable[[dict[Node, Any]], Any]], list[ops.Transfer]]:
+    """The node functions of one layer call, by `(stage, microbatch)`, each run in the caller's
+    context, and the list the setup nodes append their transfers to while running."""
     transfers: list[ops.Transfer] = []
     count, args, kw, quant = split.count, call.args, call.shared, call.quant_mode
     node = {(st, i): Node(st, microbatch=i, layer=layer_index) for st in STAGES for i in range(count)}
     chunks = [split.chunk(x, i) for i in range(count)]
-    budget = policy.in_flight_budget()
 
     def fns(i: int) -> dict[str, Callable[[dict[Node, Any]], Any]]:
         chunk, mask = chunks[i]
@@ -229,16 +227,109 @@ def build(
         if t is not None:
             transfers.append(t)
 
-    per_microbatch = [fns(i) for i in range(count)]
+    bound = {}
+    for i in range(count):
+        for stage, fn in fns(i).items():
+            bound[stage, i] = _in_caller_context(fn, f"mb{i}.l{layer_index}")
+    return bound, transfers
+
+
+def _graph(
+    count: int,
+    layer_index: int,
+    budget: int,
+    strategy: Strategy,
+    fn_of: Callable[[Stage], Callable[[dict[Node, Any]], Any]],
+) -> Graph:
+    """The graph of a `count`-microbatch layer call: its nodes in the strategy's pipeline order
+    (their priorities), the data edges of `DEPENDS`, the in-flight budget's edges; `fn_of(stage)`
+    gives each node's function."""
+    g = Graph()
+    node = {(st, i): Node(st, microbatch=i, layer=layer_index) for st in STAGES for i in range(count)}
     for priority, (stage, i) in enumerate(strategy.order(count)):
         after = [node[d, i] for d in DEPENDS[stage]]
         if stage.endswith("_setup") and i >= budget:  # the in-flight budget
             after.append(node[stage.replace("setup", "teardown"), i - budget])
-        g.add(
-            node[stage, i],
-            _in_caller_context(per_microbatch[i][stage], f"mb{i}.l{layer_index}"),
-            after=after,
-            kind=KIND.get(stage, "compute"),
-            priority=priority,
-        )
-    return g, [node["combine_teardown", i] for i in range(count)], transfers
+        g.add(node[stage, i], fn_of((stage, i)), after=after, kind=KIND.get(stage, "compute"), priority=priority)
+    return g
+
+
+def build(
+    layer: MoEProtocol,
+    call: LayerCall,
+    x: Tensor,
+    routes: Routes | None,
+    split: policy.Split,
+    layer_index: int,
+    strategy: Strategy = TWO_BATCH,
+) -> tuple[Graph, list[Node], list[ops.Transfer]]:
+    """The graph of one layer call, its node functions bound in: returns it, the nodes whose
+    results are the microbatches' outputs (in order), and the list the setup nodes append their
+    transfers to while running."""
+    bound, transfers = _bind(layer, call, x, routes, split, layer_index)
+    g = _graph(split.count, layer_index, policy.in_flight_budget(), strategy, bound.__getitem__)
+    return g, _outputs(split.count, layer_index), transfers
+
+
+def _outputs(count: int, layer_index: int) -> list[Node]:
+    return [Node("combine_teardown", microbatch=i, layer=layer_index) for i in range(count)]
+
+
+# ---- one plan per shape, reused: the calls bind their functions through a context variable ----
+
+_BOUND: contextvars.ContextVar[dict[Stage, Callable[[dict[Node, Any]], Any]]] = contextvars.ContextVar(
+    "overlap_planned_bound"
+)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A cached plan's node function: runs the function the current call bound for its stage
+    (`_BOUND`, set by `run` on the caller's thread, where every node of a caller-run plan runs)."""
+
+    stage: str
+    microbatch: int
+
+    def __call__(self, inputs: dict[Node, Any]) -> Any:
+        return _BOUND.get()[self.stage, self.microbatch](inputs)
+
+
+@functools.lru_cache(maxsize=256)
+def cached_plan(count: int, layer_index: int, budget: int, strategy: Strategy = TWO_BATCH) -> Plan:
+    """The plan of a `count`-microbatch call of layer `layer_index` under `budget`, planned once:
+    planning (validation, events, order) is pure and the same for every call of that shape, so
+    only the node functions change, bound per call (`run`). Its nodes' functions are `_Slot`s."""
+    return _graph(count, layer_index, budget, strategy, lambda st: _Slot(*st)).plan()
+
+
+def prepare(
+    layer: MoEProtocol,
+    call: LayerCall,
+    x: Tensor,
+    routes: Routes | None,
+    split: policy.Split,
+    layer_index: int,
+    strategy: Strategy = TWO_BATCH,
+) -> tuple[Plan, dict[Stage, Callable[[dict[Node, Any]], Any]], list[ops.Transfer]]:
+    """The plan of one layer call, its node functions, and the list its setups append their
+    transfers to. On the caller's thread (CPU with `CPU_ON_CALLER`, or a device, where streams
+    queue work from the calling thread) the plan is `cached_plan`'s, its functions bound at `run`;
+    CPU comm workers get a plan of their own (they do not see the caller's context variables)."""
+    budget = policy.in_flight_budget()
+    bound, transfers = _bind(layer, call, x, routes, split, layer_index)
+    if x.device.type != "cpu" or CPU_ON_CALLER:
+        return cached_plan(split.count, layer_index, budget, strategy), bound, transfers
+    return _graph(split.count, layer_index, budget, strategy, bound.__getitem__).plan(), bound, transfers
+
+
+def run(
+    plan: Plan, bound: dict[Stage, Callable[[dict[Node, Any]], Any]], device: torch.device, timeline: Any = None
+) -> list[Any]:
+    """Run a plan of `prepare` with this call's functions bound; the microbatches' outputs, in order."""
+    token = _BOUND.set(bound)
+    try:
+        results = plan.run(streams_for(plan, device), timeline=timeline)
+    finally:
+        _BOUND.reset(token)
+    outputs = sorted((n for n in plan.nodes if n.op == "combine_teardown"), key=lambda n: n.microbatch or 0)
+    return [results[n] for n in outputs]
