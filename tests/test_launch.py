@@ -61,8 +61,9 @@ def _rank_env() -> tuple[str | None, str | None, str | None]:
 
 
 def _thread_team() -> int:
-    """OS threads a fresh Python thread's first torch op leaves behind in this rank: its OpenMP team
-    is `OMP_NUM_THREADS` (torch.set_num_threads sets only the calling thread's)."""
+    """OS threads a fresh Python thread's torch op starts besides itself (its OpenMP team but the
+    thread, counted while it is alive): `OMP_NUM_THREADS` - 1, whatever torch.set_num_threads said
+    in the rank's main thread."""
     import os
     import threading
 
@@ -70,10 +71,16 @@ def _thread_team() -> int:
 
     before = len(os.listdir("/proc/self/task"))
     x, w = torch.randn(256, 1024), torch.randn(1024, 1024)
-    t = threading.Thread(target=F.linear, args=(x, w))
+    seen: list[int] = []
+
+    def op() -> None:
+        F.linear(x, w)
+        seen.append(len(os.listdir("/proc/self/task")) - before - 1)
+
+    t = threading.Thread(target=op)
     t.start()
     t.join()
-    return len(os.listdir("/proc/self/task")) - before
+    return seen[0]
 
 
 def test_ranks_get_a_passive_openmp_wait_and_their_thread_count_and_the_parent_keeps_its_environment(monkeypatch):
