@@ -94,7 +94,9 @@ def main() -> None:
         if rank == 0:
             print("\noverlap run on rank 0 (makespan = the whole forward, compute = the experts, link = transfers):")
             print(rec.report())
-            print(rec.timeline.to_text(width=96))
+            # The axis spans the recorded block, as the report's makespan does (before the first MoE
+            # layer, attention and routers ran: blank).
+            print(rec.timeline.to_text(width=96, start=rec.started, end=rec.ended))
         if not ok:
             raise SystemExit(1)
     finally:

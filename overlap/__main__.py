@@ -11,6 +11,10 @@ import argparse
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .demo import Link, Shape
 
 PROG = "python -m overlap"
 
@@ -22,43 +26,53 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _range(flag: str) -> str:
+    from .demo import range_text
+
+    return range_text(flag)
+
+
 def _shape_flags(p: argparse.ArgumentParser, defaults: dict[str, int]) -> None:
+    from .demo import MAX_TOP_K
+
     g = p.add_argument_group("layer shape (per rank)")
     g.add_argument(
         "--tokens",
         type=int,
         default=defaults["tokens"],
-        help=f"tokens per rank, in [1, 8192] (default {defaults['tokens']})",
+        help=f"tokens per rank, in {_range('--tokens')} (default {defaults['tokens']})",
     )
     g.add_argument(
         "--hidden",
         type=int,
         default=defaults["hidden"],
-        help=f"hidden size H, in [1024, 8192] (default {defaults['hidden']})",
+        help=f"hidden size H, in {_range('--hidden')} (default {defaults['hidden']})",
     )
     g.add_argument(
         "--experts",
         type=int,
         default=defaults["experts"],
-        help=f"routed experts E, in (0, 512], divisible by the ranks (default {defaults['experts']})",
+        help=f"routed experts E, in {_range('--experts')}, divisible by the ranks (default {defaults['experts']})",
     )
+    low = _range("--top-k").split(",")[0]
     g.add_argument(
         "--top-k",
         type=int,
         default=defaults["top_k"],
-        help=f"experts per token K, in (0, min(16, E)] (default {defaults['top_k']})",
+        help=f"experts per token K, in {low}, min({MAX_TOP_K}, E)] (default {defaults['top_k']})",
     )
     g.add_argument(
         "--intermediate",
         type=int,
         default=defaults["intermediate"],
-        help=f"intermediate size of each expert's gated MLP (default {defaults['intermediate']})",
+        help=f"intermediate size of each expert's gated MLP, in {_range('--intermediate')} "
+        f"(default {defaults['intermediate']})",
     )
     g.add_argument(
         "--shared",
         type=int,
         default=defaults["shared"],
-        help=f"shared experts, computed on every rank, in [0, 4] (default {defaults['shared']})",
+        help=f"shared experts, computed on every rank, in {_range('--shared')} (default {defaults['shared']})",
     )
     g.add_argument(
         "--quant",
@@ -70,12 +84,15 @@ def _shape_flags(p: argparse.ArgumentParser, defaults: dict[str, int]) -> None:
 
 
 def _run_flags(p: argparse.ArgumentParser, *, microbatches: list[int] | int, reps: int) -> None:
+    from .demo import DEFAULT_COMM_RATIO, DEFAULT_LATENCY_US
+
     g = p.add_argument_group("ranks and link")
     g.add_argument(
         "--ranks",
         type=int,
-        default=2,
-        help="local ranks to start, in [2, 384] (default 2; under torchrun the job's world size)",
+        default=None,
+        help=f"local ranks to start, in {_range('--ranks')} (default 2; under torchrun the job's world size, "
+        "which --ranks must then equal)",
     )
     g.add_argument(
         "--device",
@@ -89,7 +106,7 @@ def _run_flags(p: argparse.ArgumentParser, *, microbatches: list[int] | int, rep
         choices=("gloo", "emulated"),
         default="emulated",
         help="emulated (default): gloo moves the data, completion follows a modelled link; "
-        "gloo: as fast as gloo moves it",
+        "gloo: as fast as gloo moves it (no link model: the three link flags below need emulated)",
     )
     link = g.add_mutually_exclusive_group()
     link.add_argument(
@@ -97,17 +114,23 @@ def _run_flags(p: argparse.ArgumentParser, *, microbatches: list[int] | int, rep
         type=float,
         default=None,
         metavar="R",
-        help="scale the emulated link so that one serial layer's comm takes R x its compute (default 1)",
+        help="scale the emulated link so that one serial layer's comm takes R x its compute, R in "
+        f"{_range('--comm-ratio')} (default {DEFAULT_COMM_RATIO:g})",
     )
     link.add_argument(
         "--link-gbps",
         type=float,
         default=None,
         metavar="GBPS",
-        help="emulated link bandwidth in GB/s (10^9 bytes per second), instead of --comm-ratio",
+        help=f"emulated link bandwidth in GB/s (10^9 bytes per second), in {_range('--link-gbps')}, "
+        "instead of --comm-ratio",
     )
     g.add_argument(
-        "--latency-us", type=float, default=20.0, help="emulated link latency per exchange, microseconds (default 20)"
+        "--latency-us",
+        type=float,
+        default=None,
+        help=f"emulated link latency per exchange, microseconds, in {_range('--latency-us')} "
+        f"(default {DEFAULT_LATENCY_US:g})",
     )
     if isinstance(microbatches, list):
         g.add_argument(
@@ -116,7 +139,8 @@ def _run_flags(p: argparse.ArgumentParser, *, microbatches: list[int] | int, rep
             nargs="+",
             default=microbatches,
             metavar="M",
-            help=f"microbatch counts to try, each in [1, 64] (default {' '.join(map(str, microbatches))})",
+            help=f"microbatch counts to try, each in {_range('--microbatches')} "
+            f"(default {' '.join(map(str, microbatches))})",
         )
     else:
         g.add_argument(
@@ -124,14 +148,15 @@ def _run_flags(p: argparse.ArgumentParser, *, microbatches: list[int] | int, rep
             type=int,
             default=microbatches,
             metavar="M",
-            help=f"microbatches of the overlapped run, in [1, 64] (default {microbatches}; "
+            help=f"microbatches of the overlapped run, in {_range('--microbatches')} (default {microbatches}; "
             "the scheduler keeps at least 32 tokens in each)",
         )
     g.add_argument(
         "--reps",
         type=int,
         default=reps,
-        help=f"timed repetitions of each run; the median and min-max are reported (default {reps})",
+        help=f"timed repetitions of each run, in {_range('--reps')}; the median and min-max are reported "
+        f"(default {reps})",
     )
 
 
@@ -154,7 +179,13 @@ def parser() -> argparse.ArgumentParser:
     )
     _shape_flags(d, defaults)
     _run_flags(d, microbatches=2, reps=5)
-    d.add_argument("--out", default=None, help="output folder (default: a new overlap-demo-<time> folder)")
+    d.add_argument(
+        "--out",
+        default=None,
+        metavar="FOLDER",
+        help="output folder, created with its parents if missing; must not be a file, and its nearest "
+        "existing folder must be writable (default: a new overlap-demo-<time> folder here)",
+    )
     b = sub.add_parser(
         "bench",
         help="serial vs overlapped for your shape, link and microbatch counts",
@@ -163,13 +194,91 @@ def parser() -> argparse.ArgumentParser:
     )
     _shape_flags(b, defaults)
     _run_flags(b, microbatches=[1, 2, 4], reps=5)
-    b.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON to FILE")
+    b.add_argument(
+        "--json",
+        default=None,
+        metavar="FILE",
+        help="also write the rows as JSON to FILE (replaced if it exists); its folder must exist and be writable",
+    )
     return p
 
 
 def _shape_given(argv: list[str]) -> bool:
     names = ("--tokens", "--hidden", "--experts", "--top-k", "--intermediate", "--shared", "--quant")
     return any(a.split("=")[0] in names for a in argv)
+
+
+def _writable_folder(flag: str, value: str, folder: str) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} must be under a folder you can write to, got {value!r} ({folder!r} is not writable)")
+
+
+def check_out(value: str) -> None:
+    """The demo's output folder, before any rank starts: a folder, or a path that can be made one
+    (its nearest existing ancestor is a writable folder).
+
+    Raises:
+        ValueError: names --out, the value and why (one line).
+    """
+    path = os.path.abspath(value)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out must be a folder or a path that does not exist yet, got {value!r} (a file)")
+    above = path
+    while not os.path.lexists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ValueError(f"--out must be a path under folders, got {value!r} ({above!r} is a file, not a folder)")
+    _writable_folder("--out", value, above)
+
+
+def check_json(value: str) -> None:
+    """The bench's JSON file, before any rank starts: not a folder, in an existing writable folder.
+
+    Raises:
+        ValueError: names --json, the value and why (one line).
+    """
+    path = os.path.abspath(value)
+    if os.path.isdir(path):
+        raise ValueError(f"--json must be a file name, got {value!r} (a folder)")
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        what = "is a file" if os.path.lexists(folder) else "does not exist"
+        raise ValueError(f"--json must be in an existing folder, got {value!r} ({folder!r} {what})")
+    _writable_folder("--json", value, folder)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"--json must be a file you can write, got {value!r} (it exists, read-only)")
+
+
+def checked(args: argparse.Namespace, argv: list[str]) -> tuple[tuple[Shape, ...], int, list[int], Link, str | None]:
+    """What the parsed flags ask for, every value checked before any rank starts: (shapes, ranks,
+    microbatch counts, link, output folder or JSON file).
+
+    Raises:
+        ValueError: one line naming the flag, its value and the allowed range or the reason.
+    """
+    from . import demo
+    from .launch import under_torchrun
+
+    shape = demo.Shape(args.tokens, args.hidden, args.experts, args.top_k, args.intermediate, args.shared, args.quant)
+    link = demo.link_from_flags(args.transport, args.comm_ratio, args.link_gbps, args.latency_us)
+    ranks = 2 if args.ranks is None else args.ranks
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if args.ranks is not None and args.ranks != world:
+            raise ValueError(f"--ranks must equal torchrun's world size ({world}) or be left out, got {args.ranks}")
+        ranks = world
+    counts = args.microbatches if isinstance(args.microbatches, list) else [args.microbatches]
+    shapes = (shape,) if args.command == "demo" or _shape_given(argv) else demo.DEFAULT_BENCH_SHAPES
+    for s in shapes:
+        demo.check_args(s, ranks, counts, link, args.reps, args.device)
+    target = None
+    if args.command == "demo":
+        target = args.out or time.strftime("overlap-demo-%Y%m%d-%H%M%S")
+        check_out(target)
+    elif args.json:
+        target = args.json
+        check_json(target)
+    return shapes, ranks, counts, link, target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,15 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import demo
     from .launch import RankError, run_ranks, under_torchrun
 
-    shape = demo.Shape(args.tokens, args.hidden, args.experts, args.top_k, args.intermediate, args.shared, args.quant)
-    ratio = args.comm_ratio if args.comm_ratio is not None or args.link_gbps is not None else demo.DEFAULT_COMM_RATIO
-    link = demo.Link(args.transport, ratio, args.link_gbps, args.latency_us)
-    ranks = int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.ranks
-    counts = args.microbatches if isinstance(args.microbatches, list) else [args.microbatches]
-    shapes = (shape,) if args.command == "demo" or _shape_given(argv) else demo.DEFAULT_BENCH_SHAPES
     try:
-        for s in shapes:
-            demo.check_args(s, ranks, counts, link, args.reps, args.device)
+        shapes, ranks, counts, link, target = checked(args, argv)
     except ValueError as exc:
         print(f"{PROG} {args.command}: error: {exc} (see --help)", file=sys.stderr)
         return 2
@@ -201,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "demo":
-            out = args.out or time.strftime("overlap-demo-%Y%m%d-%H%M%S")
-            row = run_ranks(ranks, demo.demo_rank, shape, args.microbatches, link, args.reps, args.device, out)
+            row = run_ranks(ranks, demo.demo_rank, shapes[0], args.microbatches, link, args.reps, args.device, target)
             return _print_demo(row) if is_printer() else (0 if row["within_tolerance"] else 1)
         rows = run_ranks(ranks, demo.bench_rank, shapes, tuple(counts), link, args.reps, args.device)
     except RankError as exc:
@@ -213,9 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     if not is_printer():
         return 0
     print(demo.format_table(rows))
-    if args.json:
-        demo.dump_json(rows, args.json)
-        print(f"wrote {args.json}")
+    if target:
+        demo.dump_json(rows, target)
+        print(f"wrote {target}")
     return 0 if all(r["within_tolerance"] for r in rows) else 1
 
 
@@ -223,7 +324,10 @@ def _print_demo(row: dict) -> int:
     """The demo's results, after every progress line: the timeline, the table, the check, the files."""
     from . import demo
 
-    print(f"overlapped run, rank {row['pictured_rank']}, median repetition (# compute, > setup, < teardown, = link):")
+    print(
+        f"overlapped run, rank {row['pictured_rank']}, median repetition, over the table's overlapped time "
+        f"{row['overlapped_s'] * 1e3:.1f} ms (# compute, > setup, < teardown, = link):"
+    )
     print(row["timeline_text"])
     print()
     print(demo.format_table([row]))

@@ -51,8 +51,11 @@ from .timeline import Timeline
 DEFAULT_COMM_RATIO = 1.0
 DEFAULT_LATENCY_US = 20.0
 MAX_TOKENS = 8192  # per rank: 16 calls of the ops' 512 rows
+MAX_INTERMEDIATE = 65536
 MAX_MICROBATCHES = 64
 MAX_REPS = 1000
+MAX_COMM_RATIO = 100.0
+MAX_LATENCY_US = 1e6
 DEVICES = ("cpu", "cuda")
 TRANSPORTS = ("gloo", "emulated")
 
@@ -99,34 +102,84 @@ class Link:
         return f"emulated link scaled to comm = {self.comm_ratio:g} x compute, {self.latency_us:g} us latency"
 
 
-def _in(flag: str, value: float, low: float, high: float, *, open_low: bool = False) -> None:
-    ok = (low < value if open_low else low <= value) and value <= high
+# The range of every numeric flag, as (low, high, low excluded): the checks below and the flags'
+# --help text both read it, so the two cannot drift apart. --top-k's upper bound is also at most E.
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "--ranks": (2, MAX_WORLD_SIZE, False),
+    "--tokens": (1, MAX_TOKENS, False),
+    "--hidden": (MIN_HIDDEN, MAX_HIDDEN, False),
+    "--experts": (0, MAX_EXPERTS, True),
+    "--top-k": (0, MAX_TOP_K, True),
+    "--intermediate": (1, MAX_INTERMEDIATE, False),
+    "--shared": (0, MAX_SHARED_EXPERTS, False),
+    "--microbatches": (1, MAX_MICROBATCHES, False),
+    "--reps": (1, MAX_REPS, False),
+    "--link-gbps": (0, math.inf, True),
+    "--comm-ratio": (0, MAX_COMM_RATIO, True),
+    "--latency-us": (0, MAX_LATENCY_US, False),
+}
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+def range_text(flag: str, high: float | None = None) -> str:
+    """`flag`'s allowed range as the checks and --help write it: ``[1, 1000]``, ``(0, 512]``, ``(0, inf)``."""
+    low, top, open_low = RANGES[flag]
+    top = top if high is None else high
+    hi = "inf)" if math.isinf(top) else f"{_num(top)}]"
+    return f"{'(' if open_low else '['}{_num(low)}, {hi}"
+
+
+def _in(flag: str, value: float, high: float | None = None) -> None:
+    low, top, open_low = RANGES[flag]
+    top = top if high is None else high
+    ok = (low < value if open_low else low <= value) and value <= top
     if not ok:
-        bracket = "(" if open_low else "["
-        hi = "inf" if math.isinf(high) else f"{high:g}"
-        raise ValueError(f"{flag} must be in {bracket}{low:g}, {hi}], got {value:g}")
+        raise ValueError(f"{flag} must be in {range_text(flag, top)}, got {_num(value)}")
+
+
+def link_from_flags(
+    transport: str, comm_ratio: float | None, link_gbps: float | None, latency_us: float | None
+) -> Link:
+    """The `Link` the link flags ask for (None: the flag was not given), refusing a flag that the
+    transport would ignore: gloo has no link model, so --comm-ratio, --link-gbps and --latency-us
+    need --transport emulated.
+
+    Raises:
+        ValueError: names the flag given, its value and the transport (one line).
+    """
+    if transport == "gloo":
+        for flag, value in (("--comm-ratio", comm_ratio), ("--link-gbps", link_gbps), ("--latency-us", latency_us)):
+            if value is not None:
+                raise ValueError(
+                    f"{flag} {value:g} needs --transport emulated, got --transport gloo (gloo has no link model)"
+                )
+    ratio = comm_ratio if comm_ratio is not None or link_gbps is not None else DEFAULT_COMM_RATIO
+    return Link(transport, ratio, link_gbps, DEFAULT_LATENCY_US if latency_us is None else latency_us)
 
 
 def check_args(shape: Shape, ranks: int, microbatches: list[int], link: Link, reps: int, device: str) -> None:
-    """Every command-line value in range, before any rank starts.
+    """Every command-line value in range, before any rank starts (the ranges: `RANGES`).
 
     Raises:
         ValueError: names the flag, its allowed range and the value given (one line).
     """
-    _in("--ranks", ranks, 2, MAX_WORLD_SIZE)
-    _in("--tokens", shape.tokens, 1, MAX_TOKENS)
-    _in("--hidden", shape.hidden, MIN_HIDDEN, MAX_HIDDEN)
-    _in("--experts", shape.experts, 0, MAX_EXPERTS, open_low=True)
+    _in("--ranks", ranks)
+    _in("--tokens", shape.tokens)
+    _in("--hidden", shape.hidden)
+    _in("--experts", shape.experts)
     if shape.experts % ranks:
         raise ValueError(f"--experts must be divisible by the number of ranks ({ranks}), got {shape.experts}")
-    _in("--top-k", shape.top_k, 0, min(MAX_TOP_K, shape.experts), open_low=True)
-    _in("--intermediate", shape.intermediate, 1, 65536)
-    _in("--shared", shape.shared, 0, MAX_SHARED_EXPERTS)
+    _in("--top-k", shape.top_k, min(MAX_TOP_K, shape.experts))
+    _in("--intermediate", shape.intermediate)
+    _in("--shared", shape.shared)
     if shape.quant not in (0, 2):
         raise ValueError(f"--quant must be 0 (none) or 2 (dynamic int8), got {shape.quant}")
     for m in microbatches:
-        _in("--microbatches", m, 1, MAX_MICROBATCHES)
-    _in("--reps", reps, 1, MAX_REPS)
+        _in("--microbatches", m)
+    _in("--reps", reps)
     if device not in DEVICES:
         raise ValueError(f"--device must be one of {DEVICES}, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -134,10 +187,10 @@ def check_args(shape: Shape, ranks: int, microbatches: list[int], link: Link, re
     if link.transport not in TRANSPORTS:
         raise ValueError(f"--transport must be one of {TRANSPORTS}, got {link.transport!r}")
     if link.gbps is not None:
-        _in("--link-gbps", link.gbps, 0, math.inf, open_low=True)
+        _in("--link-gbps", link.gbps)
     if link.comm_ratio is not None:
-        _in("--comm-ratio", link.comm_ratio, 0, 100, open_low=True)
-    _in("--latency-us", link.latency_us, 0, 1e6)
+        _in("--comm-ratio", link.comm_ratio)
+    _in("--latency-us", link.latency_us)
     if link.transport == "gloo" and link.gbps is not None:
         raise ValueError("--link-gbps needs --transport emulated, got --transport gloo")
 
@@ -329,7 +382,8 @@ def measure(
 
     Returns (every rank gets the same figures): the row of the module docstring's JSON, plus with
     `keep` the overlapped scheduler of the median repetition (`"_sched"`) and the pictured
-    timeline (`"_timeline"`, that of the rank that hid least) on rank 0.
+    timeline (`"_timeline"`, that of the rank that hid least) on rank 0, with its time axis
+    (`"_window"`: that repetition's start there, plus the table's overlapped time).
     """
     progress = progress or Progress(False)
     dev, group = _device_and_group(device)
@@ -368,6 +422,7 @@ def measure(
         emulated = _calibrate(layer, x, link, group, dev, serial, compute0)
 
     times: tuple[list[float], list[float]] = ([], [])
+    starts: list[float] = []  # the overlapped repetitions' start on this rank (the picture's time axis)
     scheds: tuple[list[Scheduler], list[Scheduler]] = ([], [])
     outs: list[torch.Tensor] = [x, x]
     ops.configure(link=emulated)
@@ -377,6 +432,8 @@ def measure(
                 for i, fn in enumerate((serial, overlapped)):
                     dist.barrier(group)
                     t0 = time.perf_counter()
+                    if i:
+                        starts.append(t0)
                     outs[i], sched = fn()
                     times[i].append(time.perf_counter() - t0)
                     scheds[i].append(sched)
@@ -447,15 +504,19 @@ def measure(
         dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
         pictured = int(candidate.item())
         payload: list[Any] = [
-            [(iv.track, iv.name, iv.start, iv.end, iv.kind) for iv in o_sched.timeline.intervals]
+            ([(iv.track, iv.name, iv.start, iv.end, iv.kind) for iv in o_sched.timeline.intervals], starts[o_rep])
             if rank == pictured
             else None
         ]
         dist.broadcast_object_list(payload, src=dist.get_global_rank(group, pictured), group=group)
         timeline = Timeline(o_sched.timeline.tracks)
-        for track, name, start, end, kind in payload[0]:
+        rows, started = payload[0]
+        for track, name, start, end, kind in rows:
             timeline.add(track, name, start, end, kind)
-        row.update(_sched=o_sched, _timeline=timeline, pictured_rank=pictured, pictured_rep=o_rep)
+        # The picture's time axis: from the repetition's start on the pictured rank, as long as the
+        # table's overlapped time (this repetition on its slowest rank).
+        window = (started, started + over_t[o_rep])
+        row.update(_sched=o_sched, _timeline=timeline, _window=window, pictured_rank=pictured, pictured_rep=o_rep)
     return row
 
 
@@ -468,7 +529,7 @@ def demo_rank(shape: Shape, microbatches: int, link: Link, reps: int, device: st
             f"[overlap] {dist.get_world_size()} ranks up; {shape}; {link}; device {device}", file=sys.stderr, flush=True
         )
     row = measure(shape, microbatches, link, reps, device, progress, keep=True)
-    sched, timeline = row.pop("_sched"), row.pop("_timeline")
+    sched, timeline, (start, end) = row.pop("_sched"), row.pop("_timeline"), row.pop("_window")
     if dist.get_rank() != 0:
         return row
     with progress.step("writing the trace and the pictures"):
@@ -476,7 +537,7 @@ def demo_rank(shape: Shape, microbatches: int, link: Link, reps: int, device: st
         files = ["trace.json"]
         timeline.save_chrome_trace(os.path.join(out_dir, "trace.json"))
         try:
-            timeline.save_png(os.path.join(out_dir, "timeline.png"), title=picture_title(row))
+            timeline.save_png(os.path.join(out_dir, "timeline.png"), title=picture_title(row), start=start, end=end)
             sched.plan.save_png(os.path.join(out_dir, "plan.png"))
             files += ["timeline.png", "plan.png"]
         except ImportError as exc:
@@ -485,7 +546,7 @@ def demo_rank(shape: Shape, microbatches: int, link: Link, reps: int, device: st
             f.write(sched.plan.to_grid() + "\n")
         files.append("plan.txt")
     row["files"] = [os.path.join(out_dir, f) for f in files]
-    row["timeline_text"] = timeline.to_text()
+    row["timeline_text"] = timeline.to_text(start=start, end=end)
     return row
 
 
@@ -604,6 +665,7 @@ def dump_json(rows: list[dict], path: str) -> None:
 
 __all__ = [
     "DEFAULT_BENCH_SHAPES",
+    "RANGES",
     "Link",
     "Progress",
     "Shape",
@@ -612,7 +674,9 @@ __all__ = [
     "demo_rank",
     "dump_json",
     "format_table",
+    "link_from_flags",
     "measure",
     "picture_title",
     "public_rows",
+    "range_text",
 ]

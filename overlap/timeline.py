@@ -304,38 +304,53 @@ class Timeline:
         with open(path, "w") as f:
             json.dump(self.to_chrome_trace(), f, indent=1)
 
-    def to_text(self, width: int = 72) -> str:
+    def to_text(self, width: int = 72, *, start: float | None = None, end: float | None = None) -> str:
         """A terminal Gantt chart: one row per track, ``width`` columns of time.
 
-        Characters: ``#`` compute, ``>`` comm_issue, ``<`` comm_wait, ``=`` comm (transfer).
+        Characters: ``#`` compute, ``>`` comm_issue, ``<`` comm_wait, ``=`` comm (transfer). The
+        axis runs from ``start`` to ``end`` (this timeline's clock; default: first start to last
+        end), and its right end is labelled with their difference: pass a run's own window (e.g. a
+        recorder's ``started``/``ended``) so that the axis ends at the makespan its report gives.
+
+        Raises:
+            ValueError: ``width`` not an int >= 8, or ``end`` before ``start``.
         """
-        if not isinstance(width, int) or width < 8:
+        from .drawing import timeline_window
+
+        if not isinstance(width, int) or isinstance(width, bool) or width < 8:
             raise ValueError(f"width must be an int >= 8, got {width!r}")
-        t0, span = self.start, self.makespan or 1.0
+        t0, t1 = timeline_window(self, start, end)
+        span = (t1 - t0) or 1.0
         glyph = {"compute": "#", "comm_issue": ">", "comm_wait": "<", "comm": "="}
         tracks = self.tracks
         label = max((len(t) for t in tracks), default=0)
         rows = {t: [" "] * width for t in tracks}
         for iv in self.intervals:
-            a = int((iv.start - t0) / span * width)
-            b = max(a + 1, int(round((iv.end - t0) / span * width)))
+            if iv.end < t0 or iv.start > t1:
+                continue
+            a = int((max(iv.start, t0) - t0) / span * width)
+            b = max(a + 1, int(round((min(iv.end, t1) - t0) / span * width)))
             for c in range(min(a, width - 1), min(b, width)):
                 rows[iv.track][c] = glyph[iv.kind]
-        head = f"{'':<{label}} |0{'':<{width - 2}}{span * 1e3:.2f} ms"
+        end_label = f"{(t1 - t0) * 1e3:.2f} ms|"
+        head = f"{'':<{label}} |0{end_label:>{width}}"
         lines = [head] + [f"{t:<{label}} |{''.join(rows[t])}|" for t in tracks]
         return "\n".join(lines)
 
-    def save_png(self, path: str | os.PathLike, *, title: str | None = None) -> None:
+    def save_png(
+        self, path: str | os.PathLike, *, title: str | None = None, start: float | None = None, end: float | None = None
+    ) -> None:
         """Draw the timeline to PNG (`overlap.drawing.save_timeline_png`): one lane per track, boxes
         coloured by kind, names where they fit, a legend of the tracks drawn, hidden fraction and
         speedup in the title (default title: this timeline's own report, its speedup an estimate).
+        ``start``/``end``: the time axis, as for `to_text`.
 
         Raises:
             ImportError: matplotlib is not installed.
         """
         from .drawing import save_timeline_png
 
-        save_timeline_png(self, path, title=title)
+        save_timeline_png(self, path, title=title, start=start, end=end)
 
     def __repr__(self) -> str:
         return f"Timeline(source={self.source!r}, tracks={self.tracks}, n={len(self._intervals)})"

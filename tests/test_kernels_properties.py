@@ -30,7 +30,7 @@ def routings(draw):
     moe_ranks = world - shared_ranks
     experts = moe_ranks * draw(st.integers(1, 4))
     top_k = draw(st.integers(1, min(experts, 6)))
-    batch = draw(st.integers(1, 24))
+    batch = draw(st.integers(0, 24))  # 0: an empty batch
     # a subset of experts to draw from: some experts (and whole ranks) may get no tokens
     allowed = draw(st.lists(st.integers(0, experts - 1), min_size=top_k, max_size=experts, unique=True))
     seed = draw(st.integers(0, 2**16))
@@ -134,7 +134,7 @@ def test_block_transpose_is_a_permutation_and_its_double_transpose_is_the_identi
 
 @st.composite
 def rows_and_index(draw):
-    n = draw(st.integers(1, 40))
+    n = draw(st.integers(0, 40))  # 0 and 1: empty and single-row sources
     m = draw(st.integers(0, n))
     hidden = draw(st.sampled_from([1, 7, 64, 1024]))
     dtype = draw(st.sampled_from([torch.bfloat16, torch.float16, torch.float32]))
@@ -243,3 +243,153 @@ def test_weighted_combine_matches_the_loop_on_large_shapes(tokens, top_k, hidden
     for k in range(top_k):
         acc = acc + weights[:, k : k + 1] * rows[positions[:, k]].float()
     assert torch.equal(out, acc.to(torch.bfloat16))
+
+
+# ---- paths only large inputs reach -----------------------------------------------------------------
+
+
+def _combine_block(top_k: int, shared: int, hidden: int) -> int:
+    """Tokens per cache block of the eager combine (`kernels/combine.py`): a call of more tokens
+    runs several blocks, each of which must find its own tokens' shared-expert rows."""
+    from overlap.kernels import combine as combine_module
+
+    cache = getattr(combine_module, "CACHE_ELEMENTS", 1 << 19)
+    return max(1, cache // ((top_k + shared + 1) * hidden))
+
+
+def _loop_combine(rows, positions, weights, shared_positions, extra, dtype):
+    """Per token: Σ_k w·row in k order, then the shared rows, then extra, in fp32; one cast."""
+    n, hidden = positions.shape[0], rows.shape[1]
+    expected = torch.empty(n, hidden, dtype=dtype)
+    for t in range(n):
+        acc = torch.zeros(hidden)
+        for k in range(positions.shape[1]):
+            acc = acc + weights[t, k] * rows[positions[t, k]].float()
+        if shared_positions is not None:
+            for s in range(shared_positions.shape[0]):
+                acc = acc + rows[shared_positions[s, t]].float()
+        if extra is not None:
+            acc = acc + extra[t].float()
+        expected[t] = acc.to(dtype)
+    return expected
+
+
+@pytest.mark.parametrize(
+    "top_k,shared,hidden,blocks,extra",
+    [(2, 1, 1024, 2, False), (4, 2, 4096, 3, True), (1, 4, 2048, 2, True), (8, 1, 7168, 2, False)],
+)
+def test_weighted_combine_with_shared_experts_across_several_cache_blocks(top_k, shared, hidden, blocks, extra):
+    """More tokens than one cache block holds (the block's rows of each shared expert must be the
+    block's own tokens', not the first block's), against the per-token loop, bit for bit."""
+    tokens = blocks * _combine_block(top_k, shared, hidden) + 3  # a partial last block too
+    g = torch.Generator().manual_seed(tokens)
+    num_rows = tokens * (top_k + shared)
+    rows = torch.randn(num_rows, hidden, generator=g).to(torch.bfloat16)
+    perm = torch.randperm(num_rows, generator=g)
+    positions = perm[: tokens * top_k].view(tokens, top_k)
+    shared_positions = perm[tokens * top_k :].view(shared, tokens)
+    weights = torch.rand(tokens, top_k, generator=g)
+    extra_rows = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16) if extra else None
+    out = torch.full((tokens, hidden), float("nan"), dtype=torch.bfloat16)
+    kernels.weighted_combine(rows, positions, weights, shared_positions=shared_positions, extra=extra_rows, out=out)
+    assert torch.equal(out, _loop_combine(rows, positions, weights, shared_positions, extra_rows, torch.bfloat16))
+
+
+@st.composite
+def large_combines(draw):
+    """Calls spanning one to three cache blocks, with shared experts (small enough for the eager path)."""
+    top_k = draw(st.integers(1, 4))
+    shared = draw(st.integers(1, 3))
+    hidden = draw(st.sampled_from([1024, 2048, 4096]))
+    block = _combine_block(top_k, shared, hidden)
+    n = draw(st.integers(block - 1, 3 * block + 1))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    num_rows = n * (top_k + shared)
+    rows = torch.randn(num_rows, hidden, generator=g).to(torch.float16)
+    index = torch.randint(0, num_rows, (n, top_k + shared), generator=g)  # rows may repeat
+    return rows, index[:, :top_k], torch.rand(n, top_k, generator=g), index[:, top_k:].t().contiguous()
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(large_combines())
+def test_weighted_combine_on_multi_block_calls_equals_the_loop(case):
+    rows, positions, weights, shared_positions = case
+    out = torch.empty(positions.shape[0], rows.shape[1], dtype=rows.dtype)
+    kernels.weighted_combine(rows, positions, weights, shared_positions=shared_positions, out=out)
+    assert torch.equal(out, _loop_combine(rows, positions, weights, shared_positions, None, rows.dtype))
+
+
+# ---- empty and single-row inputs, and quantisation against a per-element loop ----------------------
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_kernels_on_empty_and_single_row_inputs(n):
+    hidden, top_k = 64, 2
+    x = torch.randn(n, hidden).to(torch.bfloat16)
+    ids = torch.tensor([[1, 0]] * n, dtype=torch.int32).view(n, top_k)
+    layout = kernels.dispatch_layout(
+        ids,
+        num_active=n,
+        ep_world_size=2,
+        ep_rank_id=0,
+        moe_expert_num=2,
+        shared_expert_num=0,
+        shared_expert_rank_num=0,
+    )
+    assert layout.num_rows == n * top_k and layout.send_token.tolist() == [0] * n + [0] * n
+    assert layout.send_counts.tolist() == [[n], [n]] and layout.expand_idx.tolist() == [0] * (n * top_k)
+    gathered = kernels.gather_rows(x, layout.send_token)
+    assert gathered.shape == (n * top_k, hidden) and torch.equal(gathered, x[[0] * (n * top_k)] if n else gathered)
+    back = torch.zeros(n * top_k, hidden, dtype=x.dtype)
+    kernels.scatter_rows(gathered, torch.arange(n * top_k), back)
+    assert torch.equal(back, gathered)
+    q, scale = kernels.quantize_rows(x)
+    assert q.shape == (n, hidden) and scale.shape == (n,)
+    assert kernels.block_transpose_index(torch.tensor([[n, 0], [0, n]])).tolist() == list(range(2 * n))
+    out = torch.empty(n, hidden, dtype=x.dtype)
+    rows = torch.randn(2 * n, hidden).to(torch.bfloat16)
+    positions = torch.arange(2 * n).view(n, 2)
+    weights = torch.ones(n, 2)
+    kernels.weighted_combine(rows, positions, weights, out=out)
+    assert torch.equal(out, _loop_combine(rows, positions, weights, None, None, torch.bfloat16))
+
+
+def _loop_quantize(rows: torch.Tensor) -> tuple[list[list[int]], list[float]]:
+    """Element by element, in fp32: d = 127 / amax, q = round_half_even(x · d), scale = 1 / d."""
+    qs, scales = [], []
+    for row in rows.float():
+        amax = max((abs(v) for v in row.tolist()), default=0.0)
+        if amax == 0:
+            qs.append([0] * row.numel())
+            scales.append(0.0)
+            continue
+        d = torch.tensor(127.0) / torch.tensor(amax)
+        qs.append([max(-128, min(127, round((torch.tensor(v) * d).item()))) for v in row.tolist()])  # round: half even
+        scales.append((torch.tensor(1.0) / d).item())
+    return qs, scales
+
+
+@st.composite
+def quant_rows(draw):
+    n = draw(st.integers(0, 5))
+    hidden = draw(st.sampled_from([1, 3, 16, 33]))
+    ties = draw(st.booleans())
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    if ties:  # halves with amax 127 or 254 (d = 1 or 1/2): many exact ties after scaling
+        top = draw(st.sampled_from([127.0, 254.0]))
+        rows = torch.randint(-int(top), int(top) + 1, (n, hidden), generator=g).float() / (2 if top == 127 else 1)
+        if n and hidden:
+            rows[:, 0] = top * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    else:
+        rows = torch.randn(n, hidden, generator=g) * draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    if n > 1 and draw(st.booleans()):
+        rows[-1] = 0
+    return rows.to(torch.bfloat16)
+
+
+@SETTINGS
+@given(quant_rows())
+def test_quantize_rows_equals_a_per_element_loop(rows):
+    q, scale = kernels.quantize_rows(rows)
+    want_q, want_scale = _loop_quantize(rows)
+    assert q.tolist() == want_q and scale.tolist() == want_scale

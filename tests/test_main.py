@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -71,9 +72,18 @@ def test_demo_runs_and_leaves_trace_and_pictures(tmp_path):
         (["bench", "--microbatches", "1", "0"], "--microbatches must be in [1, 64], got 0"),
         (["demo", "--reps", "0"], "--reps must be in [1, 1000], got 0"),
         (["bench", "--comm-ratio", "0"], "--comm-ratio must be in (0, 100], got 0"),
-        (["bench", "--transport", "gloo", "--link-gbps", "5"], "--link-gbps needs --transport emulated"),
+        (["bench", "--transport", "gloo", "--link-gbps", "5"], "--link-gbps 5 needs --transport emulated"),
         (["bench", "--comm-ratio", "1", "--link-gbps", "5"], "not allowed with argument --comm-ratio"),
         (["demo", "--quant", "1"], "invalid choice: 1"),
+        (["demo", "--intermediate", "65537"], "--intermediate must be in [1, 65536], got 65537"),
+        (["demo", "--latency-us", "2e6"], "--latency-us must be in [0, 1000000], got 2000000"),
+        (["bench", "--link-gbps", "0"], "--link-gbps must be in (0, inf), got 0"),
+        # A flag the transport would ignore is refused, not dropped.
+        (["demo", "--transport", "gloo", "--comm-ratio", "2"], "--comm-ratio 2 needs --transport emulated"),
+        (["bench", "--transport", "gloo", "--latency-us", "5"], "--latency-us 5 needs --transport emulated"),
+        # Output paths, before any rank starts.
+        (["demo", "--out", "/etc/passwd/sub"], "--out must be a path under folders, got '/etc/passwd/sub'"),
+        (["demo", "--out", "/etc/passwd"], "--out must be a folder or a path that does not exist yet"),
     ],
 )
 def test_bad_arguments_are_one_line_before_any_rank_starts(argv, message, capsys, monkeypatch):
@@ -87,6 +97,51 @@ def test_bad_arguments_are_one_line_before_any_rank_starts(argv, message, capsys
     assert message in err
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"python -m overlap {argv[0]}: error: ")
+
+
+def test_out_checks_name_the_reason(tmp_path, capsys, monkeypatch):
+    """--out: a file on the way, or a folder the user cannot write to (as root every folder is
+    writable, so the permission is denied through os.access), is one line naming the path."""
+    monkeypatch.setattr("overlap.launch.run_ranks", lambda *a, **k: pytest.fail("ranks started"))
+    (tmp_path / "f").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "f" / "a" / "b")]) == 2
+    assert f"('{tmp_path / 'f'}' is a file, not a folder)" in capsys.readouterr().err
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real(p, mode))
+    assert main(["demo", "--out", str(tmp_path / "new" / "deeper")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out must be under a folder you can write to, got '{tmp_path / 'new' / 'deeper'}'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_ranks_must_match_torchrun(capsys, monkeypatch):
+    monkeypatch.setattr("overlap.launch.run_ranks", lambda *a, **k: pytest.fail("ranks started"))
+    monkeypatch.setattr("overlap.launch.under_torchrun", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["demo", "--ranks", "4"]) == 2
+    assert "--ranks must equal torchrun's world size (2) or be left out, got 4" in capsys.readouterr().err
+
+
+def test_help_shows_every_range_the_checks_enforce():
+    """Each numeric flag's help carries the range `check_args` enforces, from the same table."""
+    from overlap.__main__ import parser
+
+    subs = next(a for a in parser()._actions if a.dest == "command").choices
+    for name, sub in subs.items():
+        helps = {s: a.help for a in sub._actions for s in a.option_strings}
+        for flag in demo.RANGES:
+            text = demo.range_text(flag)
+            if flag == "--top-k":  # its upper bound is also at most E
+                text = text.split(",")[0] + f", min({demo.MAX_TOP_K}, E)]"
+            assert text in helps[flag], f"{name} {flag}: {helps[flag]!r} lacks {text}"
+    for flag, text in (("--reps", "[1, 1000]"), ("--intermediate", "[1, 65536]"), ("--latency-us", "[0, 1000000]")):
+        assert demo.range_text(flag) == text  # the issue's three, spelled out
+    # And the checks use the same bounds: the value just past each bound is refused with that text.
+    shape, link = demo.Shape(), demo.Link()
+    with pytest.raises(ValueError, match=re.escape("--reps must be in [1, 1000], got 1001")):
+        demo.check_args(shape, 2, [2], link, 1001, "cpu")
+    with pytest.raises(ValueError, match=re.escape("--intermediate must be in [1, 65536], got 65537")):
+        demo.check_args(demo.Shape(intermediate=65537), 2, [2], link, 1, "cpu")
 
 
 def test_every_option_has_help():

@@ -86,16 +86,9 @@ def _overlap_commands() -> list[list[str]]:
 
 def test_command_lines_are_accepted():
     """Each shown `python -m overlap` line parses and passes the checks made before ranks start."""
-    from overlap import demo
-    from overlap.__main__ import parser
+    from overlap.__main__ import checked, parser
 
     commands = _overlap_commands()
     assert any(c[0] == "bench" for c in commands) and any(c[0] == "demo" for c in commands)
     for argv in commands:
-        args = parser().parse_args(argv)
-        shape = demo.Shape(
-            args.tokens, args.hidden, args.experts, args.top_k, args.intermediate, args.shared, args.quant
-        )
-        link = demo.Link(args.transport, args.comm_ratio, args.link_gbps, args.latency_us)
-        counts = args.microbatches if isinstance(args.microbatches, list) else [args.microbatches]
-        demo.check_args(shape, args.ranks, counts, link, args.reps, args.device)
+        checked(parser().parse_args(argv), argv)  # raises ValueError as the command line would refuse it

@@ -85,7 +85,7 @@ def split(total: int, microbatches: int = DEFAULT_MICROBATCHES, min_tokens: int 
     check_microbatches(microbatches, min_tokens)
     if total == 0:
         return Split(0, 0, 0)
-    by_size = min(microbatches, total // min_tokens) if min_tokens > 0 else microbatches
+    by_size = min(microbatches, total // min_tokens if min_tokens > 0 else total)  # T // 0 counts as T
     count = max(math.ceil(total / MAX_TOKENS_PER_CALL), by_size, 1)
     return Split(total, count, math.ceil(total / count))
 
