@@ -26,6 +26,11 @@ teardown is a bounded wait plus CPU work, so comm worker threads would only add 
 after every teardown. The transfers still travel on the transport's own thread (and the link's
 sleep) while the caller computes, and the order is deterministic: the first dispatch's setup is
 issued before the shared experts that hide it, and each teardown runs right before its experts.
+
+Planning is pure and depends only on the shape of a call (microbatches, layer index, budget,
+strategy), so a call on the caller's thread reuses one plan per shape (`cached_plan`), its node
+functions bound per call (`prepare`, `run`); planning each call cost about 0.35 ms of the caller's
+CPU per microbatch.
 """
 
 from __future__ import annotations
