@@ -96,9 +96,11 @@ class OverlapReport:
             duration plus every transfer, minus the part of each teardown spent waiting on a
             transfer (already counted). The estimate keeps what this run paid that a serial run
             does not: the fixed cost of each extra microbatch (m setups, teardowns and expert
-            calls where a serial run makes one), and the time its steps lost to threads sharing a
-            core. So it overstates a serial run's time, and the speedup with it (seen on 2 busy
-            cores: 1.4x estimated where a serial run measured 0.6-1.0x); printed, it says so.
+            calls where a serial run makes one), and the time its steps and transfers lost to
+            threads sharing a core (a transfer's interval stretches while compute holds the core
+            the transport's thread needs, even at one microbatch). So it overstates a serial run's
+            time, and the speedup with it (seen on 2 busy cores, `python -m overlap bench`:
+            1.15-1.64x estimated where the paired measurement gave 0.75-1.13x); printed, it says so.
         speedup: ``serial_time / makespan``.
         comm_source: ``"comm"`` (transfer intervals) or ``"nodes"`` (comm node intervals).
         serial_source: ``"estimate"`` or ``"measured"`` (a serial time was given).
