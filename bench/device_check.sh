@@ -15,6 +15,7 @@
 #   5. python bench/bench_kernels.py --device cuda     (layout time, kernels % of copy_)
 #   6. python bench/bench_experts.py --device cuda     (grouped GEMM vs the expert loop)
 #   7. python -m overlap bench --device cpu            (this host's cores, for the many-core figures)
+#   8. python bench/bench_cpu_plan.py          (CPU plan and OpenMP environment, side by side)
 # then prints a short summary: each step's status, time and last lines, and issue 21's figures
 # (bench/device_figures.py: PASS / FAIL / PENDING each).
 #
@@ -62,27 +63,34 @@ step() {  # step NAME LIMIT_S COMMAND...
 }
 
 # pytest without pytest-asyncio / pytest-timeout: their ini options only warn; no asyncio test is run.
-step cuda-tests 240 python3 -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning \
+step cuda-tests 180 python3 -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning \
     -m cuda -rs -s tests/test_cuda.py
 # --- devlayer: issue 21's layer figures (demo shape, comm = compute benches, window run, experts) ---
-step demo-cuda 60 python3 -m overlap demo --device cuda --ranks 2 --out "$LOG/demo-cuda"
+step demo-cuda 45 python3 -m overlap demo --device cuda --ranks 2 --out "$LOG/demo-cuda"
 for H in 4096 7168; do
-    step "bench-h$H" 100 python3 -m overlap bench --device cuda --ranks 2 --comm-ratio 1 --tokens 1024 \
-        --hidden "$H" --experts 8 --top-k 2 --intermediate 2048 --shared 1 --microbatches 1 2 4 --reps 5 \
+    step "bench-h$H" 80 python3 -m overlap bench --device cuda --ranks 2 --comm-ratio 1 --tokens 1024 \
+        --hidden "$H" --experts 8 --top-k 2 --intermediate 2048 --shared 1 --microbatches 1 2 4 --reps 4 \
         --json "$LOG/bench-h$H.json"
 done
 if python3 -m overlap bench --help 2>/dev/null | grep -q "window"; then
-    step window 120 python3 -m overlap bench --device cuda --ranks 2 --transport window --tokens 4096 \
+    step window 90 python3 -m overlap bench --device cuda --ranks 2 --transport window --tokens 4096 \
         --hidden 7168 --experts 64 --top-k 8 --intermediate 2048 --shared 0 --quant 2 --microbatches 2 \
         --reps 3 --json "$LOG/window.json"
 else
     echo "== window: pending (python -m overlap bench has no --transport window yet)" | tee "$LOG/window.log"
 fi
 # --- end devlayer ---
-step kernels-cuda 45 python3 bench/bench_kernels.py --device cuda
-step experts-cuda 30 python3 bench/bench_experts.py --device cuda --experts 16 --rows 8192 --hidden 4096 \
+step kernels-cuda 40 python3 bench/bench_kernels.py --device cuda
+step experts-cuda 25 python3 bench/bench_experts.py --device cuda --experts 16 --rows 8192 --hidden 4096 \
     --inter 1536 --json "$LOG/experts-cuda.json"
-step bench-cpu 40 python3 -m overlap bench --device cpu --ranks 4 --json "$LOG/bench-cpu.json"
+# --- cpuplan (issue 22): this host's cores, 2 and 4 ranks (m = 2 >= 1.3x, no row slower than serial),
+# and side by side in one run: the CPU plan on the caller's thread vs on comm workers, and the
+# ranks' OpenMP environment (as is / passive / passive + OMP_NUM_THREADS), 2 ranks of 7 threads.
+for R in 2 4; do
+    step "bench-cpu-r$R" 40 python3 -m overlap bench --device cpu --ranks "$R" --reps 3 --json "$LOG/bench-cpu-r$R.json"
+done
+step cpu-plan 40 python3 bench/bench_cpu_plan.py --reps 3 --rounds 2 --threads 7 --microbatches 2 4
+# --- end cpuplan
 
 echo
 echo "== device check summary ($(head -n 1 "$LOG/host.txt"))"

@@ -313,14 +313,54 @@ def _microbatches_ran(sched: object) -> int:
     return len(nodes)
 
 
+NOISE_BAND = 1.10  # a median paired speedup within [1/1.1, 1.1] whose interval holds 1 is "within noise"
+INTERVAL_LEVEL = 0.90
+
+
+def paired_speedups(serial: list[float], overlapped: list[float]) -> list[float]:
+    """serial_i / overlapped_i of each alternated repetition i (both timed back to back, so a
+    pair shares the machine's load of its moment)."""
+    if len(serial) != len(overlapped):
+        raise ValueError(f"overlapped must have one time per serial time ({len(serial)}), got {len(overlapped)}")
+    return [s / o if o > 0 else math.inf for s, o in zip(serial, overlapped)]
+
+
+def median_interval(values: list[float], level: float = INTERVAL_LEVEL) -> tuple[float, float, float]:
+    """`(low, high, coverage)`: the distribution-free interval `[v_(k), v_(n+1-k)]` of the sorted
+    values for their median, with the largest k whose coverage `1 - 2 P(Bin(n, 1/2) < k)` is at
+    least `level`; below 5 values no k reaches 90 %, and the interval is `[min, max]` with its
+    smaller coverage (3 values: 75 %)."""
+    v, n = sorted(values), len(values)
+    if n == 0:
+        raise ValueError("values must not be empty")
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return v[k - 1], v[n - k], coverage(k)
+
+
 def _verdict(serial: list[float], overlapped: list[float]) -> str:
+    """The paired rule: from the per-repetition speedups (`paired_speedups`), "faster" / "slower"
+    when their median's interval (`median_interval`) lies above / below 1; "within noise" only when
+    the interval holds 1 *and* the median is within 10 % of 1; otherwise "likely faster" / "likely
+    slower" (the median says so, the spread does not settle it). A median twice as slow is never
+    "within noise"."""
     if len(serial) < 2:
         return "1 rep: no spread"
-    if max(overlapped) < min(serial):
+    ratios = paired_speedups(serial, overlapped)
+    low, high, _ = median_interval(ratios)
+    if low > 1:
         return "faster"
-    if min(overlapped) > max(serial):
+    if high < 1:
         return "slower"
-    return "within noise"
+    median = statistics.median(ratios)
+    if 1 / NOISE_BAND <= median <= NOISE_BAND:
+        return "within noise"
+    return "likely faster" if median > 1 else "likely slower"
 
 
 def _median_index(values: list[float]) -> int:
@@ -408,8 +448,10 @@ def measure(
     s_report = scheds[0][s_rep].report()
     compute, comm = _max([s_report.compute_busy, s_report.comm_busy], group, dev=dev)
     o_sched = scheds[1][o_rep]
-    hidden_here = o_sched.report().hidden_fraction
-    hidden = _max([hidden_here], group, op=dist.ReduceOp.MIN, dev=dev)[0]
+    o_report = o_sched.report()
+    hidden_here = o_report.hidden_fraction
+    # `s.report()`'s own estimate of the speedup (no serial run): kept beside the measured one.
+    hidden, estimate = _max([hidden_here, o_report.speedup], group, op=dist.ReduceOp.MIN, dev=dev)
 
     with progress.step("checking against the dense fp32 reference"):
         dense = layer.dense_forward(x, dtype=torch.float32).cpu()
@@ -418,6 +460,8 @@ def measure(
     tolerance = compare(dense[:0], dense[:0], dtype=torch.bfloat16).max_ulps
 
     serial_s, overlapped_s = statistics.median(serial_t), statistics.median(over_t)
+    paired = paired_speedups(serial_t, over_t)
+    paired_low, paired_high, paired_coverage = median_interval(paired)
     ideal = (compute + comm) / max(compute, comm) if max(compute, comm) > 0 else 1.0
     row = {
         "shape": str(shape),
@@ -440,6 +484,11 @@ def measure(
         "comm_ratio": comm / compute if compute > 0 else 0.0,
         "hidden_fraction": hidden,
         "speedup": serial_s / overlapped_s,
+        "speedup_paired": statistics.median(paired),
+        "speedup_low": paired_low,
+        "speedup_high": paired_high,
+        "speedup_coverage": paired_coverage,
+        "report_speedup_estimate": estimate,
         "ideal_speedup": ideal,
         "verdict": _verdict(serial_t, over_t),
         "link_bandwidth_GBps": None if emulated is None else emulated.bandwidth_bytes_per_s / 1e9,
@@ -603,9 +652,11 @@ def format_table(rows: list[dict]) -> str:
         "timed ratio differs.)",
         "hidden: share of the overlapped run's link time spent under compute (its median rep, the rank that hid "
         "least).",
-        "speedup: serial / overlapped (medians), in parentheses when the min-max ranges overlap; ideal: "
+        "speedup: serial / overlapped (medians), in parentheses unless the verdict is faster or slower; ideal: "
         "(compute + comm) / max(compute, comm).",
-        "verdict: faster/slower when the serial and overlapped ranges do not overlap, else within noise.",
+        "verdict: from the speedups of the alternated rep pairs: faster/slower when the interval of their median "
+        "(>= 90 % coverage; [min-max] below 5 reps) lies above/below 1,",
+        "  within noise when it holds 1 and the median is within 10 % of 1, else likely faster/slower.",
         f"vs fp32: worst difference of either run from the dense fp32 reference, in bf16 ulps of each row's "
         f"largest value (tolerance {rows[0]['tolerance_ulps']:g})."
         if rows

@@ -11,6 +11,15 @@ Owns process start-up only, in one place:
 - `rank_device(kind, local_rank)`: the device a rank computes on (`cuda:(local_rank % G)`).
 - `threads_per_rank(world)`: torch's intra-op threads per rank so that ranks × threads never
   exceed the cores.
+- `rank_env(threads)`: what every spawned rank's environment gets before torch starts in it: a
+  passive OpenMP wait (`OMP_WAIT_POLICY=PASSIVE`, and `KMP_BLOCKTIME=0` for Intel's runtime), so
+  that idle OpenMP threads sleep instead of spinning on the cores the comm threads need, and
+  `OMP_NUM_THREADS=threads`: `torch.set_num_threads` sets only the calling thread's OpenMP team,
+  so without it every other thread that runs a torch op (the transport's worker, a stream worker)
+  gets a team as large as the host, spinning beside the rank's own. An OpenMP runtime reads these
+  once, when it loads (with torch), so they cannot be set from inside a running rank: under
+  `torchrun` the user sets them (README; torchrun sets OMP_NUM_THREADS=1 itself), and the
+  scheduler warns once when they are missing (`overlap.pipeline.policy.spins`).
 
 `fn` must be importable (module level): the processes are spawned.
 """
@@ -21,13 +30,15 @@ import os
 import queue
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from .pipeline.policy import PASSIVE_ENV
 
 DEVICES = ("cpu", "cuda")
 
@@ -48,6 +59,15 @@ def threads_per_rank(world: int, cores: int | None = None) -> int:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     share = max(1, cores // max(world, 1))
     return share - 1 if share >= 4 else share
+
+
+def rank_env(threads: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables a spawned rank with `threads` intra-op threads gets: `PASSIVE_ENV` and
+    `OMP_NUM_THREADS`, except those the user set already (`environ`, default `os.environ`), which
+    are kept as they are."""
+    environ = os.environ if environ is None else environ
+    wanted = {**PASSIVE_ENV, "OMP_NUM_THREADS": str(threads)}
+    return {k: v for k, v in wanted.items() if k not in environ}
 
 
 def rank_device(kind: str, local_rank: int) -> torch.device:
@@ -96,13 +116,17 @@ class RankPool:
     Args:
         world: number of ranks (>= 2: the ops' ep_world_size range starts at 2).
         threads: torch intra-op threads per rank (default `threads_per_rank(world)`).
+        env: variables set in every rank's environment before torch starts there (default
+            `rank_env(threads)`: a passive OpenMP wait and OMP_NUM_THREADS, except what the
+            caller's environment sets); `{}` leaves the environment as it is.
     """
 
-    def __init__(self, world: int, *, threads: int | None = None) -> None:
+    def __init__(self, world: int, *, threads: int | None = None, env: dict[str, str] | None = None) -> None:
         if isinstance(world, bool) or not isinstance(world, int) or world < 2:
             raise ValueError(f"world must be an int >= 2 (the ops' ep_world_size range is [2, 384]), got {world!r}")
         self.world = world
         self.threads = threads or threads_per_rank(world)
+        self.env = rank_env(self.threads) if env is None else dict(env)
         self._procs: list[Any] = []
         self._tasks: list[Any] = []
 
@@ -121,8 +145,19 @@ class RankPool:
             )
             for r in range(self.world)
         ]
-        for p in self._procs:
-            p.start()
+        # A spawned child copies this process's environment when it starts and loads torch (and
+        # its OpenMP runtime) while unpickling: set the variables around the start only.
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            for p in self._procs:
+                p.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 600.0, **kwargs: Any) -> list[Any]:
         """Results of `fn(*args, **kwargs)` on ranks 0..world-1 (raises `RankError` if one raised)."""
@@ -186,8 +221,11 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def run_ranks(ranks: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 3600.0) -> Any:
+def run_ranks(
+    ranks: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 3600.0, env: dict[str, str] | None = None
+) -> Any:
     """Run `fn(*args)` on `ranks` local gloo ranks (or once under torchrun); rank 0's result.
+    `env`: as `RankPool`'s (default: a passive OpenMP wait in every rank).
 
     Raises:
         ValueError: `ranks` < 2.
@@ -199,5 +237,5 @@ def run_ranks(ranks: int, fn: Callable[..., Any], *args: Any, timeout_s: float =
         return fn(*args)
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 2:
         raise ValueError(f"ranks must be >= 2 (the ops' ep_world_size range is [2, 384]), got {ranks!r}")
-    with RankPool(ranks) as pool:
+    with RankPool(ranks, env=env) as pool:
         return pool.run(fn, *args, timeout_s=timeout_s)[0]

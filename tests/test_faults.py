@@ -629,12 +629,16 @@ def _options_in_scheduler_case() -> dict:
         started.append((threading.current_thread().name, t.timeout_s))
         return t
 
+    from overlap.pipeline import planned
+
     transport.start = start
+    planned.CPU_ON_CALLER = False  # the comm stages on the pooled workers, as on a device
     try:
         with ops.comm_options(timeout_s=7.5), overlap.scheduler(group, microbatches=3):
             layer(x)
     finally:
         transport.start = real_start
+        planned.CPU_ON_CALLER = True
     return {
         "experts": [timeout for timeout, _ in layer.seen],
         "started": started,

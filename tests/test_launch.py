@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from overlap.launch import RankError, RankPool, rank_device, run_ranks, threads_per_rank
+from overlap.launch import RankError, RankPool, rank_device, rank_env, run_ranks, threads_per_rank
+from overlap.pipeline.policy import openmp_runtime, spins
 
 
 @pytest.mark.parametrize("world,cores,threads", [(2, 2, 1), (2, 16, 7), (4, 16, 3), (8, 16, 2), (3, 2, 1), (1, 8, 7)])
@@ -51,3 +52,107 @@ def test_pool_runs_on_every_rank_and_reports_a_ranks_error():
             pool.run(_fail_on_rank_1)
         assert info.value.rank == 1 and "only rank 1" in info.value.message
         assert pool.run(_rank_and_size)[2] == (2, 3)  # the pool goes on after a rank's error
+
+
+def _rank_env() -> tuple[str | None, str | None, str | None]:
+    import os
+
+    return os.environ.get("OMP_WAIT_POLICY"), os.environ.get("KMP_BLOCKTIME"), os.environ.get("OMP_NUM_THREADS")
+
+
+def _thread_team() -> int:
+    """OS threads a fresh Python thread's torch op starts besides itself (its OpenMP team but the
+    thread, counted while it is alive): `OMP_NUM_THREADS` - 1, whatever torch.set_num_threads said
+    in the rank's main thread."""
+    import os
+    import threading
+
+    import torch.nn.functional as F
+
+    before = len(os.listdir("/proc/self/task"))
+    x, w = torch.randn(256, 1024), torch.randn(1024, 1024)
+    seen: list[int] = []
+
+    def op() -> None:
+        F.linear(x, w)
+        seen.append(len(os.listdir("/proc/self/task")) - before - 1)
+
+    t = threading.Thread(target=op)
+    t.start()
+    t.join()
+    return seen[0]
+
+
+def test_ranks_get_a_passive_openmp_wait_and_their_thread_count_and_the_parent_keeps_its_environment(monkeypatch):
+    import os
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("KMP_BLOCKTIME", "7")  # the user's own setting is kept
+    assert rank_env(3) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3"}
+    with RankPool(2, threads=1) as pool:
+        assert pool.run(_rank_env) == [("PASSIVE", "7", "1")] * 2
+        if os.path.isdir("/proc/self/task"):
+            assert pool.run(_thread_team) == [0, 0]  # a comm thread's op adds no OpenMP team
+    assert "OMP_WAIT_POLICY" not in os.environ and "OMP_NUM_THREADS" not in os.environ
+    assert os.environ["KMP_BLOCKTIME"] == "7"
+    with RankPool(2, threads=1, env={}) as pool:  # opted out: the ranks inherit as is
+        assert pool.run(_rank_env) == [(None, "7", None)] * 2
+        if os.path.isdir("/proc/self/task") and (os.cpu_count() or 1) > 1:
+            assert all(n >= 1 for n in pool.run(_thread_team))  # the team the env var prevents
+
+
+GNU_INFO = "ATen/Parallel:\n\tat::get_num_threads() : 4\nOpenMP 201511\nATen parallel backend: OpenMP\n"
+NATIVE_INFO = "ATen/Parallel:\n\tat::get_num_threads() : 4\nATen parallel backend: native thread pool\n"
+
+
+def test_which_openmp_runtime_runs_the_intra_op_threads():
+    assert openmp_runtime(GNU_INFO, "7f.. /lib/libgomp.so.1") == "gnu"
+    assert openmp_runtime(GNU_INFO, "7f.. /opt/lib/libiomp5.so") == "intel"
+    assert openmp_runtime(NATIVE_INFO, "7f.. /opt/lib/libiomp5.so") == "native"
+
+
+@pytest.mark.parametrize(
+    "runtime,threads,env,spinning",
+    [
+        ("gnu", 4, {}, True),  # unset: 300 000 turns after every region
+        ("gnu", 4, {"OMP_WAIT_POLICY": "active"}, True),
+        ("gnu", 4, {"OMP_WAIT_POLICY": "Passive"}, False),
+        ("gnu", 4, {"KMP_BLOCKTIME": "0"}, True),  # libgomp ignores KMP_*
+        ("gnu", 1, {"OMP_NUM_THREADS": "1"}, False),  # no team anywhere
+        ("gnu", 1, {}, True),  # other threads' teams take every core (4 here)
+        ("gnu", 1, {"OMP_NUM_THREADS": "2"}, True),
+        ("intel", 4, {}, True),  # 200 ms of spinning by default
+        ("intel", 4, {"KMP_BLOCKTIME": "0"}, False),
+        ("intel", 4, {"OMP_WAIT_POLICY": "PASSIVE"}, False),
+        ("native", 4, {}, False),
+    ],
+)
+def test_the_spinning_rule(runtime, threads, env, spinning):
+    reason = spins(runtime, threads, env, cores=4)
+    assert (reason is not None) == spinning
+    if spinning:
+        assert "OMP_WAIT_POLICY=PASSIVE" in reason and "\n" not in reason
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        spins("tbb", 4, {}, cores=4)
+
+
+def test_the_scheduler_warns_once_per_process(monkeypatch):
+    import warnings
+
+    from overlap.pipeline import policy
+
+    monkeypatch.setattr(policy, "_spin_reason", lambda n: f"{n} threads spin")
+    monkeypatch.setattr(policy, "_warned", [])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    import overlap
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with overlap.scheduler():  # entering a context checks
+            pass
+        with overlap.scheduler():
+            pass
+        assert policy.warn_if_spinning() == "3 threads spin"
+    assert [str(w.message) for w in caught] == ["3 threads spin"]  # once per process
+    assert caught[0].filename == __file__  # pointing at the caller's `with` line

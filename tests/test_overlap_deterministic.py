@@ -240,3 +240,151 @@ def test_fibers_compute_the_next_microbatch_while_a_transfer_is_held(rank_pools)
         assert res["expired"] == [], rank
         assert res["equal"], rank
         _assert_report(res["report"])
+
+
+# ---- the plan hides what it claims: orderings on the caller's thread ---------------------------
+
+
+class LoggedLayer(overlap.MoELayer):
+    """The reference layer whose shared experts (first call) hold the first dispatch (exchange 0)
+    and whose calls are logged with the thread that made them."""
+
+    holds: Holds | None = None
+    log: list | None = None
+
+    def _note(self, what: str) -> None:
+        if self.log is not None:
+            self.log.append((what, threading.get_ident()))
+
+    def moe_shared(self, x):
+        self._note("shared")
+        parent = super().moe_shared
+        return parent(x) if self.holds is None else self.holds.around(parent, x)
+
+    def moe_experts(self, expand_x, dynamic_scales, expert_token_nums):
+        self._note("experts")
+        return super().moe_experts(expand_x, dynamic_scales, expert_token_nums)
+
+
+def _ordering_case(microbatches: int, on_caller: bool = True) -> dict:
+    from overlap.pipeline import planned
+
+    rank = dist.get_rank()
+    layer = LoggedLayer(HIDDEN, EXPERTS, TOP_K, INTER, num_shared_experts=1, seed=5)
+    x = torch.randn(16 * microbatches, HIDDEN, generator=torch.Generator().manual_seed(30 + rank)).to(torch.bfloat16)
+    gates = LinkGates(hold={0})
+    layer.holds, layer.log = Holds(gates, {0: 0}), []
+    log = layer.log
+    real = {name: getattr(ops, name) for name in ("dispatch_setup", "dispatch_teardown")}
+
+    def logged(name):
+        def call(*args, **kwargs):
+            log.append((name, threading.get_ident()))
+            return real[name](*args, **kwargs)
+
+        return call
+
+    for name in real:
+        setattr(ops, name, logged(name))
+    ops.configure(link=gates.link())
+    planned.CPU_ON_CALLER = on_caller
+    try:
+        with overlap.scheduler(microbatches=microbatches, min_tokens=1) as s:
+            layer(x)
+        resolved = planned.streams_for(s.plan, x.device) or {}
+    finally:
+        planned.CPU_ON_CALLER = True
+        gates.release_all()
+        ops.configure(link=None)
+        for name, fn in real.items():
+            setattr(ops, name, fn)
+        holds, layer.holds, layer.log = layer.holds, None, None
+    plan = s.plan
+    spans = {iv.name: (iv.start, iv.end) for iv in s.timeline.intervals if iv.track != "link"}
+    link = {iv.name: (iv.start, iv.end) for iv in s.timeline.intervals if iv.track == "link"}
+    return {
+        "log": [what for what, _ in log],
+        "threads": len({ident for _, ident in log}),
+        "caller_only": all(ident == threading.get_ident() for _, ident in log),
+        "seen": holds.seen,
+        "expired": gates.expired,
+        "spans": spans,
+        "link": link,
+        "names": [iv.name for iv in s.timeline.intervals if iv.track != "link"],
+        # cross-stream events whose two streams are different threads: each is a thread handoff
+        "handoffs": sum(
+            1
+            for e in plan.events
+            if resolved.get(e.src_stream, e.src_stream) is not resolved.get(e.dst_stream, e.dst_stream)
+        ),
+        "count": sum(1 for n in plan.nodes if n.op == "dispatch_setup"),
+    }
+
+
+@pytest.mark.parametrize("microbatches", [1, 2, 4])
+def test_the_plan_issues_the_first_dispatch_before_the_shared_experts_and_feeds_experts_without_a_handoff(
+    rank_pools, microbatches
+):
+    for rank, r in enumerate(rank_pools(2).run(_ordering_case, microbatches)):
+        m = r["count"]
+        assert m == microbatches, rank
+        assert r["expired"] == [] and r["seen"] == {0: True}, (rank, "the shared experts ran without dispatch mb0 out")
+        # 1. the first dispatch is issued before the shared experts, which then run while it travels
+        assert r["log"].index("dispatch_setup") < r["log"].index("shared"), r["log"]
+        s, d = r["spans"], r["link"]
+        assert s["dispatch_setup@mb0.l0"][1] <= s["shared@mb0.l0"][0], rank
+        shared0, dispatch0 = s["shared@mb0.l0"], d["dispatch@mb0.l0"]
+        assert min(shared0[1], dispatch0[1]) > max(shared0[0], dispatch0[0]), (
+            rank,
+            "shared mb0 not under dispatch mb0",
+        )
+        # 2. each microbatch's experts run right after its dispatch teardown, on the same thread
+        log = r["log"]
+        experts_at = [i for i, what in enumerate(log) if what == "experts"]
+        assert len(experts_at) == m and all(log[i - 1] == "dispatch_teardown" for i in experts_at), log
+        names = r["names"]
+        for i in range(m):
+            teardown, experts = f"dispatch_teardown@mb{i}.l0", f"experts@mb{i}.l0"
+            assert names.index(experts) == names.index(teardown) + 1, names  # nothing runs between them
+            assert s[teardown][1] <= s[experts][0], rank
+        # 3. no thread handoff inside the plan, whatever m: every stage on the caller's thread
+        assert r["caller_only"] and r["threads"] == 1 and r["handoffs"] == 0, rank
+
+
+def test_comm_workers_would_hand_off_at_every_cross_stream_edge(rank_pools):
+    """The counter-case: with the comm stages on worker threads (as on a device), the same plan
+    makes thread handoffs (one per cross-stream event, at least three per microbatch), so the
+    caller-thread test above can fail."""
+    for r in rank_pools(2).run(_ordering_case, 2, False):
+        assert r["threads"] > 1 and not r["caller_only"]
+        assert r["handoffs"] >= 3 * r["count"], r["handoffs"]
+
+
+def _cached_plan_case() -> dict:
+    from overlap.pipeline import planned, policy
+    from overlap.pipeline.protocol import LayerCall
+
+    rank = dist.get_rank()
+    layer = overlap.MoELayer(HIDDEN, EXPERTS, TOP_K, INTER, num_shared_experts=1, seed=6)
+    xs = [
+        torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(40 + 2 * rank + k)).to(torch.bfloat16)
+        for k in range(2)
+    ]
+    plain = [layer(x) for x in xs]  # serial, outside a context
+    with overlap.scheduler(microbatches=2, min_tokens=1) as s:
+        outs = [layer(x) for x in xs]  # two calls of one shape, layers 0 and 1
+        again = layer(xs[0])  # layer 2: the same shape and input as layer 0
+    fresh, _, _ = planned.build(layer, LayerCall.of(layer), xs[0], None, policy.split(64, 2, 1), 2)
+    return {
+        "close": [torch.allclose(o.float(), p.float(), rtol=1.6e-2, atol=1.6e-2) for o, p in zip(outs, plain)],
+        "again_equal": torch.equal(again, outs[0]),
+        "reused": s.plans[2] is planned.cached_plan(2, 2, policy.in_flight_budget(), planned.TWO_BATCH),
+        "distinct_layers": s.plans[0] is not s.plans[1],
+        "same_as_fresh": fresh.plan() == s.plans[2],
+    }
+
+
+def test_a_cached_plan_per_shape_gives_the_same_plan_and_results_as_a_fresh_one(rank_pools):
+    for r in rank_pools(2).run(_cached_plan_case):
+        assert r["close"] == [True, True] and r["again_equal"], r
+        assert r["reused"] and r["distinct_layers"] and r["same_as_fresh"], r

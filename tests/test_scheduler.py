@@ -335,8 +335,9 @@ def test_wrapped_layer_never_sends_more_than_512_rows(rank_pools, tokens, setups
 
 
 def test_a_device_plan_runs_on_the_callers_stream(monkeypatch):
-    """The CPU twin of the device-time fix: on cpu a layer's plan takes its defaults (None); on a
-    device every plan stream is the caller's current stream, whose timing events time each node."""
+    """The CPU twin of the device-time fix: on cpu every plan stream is the calling thread (the host
+    stream; the defaults, None, when CPU_ON_CALLER is off); on a device every plan stream is the
+    caller's current stream, whose timing events time each node."""
     from overlap import streams
     from overlap.graph import Graph
     from overlap.pipeline import planned
@@ -346,6 +347,9 @@ def test_a_device_plan_runs_on_the_callers_stream(monkeypatch):
     g.add("dispatch_setup@mb0", lambda inputs: None, after=["route@mb0"], kind="comm_issue")
     g.add("dispatch_teardown@mb0", lambda inputs: None, after=["dispatch_setup@mb0"], kind="comm_wait")
     plan = g.plan()
+    on_cpu = planned.streams_for(plan, torch.device("cpu"))
+    assert on_cpu == {name: streams.host_stream() for name in plan.streams}
+    monkeypatch.setattr(planned, "CPU_ON_CALLER", False)
     assert planned.streams_for(plan, torch.device("cpu")) is None
     asked = []
     monkeypatch.setattr(streams, "current_stream", lambda device=None: asked.append(device) or "the caller's stream")

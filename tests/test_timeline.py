@@ -101,3 +101,68 @@ def test_pending_intervals_are_resolved_once_when_the_timeline_is_read():
     assert calls == ["a", "b"]
     assert tl.tracks == ("compute", "link") and calls == ["a", "b"]
     assert tl.report().compute_busy == 3.0
+
+
+def test_a_measured_serial_time_gives_a_measured_speedup_and_says_so():
+    rep = make().report(serial_time=9.0)
+    assert rep.serial_source == "measured" and rep.serial_time == 9.0
+    assert rep.speedup == pytest.approx(9.0 / 6.0)
+    assert "serial time (measured)" in str(rep) and "estimate" not in str(rep)
+    estimate = make().report()
+    assert estimate.serial_source == "estimate" and "speedup (estimate*)" in str(estimate)
+    assert "fixed costs" in str(estimate) and "report(serial_time=seconds)" in str(estimate)
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "9"):
+        with pytest.raises(ValueError, match="serial_time must be a finite number of seconds > 0"):
+            make().report(serial_time=bad)
+
+
+def _run(steps: list[tuple[str, float, str]], transfers: dict[str, tuple[float, float]]) -> Timeline:
+    """A timeline of steps run one after another on one thread (as the planned executor runs a CPU
+    plan), `(name, duration, kind)`, plus link intervals `(start, end)` by name."""
+    tl, t = Timeline(), 0.0
+    for name, duration, kind in steps:
+        tl.add(
+            {"compute": "compute", "comm_issue": "comm_setup", "comm_wait": "comm_teardown"}[kind],
+            name,
+            t,
+            t + duration,
+            kind,
+        )
+        t += duration
+    for name, (start, end) in transfers.items():
+        tl.add("link", name, start, end, "comm")
+    return tl
+
+
+def test_the_estimate_keeps_the_fixed_costs_of_extra_microbatches():
+    """Work W = 4 s of compute and C = 4 s of link, each call costing a fixed f = 0.5 s. Serial:
+    one setup, one teardown (waiting out the whole transfer), one compute call: 1 + 4 + 4.5 = 9.5 s.
+    Overlapped in 2 microbatches, perfectly hidden: the estimate adds up this run's own calls (two
+    of each, 2 f more), so it overstates the serial run by exactly the extra fixed costs."""
+    f = 0.5
+    serial = _run(
+        [("setup", f, "comm_issue"), ("teardown", 4.0 + f, "comm_wait"), ("compute", 4.0 + f, "compute")],
+        {"x": (f, 4.0 + f)},
+    )
+    measured = serial.makespan
+    assert measured == pytest.approx(9.5)
+    assert serial.report().serial_time == pytest.approx(measured)  # one microbatch: the estimate is exact
+    overlapped = _run(  # each transfer travels under a compute call, no teardown waits
+        [
+            ("setup0", f, "comm_issue"),
+            ("setup1", f, "comm_issue"),
+            ("compute0", 2.0 + f, "compute"),
+            ("teardown0", f, "comm_wait"),
+            ("compute1", 2.0 + f, "compute"),
+            ("teardown1", f, "comm_wait"),
+        ],
+        {"x0": (1.0, 3.0), "x1": (4.0, 6.0)},
+    )
+    rep = overlapped.report()
+    nodes = 2 * f + 2 * f + 2 * (2.0 + f)
+    assert rep.hidden_fraction == pytest.approx(1.0) and rep.makespan == pytest.approx(nodes)
+    assert rep.serial_time == pytest.approx(nodes + 4.0)  # every call, plus the 4 s of link
+    assert rep.speedup == pytest.approx((nodes + 4.0) / nodes)
+    # A measured serial run of the same work took 3 f less: the 3 extra calls of the second microbatch.
+    assert rep.serial_time - measured == pytest.approx(3 * f)
+    assert overlapped.report(serial_time=measured).speedup == pytest.approx(measured / nodes)

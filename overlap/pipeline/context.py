@@ -108,14 +108,17 @@ class Scheduler:
             raise HandleError("nothing ran as fibers or as direct op calls in this scheduler context")
         return self.recordings[-1]
 
-    def report(self) -> OverlapReport:
-        """Measured overlap of everything that ran in the context (link intervals are the comm)."""
+    def report(self, serial_time: float | None = None) -> OverlapReport:
+        """Measured overlap of everything that ran in the context (link intervals are the comm).
+        `serial_time`: seconds a serial run of the same work took, for a measured speedup (None:
+        the estimate `OverlapReport.serial_time` describes, which overstates it)."""
         self._flush_direct()
-        return self.timeline.report()
+        return self.timeline.report(serial_time)
 
     # -- the context --
 
     def __enter__(self) -> Scheduler:
+        policy.warn_if_spinning()  # once per process: idle OpenMP threads that spin starve the comm threads
         self._before = {t.ticket for t in ops.in_flight()}  # only setups made inside count at exit
         self._direct = self._new_direct()
         self._tokens = [_executor.set(self), op_context._hook.set(self._on_direct_op)]
@@ -231,12 +234,11 @@ class Scheduler:
         if split.count == 0:  # no rank has a token: no exchange at all (every rank sees the same total)
             return x[:0]
         index = self._layer_index(layer_index)
-        graph, outputs, transfers = planned.build(layer, call, x, routes, split, index)
-        plan = graph.plan()
+        plan, bound, transfers = planned.prepare(layer, call, x, routes, split, index)
         self.plans.append(plan)
-        results = plan.run(planned.streams_for(plan, x.device), timeline=self.timeline)
+        outputs = planned.run(plan, bound, x.device, self.timeline)
         add_transfers(self.timeline, transfers)
-        return torch.cat([results[n] for n in outputs])[: x.shape[0]]
+        return torch.cat(outputs)[: x.shape[0]]
 
     def run_module(self, module: Any, x: Tensor, **kwargs: Any) -> Any:
         """Run `module(x, **kwargs)`, a module that calls the ops (however deep), as microbatch fibers.

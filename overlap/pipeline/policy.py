@@ -16,11 +16,19 @@ tokens per microbatch is not split further: below that, an exchange's fixed cost
 overlap can hide. Every rank pads its rows to `count · size` (padding rows are inactive, or zeros
 for a module that takes no mask), so every rank makes the same calls in the same order, even a
 rank with no tokens at all.
+
+Threads: whether torch's idle OpenMP threads spin (`spins`), which starves the comm threads of the
+cores they need, and the passive wait every rank the library starts gets (`PASSIVE_ENV`); the
+scheduler warns once per process (`warn_if_spinning`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -116,3 +124,83 @@ def in_flight_budget() -> int:
     """Exchanges of one kind (dispatch, combine) that may be in flight per group: the transport's
     `max_in_flight` (2, the double buffer, unless `ops.configure` changed it)."""
     return transport.max_in_flight()
+
+
+PASSIVE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+"""A passive OpenMP wait: GNU libgomp (pip's torch) spins GOMP_SPINCOUNT (300 000 turns) after
+each parallel region unless OMP_WAIT_POLICY=PASSIVE; Intel's libiomp5 spins KMP_BLOCKTIME (200 ms)
+unless it is 0."""
+
+
+OPENMP_RUNTIMES = ("gnu", "intel", "native")
+
+
+def openmp_runtime(parallel_info: str, loaded: str) -> str:
+    """Which runtime runs torch's intra-op threads: "native" (torch's own pool: the parallel info
+    does not name OpenMP as its backend), "intel" (libiomp5 among the `loaded` libraries, e.g. the
+    text of /proc/self/maps) or "gnu" (libgomp: pip's torch)."""
+    if "parallel backend: OpenMP" not in parallel_info:
+        return "native"
+    return "intel" if "libiomp" in loaded else "gnu"
+
+
+def spins(runtime: str, num_threads: int, environ: Mapping[str, str] | None = None, cores: int = 1) -> str | None:
+    """Why idle OpenMP threads spin (a one-line reason), or None when they do not.
+
+    The rule: an OpenMP runtime (`openmp_runtime`), a team of more than one thread somewhere in
+    the process, and a wait that is not passive. Teams: `num_threads` (torch's, set by
+    `torch.set_num_threads` for the calling thread only) and, for every other thread that runs a
+    torch op (the transport's, the stream workers), `OMP_NUM_THREADS`, or all `cores` when it is
+    unset. Waits: for GNU OpenMP `OMP_WAIT_POLICY` is not `passive` (unset: each thread spins
+    300 000 turns after every parallel region; `active`: for ever); for Intel OpenMP neither
+    `OMP_WAIT_POLICY=passive` nor `KMP_BLOCKTIME=0` (unset: 200 ms of spinning). torch's native
+    pool waits on a condition variable.
+    """
+    if runtime not in OPENMP_RUNTIMES:
+        raise ValueError(f"runtime must be one of {OPENMP_RUNTIMES}, got {runtime!r}")
+    environ = os.environ if environ is None else environ
+    if runtime == "native":
+        return None
+    try:
+        others = int(environ.get("OMP_NUM_THREADS", "").split(",")[0])
+    except ValueError:  # unset (or unreadable): a team of every core
+        others = cores
+    if max(num_threads, others) <= 1:
+        return None
+    if environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive":
+        return None
+    if runtime == "intel" and environ.get("KMP_BLOCKTIME", "").strip() == "0":
+        return None
+    policy = environ.get("OMP_WAIT_POLICY")
+    teams = (
+        f"torch's {num_threads} intra-op threads" if num_threads > 1 else f"teams of {others} threads in comm threads"
+    )
+    return (
+        f"{teams} ({runtime} OpenMP) spin after each parallel region "
+        f"(OMP_WAIT_POLICY={'unset' if policy is None else policy}) and starve the comm threads: "
+        "set OMP_WAIT_POLICY=PASSIVE (Intel OpenMP: or KMP_BLOCKTIME=0) and OMP_NUM_THREADS before the process starts"
+    )
+
+
+@functools.cache
+def _spin_reason(num_threads: int) -> str | None:
+    try:
+        with open("/proc/self/maps") as f:
+            loaded = f.read()
+    except OSError:  # not Linux: judge by the parallel info alone
+        loaded = ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return spins(openmp_runtime(torch.__config__.parallel_info(), loaded), num_threads, cores=cores)
+
+
+_warned: list[str] = []
+
+
+def warn_if_spinning() -> str | None:
+    """Warn (`RuntimeWarning`, one line, once per process) when `spins` finds this process's OpenMP
+    threads spinning; returns the reason, or None. Cheap after the first call."""
+    reason = _spin_reason(torch.get_num_threads())
+    if reason is not None and not _warned:
+        _warned.append(reason)
+        warnings.warn(reason, RuntimeWarning, stacklevel=3)
+    return reason
