@@ -318,11 +318,11 @@ class Transfer:
 # --------------------------------------------------------------------------------------------
 
 
-class ParameterMismatch(CommError):
+class _ParameterMismatch(CommError):
     """Ranks called the same exchange with different parameters or in a different op order."""
 
 
-class StreamAborted(CommError):
+class _StreamAborted(CommError):
     """A peer sent an abort header where this rank's exchange expected its header."""
 
     def __init__(self, message: str, seq: int, aborters: dict[int, str]) -> None:
@@ -330,7 +330,7 @@ class StreamAborted(CommError):
         self.seq, self.aborters = seq, aborters
 
 
-class Refused(CommError):
+class _Refused(CommError):
     """An exchange the worker did not run: its group is broken, or its epoch was aborted."""
 
 
@@ -380,7 +380,7 @@ def decode_reason(header: Tensor) -> str:
     return raw.decode("utf-8", "replace")
 
 
-class InvalidInput(ParameterMismatch, ValueError):
+class _InvalidInput(_ParameterMismatch, ValueError):
     """This rank's setup input failed a check deferred to the transport's thread (device tensors)."""
 
 
@@ -391,28 +391,28 @@ def check_headers(transfer: Transfer, headers: dict[int, Tensor], me: int) -> No
     }
     if aborters:  # every rank sees the same aborts at this number: no payload moves anywhere
         ended = Ended(int(mine[_H_SEQ]), aborters)
-        raise StreamAborted(
+        raise _StreamAborted(
             f"{transfer.op} exchange{where(transfer)} failed: {ended.describe(transfer.group_name)}",
             ended.seq,
             aborters,
         )
     if transfer.plan is not None and transfer.plan.error is not None:
-        raise InvalidInput(str(transfer.plan.error))  # the peers saw the flag in our header too
+        raise _InvalidInput(str(transfer.plan.error))  # the peers saw the flag in our header too
     for r in sorted(headers):
         theirs = headers[r]
         if int(theirs[_H_INVALID]):
-            raise ParameterMismatch(
+            raise _ParameterMismatch(
                 f"rank {r} gave {transfer.op}_setup invalid input (a check made on the "
                 f"transport's thread; rank {r} raises its ValueError); no rows moved"
             )
         if int(theirs[_H_MAGIC]) != MAGIC:
-            raise ParameterMismatch(
+            raise _ParameterMismatch(
                 f"rank {r} sent no overlap header on group {transfer.group_name!r}: another "
                 f"collective ran on the group during an exchange"
             )
         if int(theirs[_H_OP]) != int(mine[_H_OP]) or int(theirs[_H_SEQ]) != int(mine[_H_SEQ]):
             names = {v: k for k, v in OP_CODES.items()}
-            raise ParameterMismatch(
+            raise _ParameterMismatch(
                 f"ranks disagree on op order on group {transfer.group_name!r}: rank {me} is at exchange "
                 f"#{int(mine[_H_SEQ])} ({names.get(int(mine[_H_OP]), '?')}), rank {r} at #{int(theirs[_H_SEQ])} "
                 f"({names.get(int(theirs[_H_OP]), '?')})"
@@ -420,14 +420,14 @@ def check_headers(transfer: Transfer, headers: dict[int, Tensor], me: int) -> No
         for i, name in enumerate(PARAM_FIELDS):
             a, b = int(mine[_H_PARAMS + i]), int(theirs[_H_PARAMS + i])
             if a != b:
-                raise ParameterMismatch(
+                raise _ParameterMismatch(
                     f"ranks disagree on {name} on group {transfer.group_name!r}: rank {me} "
                     f"has {a}, rank {r} has {b}; it must be the same on all ranks"
                 )
         if int(mine[_H_PARAMS + PARAM_FIELDS.index("global_bs")]) == 0:
             a, b = int(mine[_H_BATCH]), int(theirs[_H_BATCH])
             if a != b:
-                raise ParameterMismatch(
+                raise _ParameterMismatch(
                     f"global_bs = 0 needs the same BS on all ranks, got BS = {a} on rank {me} "
                     f"and {b} on rank {r}; pass global_bs = max_bs * ep_world_size"
                 )
@@ -459,6 +459,12 @@ def reason_text(error: BaseException | str | None) -> str:
         return error
     text = str(error).splitlines()[0] if str(error) else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+ParameterMismatch = _ParameterMismatch
+StreamAborted = _StreamAborted
+Refused = _Refused
+InvalidInput = _InvalidInput
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,14 +548,14 @@ class Lane:
 
     def outcome(self, transfer: Transfer, exc: BaseException) -> BaseException:
         """The error a failed exchange gives its teardown; records what it did to the group."""
-        if isinstance(exc, StreamAborted):  # a peer aborted at this number: every rank's stream ends here
+        if isinstance(exc, _StreamAborted):  # a peer aborted at this number: every rank's stream ends here
             with self.lock:
                 if self.ended is None or self.ended.seq > exc.seq:
                     self.ended = Ended(exc.seq, exc.aborters)
             return CommError(str(exc))
-        if isinstance(exc, ParameterMismatch):
+        if isinstance(exc, _ParameterMismatch):
             return exc  # every rank stopped after the headers: the group stays usable
-        if isinstance(exc, Refused):
+        if isinstance(exc, _Refused):
             return CommError(str(exc))
         if isinstance(exc, (CommError, CommTimeoutError)):
             with self.lock:

@@ -89,7 +89,9 @@ from .protocol import (  # re-exported: the transport's public names live on her
     teardown_timeout,
     wire_device,
 )
+from .protocol import _InvalidInput as _InvalidInput
 from .protocol import _options as _options
+from .protocol import _ParameterMismatch as _ParameterMismatch
 from .window import WindowLane
 
 __all__ = [

@@ -277,6 +277,8 @@ class WindowLane(Lane):
         transfer.header[_H_SEQ] = transfer.seq
         transfer.started_at = transfer.issued_at
         transfer.delivered = {self.rank}
+        if transfer.plan is not None:
+            transfer.plan.trace.append("exchange")
         self.writes += [(transfer, r) for r in range(self.world) if r != self.rank]
         self._flush_writes()
         if transfer.link is not None:  # the emulated link completes it on the lane's link thread
@@ -446,6 +448,8 @@ class WindowLane(Lane):
                         f"{transfer.op} exchange{where(transfer)} on group {self.group_name!r}: rank {r} overwrote "
                         f"exchange #{transfer.seq} while this rank read it"
                     )
+            if transfer.plan is not None:
+                transfer.plan.trace.append("done")
             return rows_out, counts
         finally:
             cell = lay.consumed + slot
