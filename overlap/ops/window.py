@@ -539,12 +539,8 @@ class WindowLane(Lane):
             pid = self.peer_pids.get(r)
             if pid is None or pid == os.getpid():
                 continue
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if _process_gone(pid):
                 gone.append(r)
-            except PermissionError:
-                pass
         return gone
 
     def _refusal_for(self, transfer: Transfer) -> BaseException | None:
@@ -585,6 +581,22 @@ class WindowLane(Lane):
             if error is not None:
                 error = self.outcome(transfer, error)
             self.finish(transfer, result if error is None else None, error)
+
+
+def _process_gone(pid: int) -> bool:
+    """True when process `pid` has exited (a zombie not yet reaped by its parent counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"Z", b"X")
 
 
 def _ident(transfer: Transfer) -> int:
