@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import atexit
 import mmap
+import multiprocessing.util
 import os
 import queue
 import socket
@@ -151,11 +152,13 @@ _created = 0  # windows made by this process (makes names and store keys unique)
 _created_lock = threading.Lock()
 
 
-@atexit.register
 def _unlink_all() -> None:
     for lane in list(_live):
         lane._unlink()
 
+
+atexit.register(_unlink_all)  # the main process
+multiprocessing.util.Finalize(None, _unlink_all, exitpriority=0)  # also multiprocessing's children
 
 def _store() -> Any:
     return dist.distributed_c10d._get_default_store()
