@@ -236,6 +236,8 @@ def dispatch_teardown(
         )
     order = kernels.block_transpose_index(counts).to(recv.device)  # (src, e) blocks -> (e, src) blocks
     rows = recv.index_select(0, order)
+    del recv
+    handle.release()  # a copy was taken: the carrier may reuse its buffer
     dynamic_scales = torch.zeros(capacity, dtype=torch.float32, device=x.device)
     if quant_mode == 2:
         expand_x = torch.zeros(capacity, hidden, dtype=torch.int8, device=x.device)
@@ -633,4 +635,6 @@ def combine_teardown(
         extra=None if shared_expert_x is None else shared_expert_x[:num_active],
         out=x_out[:num_active],
     )
+    del rows, recv
+    handle.release()  # x_out holds the result: the carrier may reuse its buffer
     return x_out

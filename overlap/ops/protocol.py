@@ -267,6 +267,8 @@ class Transfer:
     # `complete(transfer, timeout_s)` returns once it finished it (or raises CommTimeoutError).
     complete: Any = None
     lane: Any = None  # the `Lane` carrying it
+    # Set by a carrier that lends the received rows from a pool: gives the buffer back.
+    _give_back: Any = None
 
     @property
     def is_complete(self) -> bool:
@@ -305,6 +307,14 @@ class Transfer:
         staging.hand_over(self)  # CUDA: the caller's stream waits for the landed rows and keeps them alive
         assert self._result is not None  # internal invariant: set with _done and no error
         return self._result
+
+    def release(self) -> None:
+        """The caller is done with the received rows (`take`'s result): a carrier that lent them
+        from a pool (window) may reuse the buffer. Optional; the rows must not be used after it."""
+        give_back, self._give_back = self._give_back, None
+        if give_back is not None:
+            self._result = None
+            give_back()
 
     def __await__(self):  # awaitable without blocking the event loop
         import asyncio

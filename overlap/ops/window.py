@@ -160,6 +160,7 @@ def _unlink_all() -> None:
 atexit.register(_unlink_all)  # the main process
 multiprocessing.util.Finalize(None, _unlink_all, exitpriority=0)  # also multiprocessing's children
 
+
 def _store() -> Any:
     return dist.distributed_c10d._get_default_store()
 
@@ -192,6 +193,7 @@ class WindowLane(Lane):
         self.peer_pids: dict[int, int] = {}
         self.last_written: dict[tuple[int, int], int] = {}  # (peer, slot) -> id this rank wrote there last
         self.writes: list[tuple[Transfer, int]] = []  # (transfer, peer) not written yet, in setup order
+        self.pool: list[Tensor] = []  # buffers for received rows, given back by `Transfer.release`
         self.pid_checked = 0.0
         self.link_queue: queue.SimpleQueue[Transfer | None] | None = None
         self.link_thread: threading.Thread | None = None
@@ -444,7 +446,9 @@ class WindowLane(Lane):
                     raise CommError(f"rank {r} wrote a malformed region for exchange #{transfer.seq}")
                 start = base + lmax * 8
                 chunks.append(own.bytes[start : start + n * row_bytes].view(n, row_bytes))
-            rows_out = torch.cat(chunks) if chunks else transfer.send_buf[:0]
+            total = sum(c.shape[0] for c in chunks)
+            rows_out = self._lend(transfer, total * row_bytes).view(total, row_bytes)
+            torch.cat(chunks, out=rows_out)
             for r in range(self.world):
                 if r != self.rank and int(own.words[lay.counter(r, slot)]) != ident:
                     raise CommError(
@@ -457,6 +461,25 @@ class WindowLane(Lane):
         finally:
             cell = lay.consumed + slot
             own.words[cell] = max(int(own.words[cell]), ident)
+
+    def _lend(self, transfer: Transfer, nbytes: int) -> Tensor:
+        """A buffer of `nbytes` for `transfer`'s received rows, from the lane's pool when one fits
+        (a fresh large allocation costs a page fault per 4 KiB page: more than the copy itself);
+        `Transfer.release` gives it back."""
+        with self.io:
+            fits = [b for b in self.pool if nbytes <= b.numel() <= 2 * nbytes + 4096]
+            buf = min(fits, key=lambda b: b.numel()) if fits else torch.empty(nbytes, dtype=torch.uint8)
+            if fits:
+                self.pool.remove(buf)
+
+        def give_back() -> None:
+            with self.io:
+                self.pool.append(buf)
+                while len(self.pool) > 2 * self.slots:
+                    self.pool.pop(0)
+
+        transfer._give_back = give_back
+        return buf[:nbytes]
 
     def _drain(self, skip: Transfer | None) -> None:
         """Complete every other inline exchange of this lane whose rows have all arrived (with `io`
