@@ -54,7 +54,7 @@ MAX_TOKENS = 8192  # per rank: 16 calls of the ops' 512 rows
 MAX_MICROBATCHES = 64
 MAX_REPS = 1000
 DEVICES = ("cpu", "cuda")
-TRANSPORTS = ("gloo", "emulated")
+TRANSPORTS = ("emulated", "window", "gloo", "nccl")  # emulated: a link model over the default carrier
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,8 +92,8 @@ class Link:
     latency_us: float = DEFAULT_LATENCY_US
 
     def __str__(self) -> str:
-        if self.transport == "gloo":
-            return "gloo (no link model)"
+        if self.transport != "emulated":  # issue 20: a carrier, as fast as it moves the data
+            return f"{self.transport} (no link model)"
         if self.gbps is not None:
             return f"emulated link {self.gbps:g} GB/s, {self.latency_us:g} us latency"
         return f"emulated link scaled to comm = {self.comm_ratio:g} x compute, {self.latency_us:g} us latency"
@@ -138,8 +138,8 @@ def check_args(shape: Shape, ranks: int, microbatches: list[int], link: Link, re
     if link.comm_ratio is not None:
         _in("--comm-ratio", link.comm_ratio, 0, 100, open_low=True)
     _in("--latency-us", link.latency_us, 0, 1e6)
-    if link.transport == "gloo" and link.gbps is not None:
-        raise ValueError("--link-gbps needs --transport emulated, got --transport gloo")
+    if link.transport != "emulated" and link.gbps is not None:
+        raise ValueError(f"--link-gbps needs --transport emulated, got --transport {link.transport}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def _calibrate(
     """The link to time on. With a comm ratio R: start from the bytes one layer moves (T·K rows
     of H each way), then twice rescale the bandwidth from a serial run's measured link time M and
     compute C, so that M = R·C (latency stays as given)."""
-    if link.transport == "gloo":
+    if link.transport != "emulated":
         return None
     latency = link.latency_us * 1e-6
     if link.gbps is not None:
@@ -252,6 +252,15 @@ def _calibrate(
             )
         bandwidth *= max(comm - fixed, 1e-9) / want
     return ops.EmulatedLink(latency_s=latency, bandwidth_bytes_per_s=bandwidth)
+
+
+def _exchange_rates(group: dist.ProcessGroup, shape: Shape, dev: torch.device) -> dict[str, float]:
+    """Issue 20: one dispatch's rows (T·K rows of H bf16) through the group's carrier, and `copy_` of
+    the same bytes, in this run (`overlap.ops.rates`)."""
+    from .ops import rates
+
+    r = rates.exchange_rates(group, shape.tokens * shape.top_k, shape.hidden * 2, reps=3, device=dev)
+    return {"exchange_GBps": r["exchange_GBps"], "copy_GBps": r["copy_GBps"]}
 
 
 def _microbatches_ran(sched: object) -> int:
@@ -292,6 +301,8 @@ def measure(
     timeline (`"_timeline"`, that of the rank that hid least) on rank 0.
     """
     progress = progress or Progress(False)
+    if link.transport != "emulated":  # issue 20: the carrier the ranks' exchanges use
+        os.environ["OVERLAP_TRANSPORT"] = link.transport
     dev, group = _device_and_group(device)
     rank = dist.get_rank(group)
     with progress.step(f"building the layer {shape}"):
@@ -369,6 +380,7 @@ def measure(
         "device": device,
         "link": str(link),
         "transport": ops.transport_kind(group.group_name),
+        **_exchange_rates(group, shape, dev),
         "microbatches": _microbatches_ran(o_sched),
         "microbatches_requested": microbatches,
         "reps": reps,

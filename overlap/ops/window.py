@@ -467,10 +467,11 @@ class WindowLane(Lane):
         (a fresh large allocation costs a page fault per 4 KiB page: more than the copy itself);
         `Transfer.release` gives it back."""
         with self.io:
-            fits = [b for b in self.pool if nbytes <= b.numel() <= 2 * nbytes + 4096]
-            buf = min(fits, key=lambda b: b.numel()) if fits else torch.empty(nbytes, dtype=torch.uint8)
-            if fits:
-                self.pool.remove(buf)
+            fits = [i for i, b in enumerate(self.pool) if nbytes <= b.numel() <= 2 * nbytes + 4096]
+            if fits:  # by index: `list.remove` would compare tensors by value
+                buf = self.pool.pop(min(fits, key=lambda i: self.pool[i].numel()))
+            else:
+                buf = torch.empty(nbytes, dtype=torch.uint8)
 
         def give_back() -> None:
             with self.io:
