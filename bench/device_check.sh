@@ -12,6 +12,8 @@
 #   3. python -m overlap bench --device cuda
 #   4. python bench/bench_kernels.py --device cuda
 #   5. python -m overlap bench --device cpu   (this host's cores, for the many-core figures)
+#   6. python bench/bench_exchange.py --device cuda, 2 and 4 ranks (issue 20: exchange vs copy_,
+#      setup host time behind a queued kernel, host syncs)
 # then prints a short summary: each step's status, time and last lines.
 #
 # The image needs torch, networkx, numpy, matplotlib and pytest; not pytest-asyncio, pytest-timeout
@@ -66,6 +68,15 @@ step bench-cuda 60 python3 -m overlap bench --device cuda --ranks 2 --json "$LOG
 step kernels-cuda 45 python3 bench/bench_kernels.py --device cuda
 step bench-cpu 45 python3 -m overlap bench --device cpu --ranks 4 --json "$LOG/bench-cpu.json"
 
+# ---- issue 20 (transport helper): the window transport's GPU figures --------------------------
+# One exchange per rank of 4096 rows (512 tokens x top-8) of 7168
+# bf16 against copy_ of the same bytes, 2 and 4 ranks sharing the GPU; then the setup's host time
+# behind a queued 200 ms kernel (bound 100 us) and host syncs under set_sync_debug_mode("error")
+# (bound: none). The carrier is printed: gloo-staged until the CUDA IPC window exists.
+step exchange-cuda-2 60 python3 bench/bench_exchange.py --device cuda --ranks 2 --reps 5 --host-checks
+step exchange-cuda-4 60 python3 bench/bench_exchange.py --device cuda --ranks 4 --reps 5
+# ---- end of issue 20's block -------------------------------------------------------------------
+
 echo
 echo "== device check summary ($(head -n 1 "$LOG/host.txt"))"
 for i in "${!names[@]}"; do
@@ -73,6 +84,7 @@ for i in "${!names[@]}"; do
 done
 grep -E "passed|failed|skipped|error" "$LOG/cuda-tests.log" | tail -n 1
 grep -E "^rank [0-9]+: dispatch_setup" "$LOG/cuda-tests.log" | head -n 2
+grep -hE "^(transport|window|rank [0-9]+ \()" "$LOG"/exchange-cuda-*.log 2>/dev/null | head -n 8  # issue 20
 echo "logs: $LOG"
 rm -rf "$SHADOW"
 for s in "${statuses[@]}"; do [ "$s" = ok ] || exit 1; done
