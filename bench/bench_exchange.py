@@ -3,10 +3,10 @@
 Run: ``python bench/bench_exchange.py [--ranks 2] [--rows 4096] [--hidden 7168] [--reps 7]
 [--transports window gloo] [--device cpu|cuda] [--host-checks]``. The default is issue 20's
 case: 2 ranks, 512 tokens x top-8 = 4096 bf16 rows of H 7168 (14336 bytes) from each rank, split
-evenly over the ranks; bytes per exchange are what one rank sends to its peers. Each carrier runs in the same rank processes, one after the
-other, with `copy_` of the same bytes timed beside every exchange (`overlap.ops.rates`). Prints
-one line per carrier and the ratios (window / gloo, window / copy_); the load average is printed
-with them, as the figures move with it.
+evenly over the ranks; bytes per exchange are what one rank sends to its peers. Each carrier runs
+in the same rank processes, one after the other, with `copy_` of the same bytes timed beside every
+exchange (`overlap.ops.rates`). Prints one line per carrier and the ratios (window / gloo,
+window / copy_); the load average is printed with them, as the figures move with it.
 
 With ``--device cuda`` the rows live on the GPU (ranks share it: rank r on cuda:(r % G)) and the
 carrier is the one the group gets (`gloo-staged` until the CUDA IPC window exists; the kind is
