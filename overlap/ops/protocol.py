@@ -267,8 +267,10 @@ class Transfer:
     # `complete(transfer, timeout_s)` returns once it finished it (or raises CommTimeoutError).
     complete: Any = None
     lane: Any = None  # the `Lane` carrying it
-    # Set by a carrier that lends the received rows from a pool: gives the buffer back.
+    # Set by a carrier that lends the received rows (a pooled buffer, or its window): gives them back.
     _give_back: Any = None
+    wants_chunks: bool = False  # set by `take_chunks`: the carrier may lend views instead of a copy
+    chunks: list[Tensor] | None = None  # the lent views, one per source rank, in rank order
 
     @property
     def is_complete(self) -> bool:
@@ -308,12 +310,20 @@ class Transfer:
         assert self._result is not None  # internal invariant: set with _done and no error
         return self._result
 
+    def take_chunks(self, timeout_s: float | None = None) -> tuple[list[Tensor], Tensor]:
+        """Like `take`, but the rows come as one `(M_r, row_bytes)` tensor per source rank, in rank
+        order (their concatenation is `take`'s rows). A carrier may lend them without copying (the
+        window carrier: views of its window); call `release` once done with them."""
+        self.wants_chunks = True
+        rows, counts = self.take(timeout_s)
+        return (self.chunks if self.chunks is not None else [rows]), counts
+
     def release(self) -> None:
         """The caller is done with the received rows (`take`'s result): a carrier that lent them
         from a pool (window) may reuse the buffer. Optional; the rows must not be used after it."""
         give_back, self._give_back = self._give_back, None
         if give_back is not None:
-            self._result = None
+            self._result, self.chunks = None, None
             give_back()
 
     def __await__(self):  # awaitable without blocking the event loop

@@ -2,7 +2,8 @@
 
 `exchange_rates(group, rows, row_bytes)` sends `rows` rows of `row_bytes` bytes from every rank,
 split evenly over the ranks (a dispatch's all-to-all), through the same transport the ops use
-(`transport.start`, then the teardown's `take`), and times setup → teardown. Bytes per exchange
+(`transport.start`, then `take_chunks` as the dispatch teardown does: the rows readable where they
+landed), and times setup → teardown. Bytes per exchange
 are what this rank sends to its peers; `exchange_GBps` is those bytes over the median exchange
 time (the slowest rank's), `copy_GBps` the same bytes through `Tensor.copy_` on this rank (on
 CUDA both are timed with device synchronisation). `python -m overlap bench` and
@@ -35,7 +36,7 @@ def _raw_exchange(group: dist.ProcessGroup, rows: list[int], buf: torch.Tensor) 
         "dispatch", group, group.group_name, send_buf=buf, send_rows=rows, block_counts=counts, header=header
     )
     try:
-        handle.take()
+        handle.take_chunks()  # as the dispatch teardown does: the rows, readable where they landed
         handle.release()
     finally:
         with transport._registry_lock:  # what a teardown's claim does: the budget is free again

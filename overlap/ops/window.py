@@ -414,11 +414,14 @@ class WindowLane(Lane):
             f"{transfer.op} exchange{where(transfer)} failed: {ended.describe(transfer.group_name)}", seq, firsts
         )
 
-    def _receive(self, transfer: Transfer) -> tuple[Tensor, Tensor]:
+    def _receive(self, transfer: Transfer, lend: bool = False) -> tuple[Tensor, Tensor]:
         """Check the peers' headers and copy this rank's rows out of its window (`transfer` has
-        arrived); marks the slot consumed even when the check fails."""
+        arrived); marks the slot consumed even when the check fails. With `lend` (the caller of
+        `Transfer.take_chunks` waits for it), the rows are not copied: `transfer.chunks` are views
+        of the window (and of the send buffer), and the slot stays held until `Transfer.release`."""
         lay, own = self.layout, self.own
         slot, ident = transfer.seq % self.slots, _ident(transfer)
+        held = False
         lmax = transfer.block_counts.shape[1]
         row_bytes = transfer.send_buf.shape[1]
         assert transfer.send_rows is not None
@@ -446,6 +449,18 @@ class WindowLane(Lane):
                     raise CommError(f"rank {r} wrote a malformed region for exchange #{transfer.seq}")
                 start = base + lmax * 8
                 chunks.append(own.bytes[start : start + n * row_bytes].view(n, row_bytes))
+            if lend:
+                transfer.chunks = chunks
+
+                def give_back() -> None:
+                    cell = lay.consumed + slot
+                    with self.io:
+                        own.words[cell] = max(int(own.words[cell]), ident)
+
+                transfer._give_back, held = give_back, True
+                if transfer.plan is not None:
+                    transfer.plan.trace.append("done")
+                return transfer.send_buf[:0], counts
             total = sum(c.shape[0] for c in chunks)
             rows_out = self._lend(transfer, total * row_bytes).view(total, row_bytes)
             torch.cat(chunks, out=rows_out)
@@ -459,8 +474,9 @@ class WindowLane(Lane):
                 transfer.plan.trace.append("done")
             return rows_out, counts
         finally:
-            cell = lay.consumed + slot
-            own.words[cell] = max(int(own.words[cell]), ident)
+            if not held:
+                cell = lay.consumed + slot
+                own.words[cell] = max(int(own.words[cell]), ident)
 
     def _lend(self, transfer: Transfer, nbytes: int) -> Tensor:
         """A buffer of `nbytes` for `transfer`'s received rows, from the lane's pool when one fits
@@ -494,11 +510,11 @@ class WindowLane(Lane):
             if not t.cancelled and t.epoch == self.stream_epoch and self._landed(t):
                 self._run(t)
 
-    def _run(self, transfer: Transfer) -> None:
+    def _run(self, transfer: Transfer, lend: bool = False) -> None:
         """Receive an arrived transfer and finish it (with `io` held)."""
         result, error = None, None
         try:
-            result = self._receive(transfer)
+            result = self._receive(transfer, lend)
         except BaseException as exc:
             error = self.outcome(transfer, exc)
         self.finish(transfer, result, error)
@@ -525,7 +541,7 @@ class WindowLane(Lane):
                 self._maybe_unlink()
                 if self._landed(transfer) and self._sent(transfer):
                     if teardown:
-                        self._run(transfer)
+                        self._run(transfer, lend=transfer.wants_chunks)
                         return None, None
                     try:
                         return self._receive(transfer), None
