@@ -170,6 +170,11 @@ def kind_for(group: dist.ProcessGroup, device: torch.device, *, probe: bool = Fa
         if "gloo" in backend:
             if forced == "nccl":
                 raise ValueError(f"OVERLAP_TRANSPORT=nccl needs an nccl group, group {group.group_name!r} uses gloo")
+            if forced == "window":
+                raise ValueError(
+                    "OVERLAP_TRANSPORT=window moves cpu tensors only: the CUDA IPC window is not written yet; "
+                    "unset it (cuda tensors on a gloo group are staged: gloo-staged) or use an nccl group"
+                )
             return "gloo-staged"
         raise ValueError(f"tensors on cuda need an nccl or gloo group, group {group.group_name!r} uses {backend!r}")
     raise ValueError(f"the portable transport moves cpu or cuda tensors, got device {device}")
