@@ -227,6 +227,33 @@ def test_window_files_are_gone_after_use_and_after_shutdown():
     assert left == [], left
 
 
+def _sweep_case(stale: str) -> dict:
+    from overlap.ops import window
+
+    g = _fresh_group()
+    _chain(g, GOOD)  # the first window of a fresh process sweeps
+    return {"stale_left": os.path.exists(stale), "again": window.sweep_stale_windows()}
+
+
+def test_windows_of_killed_processes_are_swept():
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = f"/dev/shm/overlap-win-{gone.pid}-7"
+    with open(stale, "wb") as f:
+        f.write(b"\0" * 4096)
+    pool = RankPool(2, threads=1)
+    try:
+        results = pool.run(on, "window", _sweep_case, stale, timeout_s=RUN_S)
+    finally:
+        pool.close()
+        if os.path.exists(stale):
+            os.unlink(stale)
+    assert [r["stale_left"] for r in results] == [False, False], results
+    assert all(stale.rsplit("/", 1)[1] not in r["again"] for r in results)
+
+
 @pytest.mark.parametrize("world", [3])
 def test_three_ranks_with_uneven_batches_match_the_reference(rank_pools, world):
     from .reference import run_case

@@ -34,12 +34,14 @@ its stream stops, with the reason; a peer waiting on this rank for a number at o
 new id. A peer whose process is gone gives `CommError` at once, a silent one `CommTimeoutError`
 after the timeout; both leave the group broken (`transport.recover`). A window's file is unlinked
 as soon as every peer has mapped it, else when the lane stops (`transport.shutdown`, `recover`)
-or the process exits: no file is left in /dev/shm.
+or the process exits; a survivor removes a dead peer's, and a process making its first window
+removes those of processes that are gone (killed): no file is left in /dev/shm.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import mmap
 import multiprocessing.util
 import os
@@ -182,6 +184,8 @@ class WindowLane(Lane):
         self.slots = 2 * max_in_flight()
         self.layout = _Layout(self.world, self.slots, window_bytes())
         self.path = os.path.join(SHM_DIR, f"{SHM_PREFIX}{os.getpid()}-{serial}")
+        if serial == 1:
+            sweep_stale_windows()
         self.own = _Mapping(self.path, self.layout.total, create=True)
         _live.add(self)
         self.unlinked = False
@@ -191,6 +195,7 @@ class WindowLane(Lane):
         w[self.layout.magic] = _MAGIC
         self.peer_maps: dict[int, _Mapping] = {}
         self.peer_pids: dict[int, int] = {}
+        self.peer_paths: dict[int, str] = {}
         self.last_written: dict[tuple[int, int], int] = {}  # (peer, slot) -> id this rank wrote there last
         self.writes: list[tuple[Transfer, int]] = []  # (transfer, peer) not written yet, in setup order
         self.pool: list[Tensor] = []  # buffers for received rows, given back by `Transfer.release`
@@ -234,6 +239,7 @@ class WindowLane(Lane):
         mapping.words[self.layout.attached + self.rank] = 1
         self.peer_maps[r] = mapping
         self.peer_pids[r] = int(pid)
+        self.peer_paths[r] = path
         return mapping
 
     def _unlink(self) -> None:
@@ -555,6 +561,11 @@ class WindowLane(Lane):
                 if now - self.pid_checked > _PID_CHECK_S:
                     self.pid_checked = now
                     gone = self._dead_peers(transfer)
+                    for r in gone:  # it cannot remove its window any more: do it for it
+                        path = self.peer_paths.get(r)
+                        if path is not None and os.path.exists(path):
+                            with contextlib.suppress(OSError):
+                                os.unlink(path)
                     if gone:
                         return None, CommError(
                             f"{transfer.op} exchange{where(transfer)} on group {self.group_name!r}: ranks {gone} "
@@ -624,6 +635,30 @@ class WindowLane(Lane):
             if error is not None:
                 error = self.outcome(transfer, error)
             self.finish(transfer, result if error is None else None, error)
+
+
+def sweep_stale_windows() -> list[str]:
+    """Unlink the window files of processes that are gone (killed before they could clean up: a
+    SIGKILL, `os._exit`); runs when a process makes its first window. Returns the paths removed."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(SHM_PREFIX):
+            continue
+        try:
+            pid = int(name[len(SHM_PREFIX) :].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and _process_gone(pid):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
 
 
 def _process_gone(pid: int) -> bool:
