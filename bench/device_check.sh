@@ -11,11 +11,13 @@
 #   2. python -m overlap demo --device cuda            (its default cuda shape, T2048 H4096)
 #   3. bench --device cuda --comm-ratio 1, T1024, H 4096 and H 7168, m = 1, 2, 4
 #   4. the window transport, no emulation: T4096 H7168 E64 K8 I2048 int8, 2 ranks, m = 2
-#      (pending until the CLI has `--transport window`)
+#      (pending until the CUDA IPC window exists: `--transport window` on cuda refuses)
 #   5. python bench/bench_kernels.py --device cuda     (layout time, kernels % of copy_)
 #   6. python bench/bench_experts.py --device cuda     (grouped GEMM vs the expert loop)
 #   7. python -m overlap bench --device cpu            (this host's cores, for the many-core figures)
 #   8. python bench/bench_cpu_plan.py          (CPU plan and OpenMP environment, side by side)
+#   9. python bench/bench_exchange.py --device cuda, 2 and 4 ranks (issue 20: exchange vs copy_,
+#      setup host time behind a queued kernel, host syncs)
 # then prints a short summary: each step's status, time and last lines, and issue 21's figures
 # (bench/device_figures.py: PASS / FAIL / PENDING each).
 #
@@ -92,6 +94,15 @@ done
 step cpu-plan 40 python3 bench/bench_cpu_plan.py --reps 3 --rounds 2 --threads 7 --microbatches 2 4
 # --- end cpuplan
 
+# ---- issue 20 (transport helper): the window transport's GPU figures --------------------------
+# One exchange per rank of 4096 rows (512 tokens x top-8) of 7168
+# bf16 against copy_ of the same bytes, 2 and 4 ranks sharing the GPU; then the setup's host time
+# behind a queued 200 ms kernel (bound 100 us) and host syncs under set_sync_debug_mode("error")
+# (bound: none). The carrier is printed: gloo-staged until the CUDA IPC window exists.
+step exchange-cuda-2 60 python3 bench/bench_exchange.py --device cuda --ranks 2 --reps 5 --host-checks
+step exchange-cuda-4 60 python3 bench/bench_exchange.py --device cuda --ranks 4 --reps 5
+# ---- end of issue 20's block -------------------------------------------------------------------
+
 echo
 echo "== device check summary ($(head -n 1 "$LOG/host.txt"))"
 for i in "${!names[@]}"; do
@@ -107,6 +118,7 @@ grep -E "^summary:" "$LOG/kernels-cuda.log" | sed 's/^summary:/kernels:/'
 echo
 echo "== issue 21's figures"
 python3 "$ROOT/bench/device_figures.py" "$LOG"
+grep -hE "^(transport|window|rank [0-9]+ \()" "$LOG"/exchange-cuda-*.log 2>/dev/null | head -n 8  # issue 20
 echo "logs: $LOG"
 rm -rf "$SHADOW"
 for s in "${statuses[@]}"; do [ "$s" = ok ] || exit 1; done

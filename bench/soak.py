@@ -1,7 +1,7 @@
 """Soak: many consecutive MoE steps over local gloo ranks, every checked step equal to the dense
 reference, with resident memory reported first vs last.
 
-Run: ``python bench/soak.py [--steps 2000] [--world 2] [--check-every 1] [--seed 0]``.
+Run: ``python bench/soak.py [--steps 2000] [--world 2] [--check-every 1] [--seed 0] [--transport window|gloo]``.
 
 Each step draws (from a generator every rank seeds alike) a batch size per rank, top-K, the routing
 mode and options, then runs dispatch -> elementwise experts -> combine with the four ops:
@@ -155,6 +155,7 @@ def _run_step(
 
 def rank_loop(steps: int, seed: int = 0, check_every: int = 1) -> dict:
     """Run `steps` MoE steps on this rank of the default process group; return statistics."""
+    from overlap import ops
     from overlap.ops import in_flight, transport
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -200,7 +201,20 @@ def rank_loop(steps: int, seed: int = 0, check_every: int = 1) -> dict:
     stats["registry_end"] = len(transport._registry)
     stats["workers_end"] = len(transport._workers)
     stats["threads_end"] = threading.active_count()
+    stats["transport"] = ops.transport_kind(group)
     return stats
+
+
+def with_transport(kind: str | None, fn, *args):  # type: ignore[no-untyped-def]
+    """`fn(*args)` in a rank process with `OVERLAP_TRANSPORT=kind` (None: the default carrier)."""
+    import os
+
+    if kind is not None:
+        os.environ["OVERLAP_TRANSPORT"] = kind
+    try:
+        return fn(*args)
+    finally:
+        os.environ.pop("OVERLAP_TRANSPORT", None)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -209,12 +223,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--check-every", type=int, default=1, help="compare to the reference every k steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--transport", choices=("window", "gloo"), default=None, help="carrier (default: window)")
     args = parser.parse_args(argv)
     if EXPERTS % args.world:
         parser.error(f"--world must divide {EXPERTS}")
     with RankPool(args.world) as pool:  # a rank that raises, hangs or dies fails the run
-        stats = pool.run(rank_loop, args.steps, args.seed, args.check_every, timeout_s=24 * 3600.0)
-    print(f"soak: {args.steps} steps on {args.world} gloo ranks, reference checked every {args.check_every}")
+        stats = pool.run(
+            with_transport, args.transport, rank_loop, args.steps, args.seed, args.check_every, timeout_s=24 * 3600.0
+        )
+    print(
+        f"soak: {args.steps} steps on {args.world} ranks over {stats[0]['transport']}, reference checked every "
+        f"{args.check_every}"
+    )
     print(
         "rank  seconds  ms/step  checked  mismatches  empty-recv  idle-experts  "
         "RSS first / warm / last MiB  growth after warm-up"

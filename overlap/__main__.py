@@ -103,10 +103,11 @@ def _run_flags(p: argparse.ArgumentParser, *, microbatches: list[int] | int, rep
     )
     g.add_argument(
         "--transport",
-        choices=("gloo", "emulated"),
+        choices=("emulated", "window", "gloo", "nccl"),
         default="emulated",
-        help="emulated (default): gloo moves the data, completion follows a modelled link; "
-        "gloo: as fast as gloo moves it (no link model: the three link flags below need emulated)",
+        help="emulated (default): the default carrier moves the data, completion follows a modelled link; "
+        "window, gloo or nccl: that carrier, as fast as it moves the data (OVERLAP_TRANSPORT; no link model: "
+        "the three link flags below need emulated)",
     )
     link = g.add_mutually_exclusive_group()
     link.add_argument(
@@ -316,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     if not is_printer():
         return 0
     print(demo.format_table(rows))
+    for r in rows:  # which carrier ran, and how fast it moves one dispatch against copy_
+        print(
+            f"transport {r['transport']}: {r['shape']}: exchange {r['exchange_GBps']:.2f} GB/s, "
+            f"copy_ {r['copy_GBps']:.2f} GB/s of the same bytes"
+        )
     if target:
         demo.dump_json(rows, target)
         print(f"wrote {target}")
@@ -335,8 +341,10 @@ def _print_demo(row: dict) -> int:
     print(demo.format_table([row]))
     print()
     print(
-        f"transport: {row['transport']} (device {row['device']}; gloo: cpu tensors over gloo, gloo-staged: "
-        "device tensors through pinned host buffers over gloo, nccl: device tensors over NCCL)"
+        f"transport: {row['transport']} (device {row['device']}; window: shared-memory windows of the ranks of "
+        "one machine, gloo: cpu tensors over gloo, gloo-staged: device tensors through pinned host buffers over "
+        f"gloo, nccl: device tensors over NCCL); exchange {row['exchange_GBps']:.2f} GB/s, copy_ "
+        f"{row['copy_GBps']:.2f} GB/s of the same bytes"
     )
     ok = row["within_tolerance"]
     print(

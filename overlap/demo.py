@@ -57,7 +57,7 @@ MAX_REPS = 1000
 MAX_COMM_RATIO = 100.0
 MAX_LATENCY_US = 1e6
 DEVICES = ("cpu", "cuda")
-TRANSPORTS = ("gloo", "emulated")
+TRANSPORTS = ("emulated", "window", "gloo", "nccl")  # emulated: a link model over the default carrier
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,8 +95,8 @@ class Link:
     latency_us: float = DEFAULT_LATENCY_US
 
     def __str__(self) -> str:
-        if self.transport == "gloo":
-            return "gloo (no link model)"
+        if self.transport != "emulated":  # issue 20: a carrier, as fast as it moves the data
+            return f"{self.transport} (no link model)"
         if self.gbps is not None:
             return f"emulated link {self.gbps:g} GB/s, {self.latency_us:g} us latency"
         return f"emulated link scaled to comm = {self.comm_ratio:g} x compute, {self.latency_us:g} us latency"
@@ -144,17 +144,18 @@ def link_from_flags(
     transport: str, comm_ratio: float | None, link_gbps: float | None, latency_us: float | None
 ) -> Link:
     """The `Link` the link flags ask for (None: the flag was not given), refusing a flag that the
-    transport would ignore: gloo has no link model, so --comm-ratio, --link-gbps and --latency-us
-    need --transport emulated.
+    transport would ignore: only emulated has a link model, so --comm-ratio, --link-gbps and
+    --latency-us need --transport emulated.
 
     Raises:
         ValueError: names the flag given, its value and the transport (one line).
     """
-    if transport == "gloo":
+    if transport != "emulated":
         for flag, value in (("--comm-ratio", comm_ratio), ("--link-gbps", link_gbps), ("--latency-us", latency_us)):
             if value is not None:
                 raise ValueError(
-                    f"{flag} {value:g} needs --transport emulated, got --transport gloo (gloo has no link model)"
+                    f"{flag} {value:g} needs --transport emulated, got --transport {transport} "
+                    f"({transport} has no link model)"
                 )
     ratio = comm_ratio if comm_ratio is not None or link_gbps is not None else DEFAULT_COMM_RATIO
     return Link(transport, ratio, link_gbps, DEFAULT_LATENCY_US if latency_us is None else latency_us)
@@ -191,8 +192,8 @@ def check_args(shape: Shape, ranks: int, microbatches: list[int], link: Link, re
     if link.comm_ratio is not None:
         _in("--comm-ratio", link.comm_ratio)
     _in("--latency-us", link.latency_us)
-    if link.transport == "gloo" and link.gbps is not None:
-        raise ValueError("--link-gbps needs --transport emulated, got --transport gloo")
+    if link.transport != "emulated" and link.gbps is not None:
+        raise ValueError(f"--link-gbps needs --transport emulated, got --transport {link.transport}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +278,7 @@ def _calibrate(
     """The link to time on. With a comm ratio R: start from the bytes one layer moves (T·K rows
     of H each way), then twice rescale the bandwidth from a serial run's measured link time M and
     compute C, so that M = R·C (latency stays as given)."""
-    if link.transport == "gloo":
+    if link.transport != "emulated":
         return None
     latency = link.latency_us * 1e-6
     if link.gbps is not None:
@@ -305,6 +306,15 @@ def _calibrate(
             )
         bandwidth *= max(comm - fixed, 1e-9) / want
     return ops.EmulatedLink(latency_s=latency, bandwidth_bytes_per_s=bandwidth)
+
+
+def _exchange_rates(group: dist.ProcessGroup, shape: Shape, dev: torch.device) -> dict[str, float]:
+    """Issue 20: one dispatch's rows (T·K rows of H bf16) through the group's carrier, and `copy_` of
+    the same bytes, in this run (`overlap.ops.rates`)."""
+    from .ops import rates
+
+    r = rates.exchange_rates(group, shape.tokens * shape.top_k, shape.hidden * 2, reps=3, device=dev)
+    return {"exchange_GBps": r["exchange_GBps"], "copy_GBps": r["copy_GBps"]}
 
 
 def _microbatches_ran(sched: object) -> int:
@@ -386,6 +396,8 @@ def measure(
     (`"_window"`: that repetition's start there, plus the table's overlapped time).
     """
     progress = progress or Progress(False)
+    if link.transport != "emulated":  # issue 20: the carrier the ranks' exchanges use
+        os.environ["OVERLAP_TRANSPORT"] = link.transport
     dev, group = _device_and_group(device)
     rank = dist.get_rank(group)
     with progress.step(f"building the layer {shape}"):
@@ -470,6 +482,7 @@ def measure(
         "device": device,
         "link": str(link),
         "transport": ops.transport_kind(group.group_name),
+        **_exchange_rates(group, shape, dev),
         "microbatches": _microbatches_ran(o_sched),
         "microbatches_requested": microbatches,
         "reps": reps,

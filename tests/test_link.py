@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from overlap import ops
 
+from .carriers import CPU_CARRIERS, on
 from .gates import LinkGates
 from .reference import Case, build
 
@@ -83,11 +84,12 @@ def _link_case(case: Case, bandwidth: float) -> list[dict]:
     ]
 
 
-def test_exchanges_take_at_least_the_modelled_time_one_after_another(rank_pools):
+@pytest.mark.parametrize("carrier", CPU_CARRIERS)
+def test_exchanges_take_at_least_the_modelled_time_one_after_another(rank_pools, carrier):
     case = Case(world=2, batches=(16, 16), experts=8, top_k=2, seed=21)
     nbytes = [_payload_bytes(case, r) for r in range(case.world)]
     bandwidth = max(nbytes) / MODEL_S  # the rank that moves the most bytes models MODEL_S
-    results = rank_pools(2).run(_link_case, case, bandwidth)
+    results = rank_pools(2).run(on, carrier, _link_case, case, bandwidth)
     for rank, (a, b) in enumerate(results):
         modelled = LATENCY_S + nbytes[rank] / bandwidth
         assert modelled >= LATENCY_S + 0.5 * MODEL_S  # both ranks move a comparable amount

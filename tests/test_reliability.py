@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from .carriers import CPU_CARRIERS, on
 from .ranks import RankPool
 from .reference import Case, affine, build, common_kwargs, dense_reference, run_case
 
@@ -203,11 +204,12 @@ def test_current_timeout_precedence():
             os.environ["OVERLAP_TIMEOUT_S"] = old
 
 
-def test_teardown_times_out_naming_op_microbatch_and_silent_peer(scratch_pool):
+@pytest.mark.parametrize("carrier", CPU_CARRIERS)
+def test_teardown_times_out_naming_op_microbatch_and_silent_peer(scratch_pool, carrier):
     """Rank 2 never sets up: ranks 0 and 1 get CommTimeoutError (a TimeoutError) within about the
     timeout, whichever way it was set, naming the op, the microbatch and rank 2 (and only rank 2:
     ranks 0 and 1 did deliver to each other)."""
-    outcomes = _run_survivors(scratch_pool, _timeout_case, 2)
+    outcomes = _run_survivors(scratch_pool, on, carrier, _timeout_case, 2)
     assert set(outcomes) == {0, 1, 2}, outcomes
     for rank in (0, 1):
         ok, results = outcomes[rank]
@@ -251,7 +253,8 @@ def _queued_case(silent_rank: int) -> tuple[str, str] | None:
 
 
 def test_timeout_of_a_queued_exchange_says_it_is_queued(scratch_pool):
-    outcomes = _run_survivors(scratch_pool, _queued_case, 2)
+    # gloo only: exchanges queue on its thread; a window exchange never waits behind another one.
+    outcomes = _run_survivors(scratch_pool, on, "gloo", _queued_case, 2)
     for rank in (0, 1):
         ok, (type_name, message) = outcomes[rank]
         assert ok and type_name == "CommTimeoutError", (rank, type_name, message)
@@ -287,9 +290,10 @@ def _dying_rank_case(dead_rank: int, timeout_s: float) -> tuple[str, str, float]
     return "", "", time.perf_counter() - start
 
 
-def test_dead_rank_gives_every_survivor_a_clear_error_quickly(scratch_pool):
+@pytest.mark.parametrize("carrier", CPU_CARRIERS)
+def test_dead_rank_gives_every_survivor_a_clear_error_quickly(scratch_pool, carrier):
     timeout_s = 10.0
-    outcomes = _run_survivors(scratch_pool, _dying_rank_case, 2, timeout_s, timeout_s=RUN_S)
+    outcomes = _run_survivors(scratch_pool, on, carrier, _dying_rank_case, 2, timeout_s, timeout_s=RUN_S)
     assert set(outcomes) == {0, 1}, f"rank 2 should be missing (dead), got {sorted(outcomes)}"
     assert scratch_pool._procs[2].exitcode == 17
     for rank in (0, 1):
@@ -352,9 +356,11 @@ def _disagreeing_case(name: str) -> tuple[str, str, torch.Tensor]:
     return (*outcome, run_case(good)["x_out"])
 
 
-@pytest.mark.parametrize("name", list(DISAGREEMENTS))
-def test_disagreeing_ranks_all_raise_and_the_group_recovers(rank_pools, name):
-    results = rank_pools(2).run(_disagreeing_case, name, timeout_s=RUN_S)
+@pytest.mark.parametrize(
+    "name,kind", [(name, "window") for name in DISAGREEMENTS] + [("op order", "gloo"), ("hidden", "gloo")]
+)
+def test_disagreeing_ranks_all_raise_and_the_group_recovers(rank_pools, name, kind):
+    results = rank_pools(2).run(on, kind, _disagreeing_case, name, timeout_s=RUN_S)
     reference = dense_reference(Case(world=2, batches=(3, 3), seed=5))
     for rank, (type_name, message, x_out) in enumerate(results):
         other = 1 - rank
@@ -600,9 +606,10 @@ def _capacity_case(cases: list[Case]) -> dict:
     return out
 
 
-def test_in_flight_budget_raises_capacity_error_on_every_rank_and_recovers(rank_pools):
+@pytest.mark.parametrize("carrier", CPU_CARRIERS)
+def test_in_flight_budget_raises_capacity_error_on_every_rank_and_recovers(rank_pools, carrier):
     cases = [Case(world=2, batches=(4, 4), seed=s) for s in (21, 22, 23)]
-    results = rank_pools(2).run(_capacity_case, cases, timeout_s=RUN_S)
+    results = rank_pools(2).run(on, carrier, _capacity_case, cases, timeout_s=RUN_S)
     references = [dense_reference(c) for c in cases]
     for rank, out in enumerate(results):
         assert out["in_flight_before"] == 2 and out["in_flight_after"] == 2
@@ -621,10 +628,11 @@ def test_in_flight_budget_raises_capacity_error_on_every_rank_and_recovers(rank_
 # --------------------------------------------------------------------------------------------
 
 
-def test_short_soak_matches_reference_and_leaks_no_transfers(rank_pools):
+@pytest.mark.parametrize("carrier", CPU_CARRIERS)
+def test_short_soak_matches_reference_and_leaks_no_transfers(rank_pools, carrier):
     from bench import soak
 
-    results = rank_pools(2).run(soak.rank_loop, 50, 1234, 1, timeout_s=RUN_S)
+    results = rank_pools(2).run(on, carrier, soak.rank_loop, 50, 1234, 1, timeout_s=RUN_S)
     for stats in results:
         assert stats["steps"] == 50
         assert stats["checked"] == 50 and stats["mismatches"] == 0, stats

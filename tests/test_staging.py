@@ -294,11 +294,11 @@ def test_device_path_setups_read_nothing_on_the_host_and_equal_the_reference(ran
             assert torch.equal(res[name], eager[name]), f"rank {rank}: {name} differs from the host path"
         n = case.batches[rank] if case.active is None else case.active[rank]
         assert torch.equal(res["expand_idx"][: n * case.top_k], eager["expand_idx"][: n * case.top_k])
-        assert res["kind"] == "gloo-staged" and eager["kind"] == "gloo"
+        assert res["kind"] == "gloo-staged" and eager["kind"] == "window"  # window: the cpu default
         for trace in res["traces"]:
             assert trace == ["ready", "resolve", "to_host", "exchange", "to_device", "done"]
         for trace in eager["traces"]:
-            assert trace == ["ready", "resolve", "exchange", "done"]
+            assert trace == ["exchange", "done"]  # the window carrier: written at the setup, read at the teardown
 
 
 def _pipeline_case(microbatches: int) -> dict:
@@ -328,7 +328,7 @@ def test_pipeline_over_the_device_path_equals_the_host_path(rank_pools, microbat
     for res in rank_pools(2).run(_pipeline_case, microbatches):
         # The same microbatches through the same GEMMs: only the transport path differs.
         assert res["equal"]
-        assert res["kinds"] == ("gloo", "gloo-staged")
+        assert res["kinds"] == ("window", "gloo-staged")
         assert res["setups"] == microbatches
 
 
@@ -425,7 +425,7 @@ def test_staged_exchange_keeps_the_header_check_and_the_emulated_link(rank_pools
     staged = rank_pools(2).run(_same_errors_and_link_case, True, latency_s)
     plain = rank_pools(2).run(_same_errors_and_link_case, False, latency_s)
     for s, h in zip(staged, plain):
-        assert s["kind"] == "gloo-staged" and h["kind"] == "gloo"
+        assert s["kind"] == "gloo-staged" and h["kind"] == "window"
         assert s["mismatch"] is not None and s["mismatch"] == h["mismatch"]
         assert "ranks disagree on global_bs" in s["mismatch"]
         # The worker sleeps until the modelled completion: never shorter than the latency.
@@ -493,12 +493,33 @@ def _kinds_case() -> dict:
         staging.kind_for(group, torch.device("meta"))
     except ValueError as exc:
         out["meta"] = str(exc)
+    import os
+
+    os.environ["OVERLAP_TRANSPORT"] = "window"
+    try:
+        staging.kind_for(group, torch.device("cuda", 0))
+    except ValueError as exc:
+        out["window-cuda"] = str(exc)
+    finally:
+        del os.environ["OVERLAP_TRANSPORT"]
+    for forced in ("gloo", "window", "nccl", "tcp"):
+        os.environ["OVERLAP_TRANSPORT"] = forced
+        try:
+            out[f"forced-{forced}"] = staging.kind_for(group, torch.device("cpu"))
+        except ValueError as exc:
+            out[f"forced-{forced}"] = str(exc)
+        finally:
+            del os.environ["OVERLAP_TRANSPORT"]
     return out
 
 
 def test_transport_kind_follows_the_tensors_and_the_backend(rank_pools):
     res = rank_pools(2).run(_kinds_case)[0]
-    assert res["cpu"] == "gloo" and res["cuda-over-gloo"] == "gloo-staged" and res["simulated"] == "gloo-staged"
+    assert res["cpu"] == "window" and res["cuda-over-gloo"] == "gloo-staged" and res["simulated"] == "gloo-staged"
+    assert res["forced-gloo"] == "gloo" and res["forced-window"] == "window"
+    assert "OVERLAP_TRANSPORT=window moves cpu tensors only" in res["window-cuda"]
+    assert "OVERLAP_TRANSPORT=nccl needs cuda tensors on an nccl group" in res["forced-nccl"]
+    assert "OVERLAP_TRANSPORT must be one of ('gloo', 'window', 'nccl'), got 'tcp'" in res["forced-tcp"]
     assert "cpu or cuda tensors, got device meta" in res["meta"]
 
 

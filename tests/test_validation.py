@@ -374,7 +374,9 @@ def _foreign_p2p() -> tuple[str, str] | None:
 
 
 def test_a_foreign_message_on_the_group_is_detected(rank_pools):
-    res = rank_pools(2).run(_foreign_p2p)
+    from .carriers import on  # gloo: a foreign point-to-point message can only meet that carrier
+
+    res = rank_pools(2).run(on, "gloo", _foreign_p2p)
     assert res[1] is None
     name, message, is_comm_error = res[0]
     assert is_comm_error, (name, message)

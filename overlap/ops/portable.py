@@ -224,7 +224,7 @@ def dispatch_teardown(
     check_tensor("comm_cmd_info", comm_cmd_info, shape=(None,), dtypes=(torch.int32,))
 
     handle = transport.claim(comm_cmd_info, "dispatch", group_ep)
-    recv, counts = handle.take(transport.teardown_timeout())
+    chunks, counts = handle.take_chunks(transport.teardown_timeout())  # maybe views of the window
     local = params.num_local_experts
     counts = counts[:, :local]  # (W, L): rows per (source rank, local expert)
     capacity = params.capacity(batch, top_k)
@@ -234,8 +234,19 @@ def dispatch_teardown(
             f"received {total} rows but A = {capacity}: global_bs = {global_bs} is too small for the "
             f"largest BS of the group (global_bs must be max_bs * ep_world_size)"
         )
-    order = _to_device(kernels.block_transpose_index(counts), recv.device)  # (src, e) blocks -> (e, src) blocks
-    rows = recv.index_select(0, order)
+    order = _to_device(kernels.block_transpose_index(counts), chunks[0].device)  # (src, e) blocks -> (e, src) blocks
+    if len(chunks) == 1:
+        rows = chunks[0].index_select(0, order)
+    else:  # the same gather, from the source ranks' chunks: rows[inverse[j]] = recv[j]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        rows = torch.empty(order.numel(), chunks[0].shape[1], dtype=chunks[0].dtype, device=chunks[0].device)
+        start = 0
+        for chunk in chunks:
+            rows.index_copy_(0, inverse[start : start + chunk.shape[0]], chunk)
+            start += chunk.shape[0]
+    del chunks
+    handle.release()  # a copy was taken: the carrier may reuse its window slot
     dynamic_scales = torch.zeros(capacity, dtype=torch.float32, device=x.device)
     if quant_mode == 2:
         expand_x = torch.zeros(capacity, hidden, dtype=torch.int8, device=x.device)
@@ -656,4 +667,6 @@ def combine_teardown(
         extra=None if shared_expert_x is None else shared_expert_x[:num_active],
         out=x_out[:num_active],
     )
+    del rows, recv
+    handle.release()  # x_out holds the result: the carrier may reuse its buffer
     return x_out

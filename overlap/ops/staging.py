@@ -7,12 +7,16 @@ Owns:
 
   | tensors | group backend | kind          | how the payload moves                                   |
   |---------|---------------|---------------|---------------------------------------------------------|
+  | cpu     | gloo          | `window`      | copied into each peer's shared-memory window (default)  |
   | cpu     | gloo          | `gloo`        | gloo sends the tensors as they are                      |
   | cuda    | nccl          | `nccl`        | NCCL sends device memory on the transport's side stream |
   | cuda    | gloo          | `gloo-staged` | device→pinned host, gloo, pinned host→device (`Stager`) |
 
-  NCCL refuses two ranks on one GPU, so ranks that share a GPU use a gloo group and the staged
-  kind (`backend_for` says which backend a launcher should pick).
+  `OVERLAP_TRANSPORT=gloo|window|nccl` forces a carrier. CPU ranks use `window` when every rank of
+  the job runs on this machine (torchrun's `LOCAL_WORLD_SIZE` equals `WORLD_SIZE`, or they are
+  unset), else `gloo`. NCCL refuses two ranks on one GPU, so ranks that share a GPU use a gloo group
+  and the staged kind (`backend_for` says which backend a launcher should pick); the window
+  carrier on CUDA (CUDA IPC) is not written yet.
 - **Deferred values.** On a device, reading a tensor's values on the host (`.item()`, `.tolist()`,
   `int(t)`, `bool(t)`, `.cpu()`) waits for every kernel queued before it, so a setup that did it
   would stop being fire-and-forget. A setup on a device (`defers_host_reads`) therefore computes
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,10 +52,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .transport import Transfer
+if TYPE_CHECKING:  # pragma: no cover - annotations only: protocol imports this module, not the reverse
+    from .protocol import Transfer
 
-KINDS = ("gloo", "nccl", "gloo-staged")
+KINDS = ("window", "gloo", "nccl", "gloo-staged")
+CARRIERS = ("gloo", "window", "nccl")  # what OVERLAP_TRANSPORT may force
 INVALID_SLOT = 31  # header entry (of the transport's 32) a rank sets when its deferred check failed
 _simulate: contextvars.ContextVar[bool] = contextvars.ContextVar("overlap_simulate_device", default=False)
 _kinds: dict[str, str] = {}
@@ -115,32 +121,67 @@ def backend_for(device: torch.device | str, local_world_size: int, num_gpus: int
     return "nccl" if 0 < local_world_size <= gpus else "gloo"
 
 
-def kind_for(group: dist.ProcessGroup, device: torch.device) -> str:
+def forced_carrier() -> str | None:
+    """The carrier `OVERLAP_TRANSPORT` forces, or None. Raises `ValueError` for another value."""
+    raw = os.environ.get("OVERLAP_TRANSPORT") or None
+    if raw is not None and raw not in CARRIERS:
+        raise ValueError(f"OVERLAP_TRANSPORT must be one of {CARRIERS}, got {raw!r}")
+    return raw
+
+
+def one_machine() -> bool:
+    """True when every rank of the job runs on this machine, as far as the launcher says: torchrun's
+    `LOCAL_WORLD_SIZE` equals its `WORLD_SIZE` (or either is unset: local ranks, `RankPool`). The
+    window carrier checks it again when it maps a peer's window (same host name)."""
+    local, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("WORLD_SIZE")
+    return not local or not world or local == world
+
+
+def kind_for(group: dist.ProcessGroup, device: torch.device, *, probe: bool = False) -> str:
     """The transport kind an exchange of tensors on `device` over `group` uses (see the module).
+
+    Args:
+        probe: only report the kind (an abort on a group that has carried nothing yet).
 
     Raises:
         ValueError: the tensors and the group's backend cannot meet (cpu tensors on an NCCL-only
-            group, or a device other than cpu or cuda).
+            group, or a device other than cpu or cuda), or a bad / impossible `OVERLAP_TRANSPORT`.
     """
     backend = str(dist.get_backend(group)).lower()
+    forced = forced_carrier()
     if device.type == "cpu":
         if "gloo" not in backend:
             raise ValueError(
                 f"tensors on cpu need a gloo group, but group {group.group_name!r} uses {backend!r}: "
                 f"move the tensors to cuda or pass a gloo group's group_name as group_ep"
             )
-        return "gloo-staged" if is_simulating() else "gloo"
+        if forced == "nccl":
+            raise ValueError("OVERLAP_TRANSPORT=nccl needs cuda tensors on an nccl group, got cpu tensors")
+        if is_simulating() and not probe:
+            return "gloo-staged"
+        if forced is not None:
+            return forced
+        return "window" if one_machine() else "gloo"
     if device.type == "cuda":
         if "nccl" in backend:
+            if forced not in (None, "nccl"):
+                raise ValueError(f"OVERLAP_TRANSPORT={forced} needs a gloo group, group {group.group_name!r} uses nccl")
             return "nccl"
         if "gloo" in backend:
+            if forced == "nccl":
+                raise ValueError(f"OVERLAP_TRANSPORT=nccl needs an nccl group, group {group.group_name!r} uses gloo")
+            if forced == "window":
+                raise ValueError(
+                    "OVERLAP_TRANSPORT=window moves cpu tensors only: the CUDA IPC window is not written yet; "
+                    "unset it (cuda tensors on a gloo group are staged: gloo-staged) or use an nccl group"
+                )
             return "gloo-staged"
         raise ValueError(f"tensors on cuda need an nccl or gloo group, group {group.group_name!r} uses {backend!r}")
     raise ValueError(f"the portable transport moves cpu or cuda tensors, got device {device}")
 
 
 def transport_kind(group_name: str) -> str | None:
-    """The transport kind (`"gloo"`, `"nccl"` or `"gloo-staged"`) of the latest exchange started on
+    """The transport kind (`"window"`, `"gloo"`, `"nccl"` or `"gloo-staged"`) of the latest exchange started on
     the group named `group_name` in this process, or None if none was started yet."""
     with _kinds_lock:
         return _kinds.get(group_name)

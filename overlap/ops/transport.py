@@ -1,10 +1,15 @@
 """The portable transport under the split ops: fire-and-forget exchanges over torch.distributed.
 
-Owns: one ordered worker per process group that carries every exchange of that group; the
-in-flight `Transfer` handles and their registry (tickets); the header that lets every rank check
-every other rank's parameters and op order before any payload moves; bounded waits; the in-flight
-budget; the emulated link; and what happens on a fault (abort, agreement, recovery, the library's
-own collectives). Never computes layouts or touches the ops' semantics.
+Owns: the in-flight `Transfer` handles and their registry (tickets); the in-flight budget; the
+choice of carrier for each group (`staging.kind_for`: `window`, `gloo`, `gloo-staged`, `nccl`) and
+its lane (`protocol.Lane`: exchange numbers, aborts, health); and what happens on a fault (abort,
+agreement, recovery, the library's own collectives). The protocol (options, header, cross-check,
+outcomes, the emulated link) is `protocol.py`; the carriers are `gloo.py`, `nccl.py`, `window.py`.
+Never computes layouts or touches the ops' semantics. Imports the carriers; none imports it.
+
+The window carrier (ranks of one machine, the CPU default) has no thread: a setup copies its
+header and rows into every peer's shared-memory window, a teardown waits for the peers' counters
+(window.py). The gloo carrier (gloo.py) works as follows:
 
 One exchange (a setup's send, completed by its teardown) is::
 
@@ -34,8 +39,9 @@ Faults (docs/faults.md)::
                              every rank; the next epoch numbers on from there: the group is usable
     settle(group, error)     at the end of a unit every rank runs: abort if failed, then one
                              all_gather so that ranks that did not fail learn of it and abort too
-    timeout / dead peer      gloo closes the pair: the group is broken -> recover(group) builds
-                             a new one (dist.new_group) for the survivors
+    timeout / dead peer      gloo closes the pair (window: the peer's counter never comes, or its
+                             process is gone): the group is broken -> recover(group) builds a
+                             new one (dist.new_group) for the survivors
 
 No gloo operation is ever cancelled: a posted receive always gets the message it waits for (a
 header, or an abort header in its place), so the streams between ranks never fall out of step.
@@ -43,16 +49,11 @@ header, or an abort header in its place), so the streams between ranks never fal
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import itertools
 import os
-import queue
 import threading
-import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -62,278 +63,44 @@ from torch import Tensor
 
 from ..errors import CapacityError, CommError, CommTimeoutError, HandleError, OverlapError
 from . import staging
-
-MAGIC = 0x4F564C50  # "OVLP": marks a comm_cmd_info written by this transport
-HEADER_LEN = 32
-OP_CODES = {"dispatch": 1, "combine": 2}
-PARAM_FIELDS = (
-    "ep_world_size", "moe_expert_num", "expert_shard_type", "shared_expert_num",
-    "shared_expert_rank_num", "global_bs", "quant_mode", "comm_quant_mode", "comm_type",
-    "hidden", "row_bytes",
-)  # fmt: skip
-_H_MAGIC, _H_OP, _H_SEQ, _H_ROWS, _H_LMAX, _H_BATCH = range(6)
-_H_PARAMS = 6  # PARAM_FIELDS follow
-_H_INVALID = staging.INVALID_SLOT  # set when a setup's deferred input check failed
-OP_ABORT = 9  # an abort header: _H_ROWS holds the reason's length, its bytes fill _H_PARAMS up to _H_INVALID
-_REASON_BYTES = (_H_INVALID - _H_PARAMS) * 8
-
-
-# --------------------------------------------------------------------------------------------
-# Options: emulated link, timeout, in-flight budget
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EmulatedLink:
-    """A modelled link: an exchange completes `latency_s + bytes / bandwidth_bytes_per_s` after it
-    starts, where bytes is the larger of what this rank sends to and receives from its peers.
-
-    The data itself still moves at once (over gloo); the worker then *sleeps* until the modelled
-    completion, so the wait uses no compute core, like the NPU's SDMA engine. Exchanges of one
-    group run one after another, as on one link. If the real transfer is slower than the model,
-    the real time stands.
-    """
-
-    latency_s: float = 20e-6
-    bandwidth_bytes_per_s: float = 1e9
-
-    def __post_init__(self) -> None:
-        if not self.latency_s >= 0:
-            raise ValueError(f"latency_s must be >= 0, got {self.latency_s}")
-        if not self.bandwidth_bytes_per_s > 0:
-            raise ValueError(f"bandwidth_bytes_per_s must be > 0, got {self.bandwidth_bytes_per_s}")
-
-    def duration(self, nbytes: int) -> float:
-        return self.latency_s + nbytes / self.bandwidth_bytes_per_s
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
-
-
-@dataclass
-class _Options:
-    link: EmulatedLink | None = None
-    timeout_s: float | None = None  # None: OVERLAP_TIMEOUT_S or DEFAULT_TIMEOUT_S
-    max_in_flight: int = 2
-
-
-DEFAULT_TIMEOUT_S = 300.0
-_options = _Options()
-_KEEP = "keep"
-# Per-call overrides: context variables, so that they follow the caller into the threads a pipeline
-# runs its ops on (`contextvars.copy_context().run(...)`), unlike a thread-local.
-_timeout_override: contextvars.ContextVar[float | None] = contextvars.ContextVar("overlap_timeout_s", default=None)
-_link_override: contextvars.ContextVar[EmulatedLink | None | str] = contextvars.ContextVar(
-    "overlap_link", default=_KEEP
+from .gloo import P2PLane
+from .nccl import NcclLane
+from .protocol import (  # re-exported: the transport's public names live on here
+    _H_OP,
+    DEFAULT_TIMEOUT_S,
+    HEADER_LEN,
+    MAGIC,
+    OP_ABORT,
+    OP_CODES,
+    PARAM_FIELDS,
+    EmulatedLink,
+    Lane,
+    Transfer,
+    comm_options,
+    configure,
+    current_link,
+    current_timeout,
+    decode_reason,
+    make_abort_header,
+    make_header,
+    max_in_flight,
+    reason_text,
+    resolve_group,
+    teardown_timeout,
+    wire_device,
 )
+from .protocol import _InvalidInput as _InvalidInput
+from .protocol import _options as _options
+from .protocol import _ParameterMismatch as _ParameterMismatch
+from .window import WindowLane
 
-
-def configure(
-    *,
-    link: EmulatedLink | None | str = "keep",
-    timeout_s: float | None | str = "keep",
-    max_in_flight: int | None = None,
-) -> None:
-    """Set process-wide transport options (every rank should set the same).
-
-    Args:
-        link: an `EmulatedLink`, or None for the plain transport.
-        timeout_s: seconds a teardown waits before `CommTimeoutError`; None restores the default
-            (`OVERLAP_TIMEOUT_S`, else 300 s). A `comm_options(timeout_s=...)` block overrides it.
-        max_in_flight: exchanges per op kind (dispatch, combine) and group set up but not yet
-            torn down; the next setup raises `CapacityError` before communicating. Default 2, the
-            double buffer (HCCL_BUFFSIZE's factor 2).
-    """
-    if link != "keep":
-        if link is not None and not isinstance(link, EmulatedLink):
-            raise TypeError(f"link must be an EmulatedLink or None, got {type(link).__name__}")
-        _options.link = link
-    if timeout_s != "keep":
-        if timeout_s is not None and not timeout_s > 0:  # type: ignore[operator]
-            raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s}")
-        _options.timeout_s = timeout_s  # type: ignore[assignment]
-    if max_in_flight is not None:
-        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
-        _options.max_in_flight = max_in_flight
-
-
-@contextlib.contextmanager
-def comm_options(
-    *,
-    timeout_s: float | None = None,
-    link: EmulatedLink | None | str = _KEEP,
-) -> Iterator[None]:
-    """Override options for the calls made inside the block (this context: the thread, and the
-    threads that run copies of it, as the scheduler's microbatch workers do).
-
-    Args:
-        timeout_s: seconds a teardown (and the exchange itself) may take; None: no override.
-        link: an `EmulatedLink`, or None for the plain transport, for the setups in the block;
-            "keep": no override.
-
-    A setup captures the effective timeout and link; its teardown, on any thread, uses them unless
-    the teardown itself runs inside a `comm_options(timeout_s=...)` block.
-    """
-    if timeout_s is not None and not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    if link != _KEEP and link is not None and not isinstance(link, EmulatedLink):
-        raise TypeError(f"link must be an EmulatedLink, None or 'keep', got {type(link).__name__}")
-    timeout_token = _timeout_override.set(timeout_s) if timeout_s is not None else None
-    link_token = _link_override.set(link) if link != _KEEP else None
-    try:
-        yield
-    finally:
-        if link_token is not None:
-            _link_override.reset(link_token)
-        if timeout_token is not None:
-            _timeout_override.reset(timeout_token)
-
-
-def current_timeout() -> float:
-    """The timeout a setup made here would use: comm_options, else configure, else
-    `OVERLAP_TIMEOUT_S`, else 300 s. Raises `ValueError` for a bad `OVERLAP_TIMEOUT_S`."""
-    override = _timeout_override.get()
-    if override is not None:
-        return override
-    if _options.timeout_s is not None:
-        return _options.timeout_s
-    return _env_float("OVERLAP_TIMEOUT_S", DEFAULT_TIMEOUT_S)
-
-
-def teardown_timeout() -> float | None:
-    """A teardown's own override (`comm_options(timeout_s=...)` around it), else None: the
-    transfer's timeout, captured at its setup."""
-    return _timeout_override.get()
-
-
-def current_link() -> EmulatedLink | None:
-    """The link a setup made here would use: comm_options, else configure."""
-    override = _link_override.get()
-    return _options.link if override == _KEEP else override  # type: ignore[return-value]
-
-
-def max_in_flight() -> int:
-    """Exchanges of one kind that may be in flight per group (`configure(max_in_flight=...)`)."""
-    return _options.max_in_flight
-
-
-# --------------------------------------------------------------------------------------------
-# Groups
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_group(group_ep: str, ep_world_size: int, ep_rank_id: int) -> dist.ProcessGroup:
-    """The `torch.distributed` process group named `group_ep`, checked against W and the rank."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "torch.distributed is not initialised: call dist.init_process_group(...) and pass "
-            "group_ep=<group>.group_name"
-        )
-    try:
-        group = dist.distributed_c10d._resolve_process_group(group_ep)  # type: ignore[arg-type]
-    except Exception as exc:  # torch raises ValueError or RuntimeError depending on the version
-        raise ValueError(
-            f"group_ep must name a torch.distributed process group (its group_name), got {group_ep!r}"
-        ) from exc
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if size != ep_world_size:
-        raise ValueError(f"ep_world_size must equal the size of group {group_ep!r} ({size}), got {ep_world_size}")
-    if rank != ep_rank_id:
-        raise ValueError(f"ep_rank_id must equal this process's rank in group {group_ep!r} ({rank}), got {ep_rank_id}")
-    return group
-
-
-# --------------------------------------------------------------------------------------------
-# Transfers
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Transfer:
-    """One in-flight exchange. Owns its send buffer and, once landed, what it received.
-
-    Created by `start`; found again by a teardown through the ticket in `comm_cmd_info`; consumed
-    once by `take`. Its times (`time.perf_counter`) show when the link carried it. `seq` is the
-    exchange number on its group, given when the worker starts it (-1 until then).
-    """
-
-    ticket: int
-    op: str
-    group_name: str
-    seq: int
-    header: Tensor  # (HEADER_LEN,) int64, this rank's header (rows field per peer set at send)
-    send_buf: Tensor  # (N, row_bytes) uint8, private
-    send_rows: list[int] | None  # rows to each peer (None: resolved from block_counts on the worker)
-    block_counts: Tensor  # (W, L_max) int64 rows per (peer, its local expert); on cpu once resolved
-    label: str = ""
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    link: EmulatedLink | None = None  # captured at setup
-    epoch: int = 0  # the group's abort epoch this transfer was set up in (see `abort`)
-    cancelled: bool = False  # set by `abort`: the worker drops its result
-    abort_reason: str = ""  # why (sent to the peers if the worker had not started it)
-    issued_at: float = field(default_factory=time.perf_counter)
-    started_at: float | None = None
-    finished_at: float | None = None
-    delivered: set[int] = field(default_factory=set)
-    _done: threading.Event = field(default_factory=threading.Event)
-    _result: tuple[Tensor, Tensor] | None = None
-    _error: BaseException | None = None
-    ready_event: object | None = None  # CUDA: recorded on the setup's stream after staging
-    done_event: object | None = None  # CUDA: recorded on the comm stream when the rows landed
-    plan: staging.ExchangePlan | None = None  # transport kind and deferred checks (staging.py)
-
-    @property
-    def is_complete(self) -> bool:
-        """True once the exchange has landed (or failed); never blocks."""
-        return self._done.is_set()
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.send_buf.numel())
-
-    def wait(self, timeout_s: float | None = None) -> None:
-        """Block until the exchange lands; raise its error, or `CommTimeoutError` after the timeout."""
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        if not self._done.wait(timeout):
-            where = f" ({self.label})" if self.label else ""
-            hint = "(set OVERLAP_TIMEOUT_S or comm_options(timeout_s=...) to wait longer)"
-            if self.started_at is None:  # never reached the link: an earlier exchange holds the worker
-                raise CommTimeoutError(
-                    f"{self.op}_teardown{where} on group {self.group_name!r} timed out after {timeout:g} s while "
-                    f"still queued behind an earlier exchange of the group that has not completed {hint}"
-                )
-            world = self.block_counts.shape[0]
-            missing = sorted(set(range(world)) - self.delivered)
-            raise CommTimeoutError(
-                f"{self.op}_teardown{where} on group {self.group_name!r} timed out after {timeout:g} s: "
-                f"ranks {missing} have not delivered {hint}"
-            )
-        if self._error is not None:
-            raise self._error
-
-    def take(self, timeout_s: float | None = None) -> tuple[Tensor, Tensor]:
-        """Wait, then hand over `(recv rows (M, row_bytes) uint8, recv counts (W, L_max) int64)`."""
-        self.wait(timeout_s)
-        staging.hand_over(self)  # CUDA: the caller's stream waits for the landed rows and keeps them alive
-        assert self._result is not None  # internal invariant: set with _done and no error
-        return self._result
-
-    def __await__(self):  # awaitable without blocking the event loop
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        return loop.run_in_executor(None, self.wait).__await__()
+__all__ = [
+    "DEFAULT_TIMEOUT_S", "HEADER_LEN", "MAGIC", "OP_ABORT", "OP_CODES", "PARAM_FIELDS", "EmulatedLink",
+    "GroupStatus", "Transfer", "abort", "claim", "collective", "comm_options", "configure", "current_link",
+    "current_timeout", "group_status", "in_flight", "make_abort_header", "make_header", "max_in_flight",
+    "read_ticket", "recover", "resolve_group", "settle", "shutdown", "start", "teardown_timeout",
+    "transfer_of", "write_ticket",
+]  # fmt: skip
 
 
 _registry: dict[int, Transfer] = {}
@@ -414,440 +181,58 @@ def claim(comm_cmd_info: Tensor, op: str, group_name: str | None = None) -> Tran
 
 
 # --------------------------------------------------------------------------------------------
-# The worker
+# Lanes: one per (group, carrier) on this rank
 # --------------------------------------------------------------------------------------------
 
-
-class _GroupWorker:
-    """Carries one group's exchanges, in order, on one daemon thread.
-
-    Exchange numbers (`seq`) are given here, when an exchange starts, so a setup refused before
-    reaching the worker takes none. The stream of exchanges is cut by aborts (`abort`): at the
-    first exchange number where any rank sends an abort header, every rank's stream of that epoch
-    ends; the rest of the epoch fails locally, without communicating, and the next epoch (after
-    this rank's own `abort`, an `_AbortMarker` in the queue) goes on from the next number.
-    """
-
-    def __init__(self, group: dist.ProcessGroup, group_name: str) -> None:
-        self.group = group
-        self.group_name = group_name
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
-        self.peers = [dist.get_global_rank(group, r) for r in range(self.world)]
-        self.lock = threading.Lock()  # guards the state below against setups and aborts
-        self.next_seq = 0  # worker thread only
-        self.epoch = 0  # epoch of new setups: + 1 at every local abort
-        self.stream_epoch = 0  # epoch of the exchanges the worker runs now
-        self.ended: _Ended | None = None  # the stream of `stream_epoch` ended at an abort
-        self.broken: BaseException | None = None  # the first failure that left the group unusable
-        self.pending: set[Transfer] = set()  # submitted, not yet finished
-        self.issued_in_epoch = 0
-        self.last_abort: int | None = None  # id() of the error of the last abort, while nothing was issued since
-        self.device = torch.device("cpu")
-        self.queue: queue.SimpleQueue[Transfer | _AbortMarker | threading.Event | None] = queue.SimpleQueue()
-        self.link_free_at = 0.0
-        self.side_stream: torch.cuda.Stream | None = None
-        self.thread = threading.Thread(target=self._loop, name=f"overlap-comm-{group_name}", daemon=True)
-        self.thread.start()
-
-    def unusable_error(self) -> CommError:
-        """The error a use of a broken group raises (never nested: it quotes the first failure)."""
-        hint = (
-            "the group's gloo/NCCL connections cannot be trusted any more: call overlap.ops.recover(group) on "
-            "every surviving rank and use the group it returns (see docs/faults.md)"
-        )
-        return CommError(f"group {self.group_name!r} is unusable after an earlier failure ({self.broken}); {hint}")
-
-    def refusal(self) -> CommError | None:
-        """Why a setup must be refused now (call with `lock` held), or None."""
-        if self.broken is not None:
-            return self.unusable_error()
-        if self.ended is not None and self.stream_epoch == self.epoch:
-            return CommError(
-                f"{self.ended.describe(self.group_name)}; every exchange of that epoch was cancelled: "
-                f"call overlap.ops.abort({self.group_name!r}, error) on this rank to go on (an "
-                f"overlap.scheduler context does it when it exits with the error)"
-            )
-        return None
-
-    def _loop(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if isinstance(item, threading.Event):  # group_status(wait_s=...): everything before ran
-                item.set()
-                continue
-            if isinstance(item, _AbortMarker):
-                self._close_epoch(item)
-                continue
-            transfer = item
-            transfer.started_at = time.perf_counter()
-            result: tuple[Tensor, Tensor] | None = None
-            error: BaseException | None = None
-            try:
-                if self.broken is not None:
-                    raise _Refused(str(self.unusable_error()))
-                if self.ended is not None:  # the stream of this epoch ended at an abort: no exchange
-                    raise _Refused(
-                        f"{transfer.op} exchange{_where(transfer)} cancelled: {self.ended.describe(self.group_name)}"
-                    )
-                transfer.seq = self.next_seq
-                self.next_seq += 1
-                transfer.header[_H_SEQ] = transfer.seq
-                self.device = transfer.send_buf.device
-                if transfer.cancelled:  # its own abort: tell every peer at this exchange number
-                    aborters = self._abort_exchange(transfer.seq, transfer.abort_reason, transfer.timeout_s)
-                    with self.lock:
-                        self.ended = _Ended(transfer.seq, aborters)
-                else:
-                    result = self._run_on_device(transfer)
-            except _StreamAborted as exc:  # a peer aborted at this number: every rank's stream ends here
-                with self.lock:
-                    self.ended = _Ended(exc.seq, exc.aborters)
-                error = CommError(str(exc))
-            except _ParameterMismatch as exc:
-                error = exc  # every rank stopped after the headers: the group stays usable
-            except _Refused as exc:
-                error = CommError(str(exc))
-            except (CommError, CommTimeoutError) as exc:
-                error = exc
-                with self.lock:
-                    self.broken = self.broken or exc
-            except BaseException as exc:  # surfaces on the teardown, with the cause chained
-                error = CommError(f"{transfer.op} exchange on group {self.group_name!r} failed: {exc}")
-                error.__cause__ = exc
-                with self.lock:
-                    self.broken = self.broken or error
-            transfer.finished_at = time.perf_counter()
-            with self.lock:
-                if not transfer.cancelled:
-                    transfer._result, transfer._error = result, error
-                    transfer._done.set()
-                self.pending.discard(transfer)
-
-    def _close_epoch(self, marker: _AbortMarker) -> None:
-        """This rank's abort of `marker.epoch`: tell the peers unless the stream already ended (or
-        the group is broken), then let the next epoch run from the next exchange number."""
-        if self.broken is None and self.ended is None:
-            seq = self.next_seq
-            self.next_seq += 1
-            try:
-                self._abort_exchange(seq, marker.reason, marker.timeout_s)
-            except BaseException as exc:  # a peer is dead or silent: nobody can agree any more
-                error = CommError(
-                    f"the abort of group {self.group_name!r} at exchange #{seq} could not reach every rank: {exc}"
-                )
-                error.__cause__ = exc
-                with self.lock:
-                    self.broken = self.broken or error
-        with self.lock:
-            self.stream_epoch = marker.epoch + 1
-            self.ended = None
-        marker.done.set()
-
-    def _abort_exchange(self, seq: int, reason: str, timeout_s: float) -> dict[int, str]:
-        """Send an abort header (exchange `seq`, the reason as text) to every peer and receive
-        theirs; no payload follows on any rank. Returns `{rank: reason}` of every rank that
-        aborted at this number (this one included)."""
-        header = make_abort_header(seq, reason)
-        probe = Transfer(
-            ticket=0,
-            op="abort",
-            group_name=self.group_name,
-            seq=seq,
-            header=header,
-            send_buf=torch.empty(0, 1, dtype=torch.uint8),
-            send_rows=[0] * self.world,
-            block_counts=torch.zeros(self.world, 1, dtype=torch.int64),
-            timeout_s=timeout_s,
-        )
-        outs = {r: header.clone() for r in range(self.world) if r != self.rank}
-        ins = {r: torch.empty(HEADER_LEN, dtype=torch.int64) for r in outs}
-        device = _wire_device(self.group, self.device)
-        if device.type != "cpu":  # NCCL moves device tensors only
-            outs = {r: h.to(device) for r, h in outs.items()}
-            ins = {r: h.to(device) for r, h in ins.items()}
-        probe.delivered = {self.rank}
-        self._p2p(outs, ins, probe, time.perf_counter() + timeout_s)
-        aborters = {self.rank: reason}
-        for r, h in ins.items():
-            h = h.cpu()
-            if int(h[_H_MAGIC]) == MAGIC and int(h[_H_OP]) == OP_ABORT:
-                aborters[r] = _decode_reason(h)
-        return aborters
-
-    def _run_on_device(self, transfer: Transfer) -> tuple[Tensor, Tensor]:
-        """CPU: exchange on this thread. CUDA: on a side stream that first waits for the setup's
-        staging (`ready_event`), then records `done_event` for the teardown's stream to wait on;
-        staged through pinned host buffers over gloo (see `staging.run`)."""
-        if self.side_stream is None and transfer.send_buf.device.type == "cuda":
-            self.side_stream = torch.cuda.Stream(device=transfer.send_buf.device)
-        side_stream = self.side_stream if transfer.send_buf.device.type == "cuda" else None
-        return staging.run(transfer, self._exchange, side_stream)
-
-    # -- phases --
-
-    def _p2p(self, sends: dict[int, Tensor], recvs: dict[int, Tensor], transfer: Transfer, deadline: float) -> None:
-        ops = [dist.P2POp(dist.irecv, buf, self.peers[r], self.group) for r, buf in recvs.items()]
-        ops += [dist.P2POp(dist.isend, buf, self.peers[r], self.group) for r, buf in sends.items()]
-        if not ops:
-            return
-        works = dist.batch_isend_irecv(ops)
-        recv_peers = list(recvs)
-        send_peers = list(sends)
-        where = f" ({transfer.label})" if transfer.label else ""
-        for i, work in enumerate(works):
-            remaining = deadline - time.perf_counter()
-            peer = recv_peers[i] if i < len(recv_peers) else None
-            missing = sorted(set(recv_peers) - transfer.delivered)
-            try:
-                ok = work.wait(timedelta(seconds=max(remaining, 0.001)))
-            except Exception as exc:
-                if time.perf_counter() >= deadline - 0.01:  # gloo raises when its wait times out (ms granularity)
-                    raise CommTimeoutError(
-                        f"{transfer.op} exchange{where} on group {self.group_name!r} timed out after "
-                        f"{transfer.timeout_s:g} s: ranks {missing} have not delivered ({exc})"
-                    ) from exc
-                who = (
-                    f"receiving from rank {peer}"
-                    if peer is not None
-                    else f"sending to rank {send_peers[i - len(recv_peers)]}"
-                )
-                raise CommError(
-                    f"{transfer.op} exchange{where} on group {self.group_name!r}: {who} failed ({exc}); "
-                    f"ranks {missing} have not delivered"
-                ) from exc
-            if ok is False:
-                raise CommTimeoutError(
-                    f"{transfer.op} exchange{where} on group {self.group_name!r} timed out after "
-                    f"{transfer.timeout_s:g} s: ranks {missing} have not delivered"
-                )
-            if peer is not None:
-                transfer.delivered.add(peer)
-
-    def _exchange(self, transfer: Transfer) -> tuple[Tensor, Tensor]:
-        deadline = time.perf_counter() + transfer.timeout_s
-        me, world = self.rank, self.world
-        device = transfer.send_buf.device
-        lmax = transfer.block_counts.shape[1]
-        row_bytes = transfer.send_buf.shape[1]
-        assert transfer.send_rows is not None  # internal: resolved on this thread before the exchange
-        offsets = list(itertools.accumulate([0, *transfer.send_rows]))
-
-        # Phase 1: headers. Each carries the shared parameters, so a disagreement is seen by all.
-        headers_out, headers_in = {}, {}
-        for r in range(world):
-            if r == me:
-                continue
-            h = transfer.header.clone()
-            h[_H_ROWS] = transfer.send_rows[r]
-            headers_out[r] = h
-            headers_in[r] = torch.empty(HEADER_LEN, dtype=torch.int64)
-        if device.type != "cpu":  # NCCL moves device tensors only
-            headers_out = {r: h.to(device) for r, h in headers_out.items()}
-            headers_in = {r: h.to(device) for r, h in headers_in.items()}
-        transfer.delivered = {me}
-        self._p2p(headers_out, headers_in, transfer, deadline)
-        headers_in = {r: h.cpu() for r, h in headers_in.items()}
-        _check_headers(transfer, headers_in, me)
-        transfer.delivered = {me}
-
-        # Phase 2: payload = block counts (as bytes) + rows.
-        count_bytes = lmax * 8
-        sends, recvs = {}, {}
-        for r in range(world):
-            if r == me:
-                continue
-            rows = transfer.send_buf[offsets[r] : offsets[r + 1]]
-            counts = transfer.block_counts[r].contiguous().view(torch.uint8).to(device)
-            sends[r] = torch.cat([counts, rows.reshape(-1)])
-            recvs[r] = torch.empty(
-                count_bytes + int(headers_in[r][_H_ROWS]) * row_bytes, dtype=torch.uint8, device=device
-            )
-        self._p2p(sends, recvs, transfer, deadline)
-
-        recv_counts = torch.empty(world, lmax, dtype=torch.int64)
-        chunks = []
-        for r in range(world):
-            if r == me:
-                recv_counts[r] = transfer.block_counts[r]
-                chunks.append(transfer.send_buf[offsets[r] : offsets[r + 1]])
-            else:
-                buf = recvs[r]
-                recv_counts[r] = buf[:count_bytes].cpu().view(torch.int64)
-                chunks.append(buf[count_bytes:].view(-1, row_bytes))
-        recv_rows = torch.cat(chunks) if chunks else transfer.send_buf[:0]
-
-        link = transfer.link
-        if link is not None:
-            out_bytes = sum(s.numel() for s in sends.values())
-            in_bytes = sum(b.numel() for b in recvs.values())
-            start = max(transfer.started_at or 0.0, self.link_free_at)
-            done_at = start + link.duration(max(out_bytes, in_bytes))
-            delay = done_at - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            self.link_free_at = max(done_at, time.perf_counter())
-        return recv_rows, recv_counts
-
-    def submit(self, transfer: Transfer) -> None:
-        self.queue.put(transfer)
-
-
-class _ParameterMismatch(CommError):
-    """Ranks called the same exchange with different parameters or in a different op order."""
-
-
-class _StreamAborted(CommError):
-    """A peer sent an abort header where this rank's exchange expected its header."""
-
-    def __init__(self, message: str, seq: int, aborters: dict[int, str]) -> None:
-        super().__init__(message)
-        self.seq, self.aborters = seq, aborters
-
-
-class _Refused(CommError):
-    """An exchange the worker did not run: its group is broken, or its epoch was aborted."""
-
-
-@dataclass(frozen=True)
-class _Ended:
-    """Where the stream of an epoch ended: the exchange number and who aborted there, with why."""
-
-    seq: int
-    aborters: dict[int, str]
-
-    def describe(self, group_name: str) -> str:
-        who = "; ".join(f"rank {r}: {why}" for r, why in sorted(self.aborters.items()))
-        ranks = sorted(self.aborters)
-        names = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
-        return f"group {group_name!r} was aborted by {names} at exchange #{self.seq} ({who})"
-
-
-@dataclass(eq=False)
-class _AbortMarker:
-    """Queued by `abort`: ends this rank's epoch `epoch` on the worker (see `_GroupWorker`)."""
-
-    epoch: int
-    reason: str
-    timeout_s: float
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-def _where(transfer: Transfer) -> str:
-    return f" ({transfer.label})" if transfer.label else ""
-
-
-def make_abort_header(seq: int, reason: str) -> Tensor:
-    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    header[_H_MAGIC], header[_H_OP], header[_H_SEQ] = MAGIC, OP_ABORT, seq
-    data = reason.encode("utf-8", "replace")[:_REASON_BYTES]
-    header[_H_ROWS] = len(data)
-    padded = data + b"\0" * (-len(data) % 8)
-    if padded:
-        words = torch.frombuffer(bytearray(padded), dtype=torch.int64)
-        header[_H_PARAMS : _H_PARAMS + words.numel()] = words
-    return header
-
-
-def _decode_reason(header: Tensor) -> str:
-    length = max(0, min(int(header[_H_ROWS]), _REASON_BYTES))
-    raw = header[_H_PARAMS:].contiguous().numpy().tobytes()[:length]
-    return raw.decode("utf-8", "replace")
-
-
-class _InvalidInput(_ParameterMismatch, ValueError):
-    """This rank's setup input failed a check deferred to the transport's thread (device tensors)."""
-
-
-def _check_headers(transfer: Transfer, headers: dict[int, Tensor], me: int) -> None:
-    mine = transfer.header
-    aborters = {
-        r: _decode_reason(h) for r, h in headers.items() if int(h[_H_MAGIC]) == MAGIC and int(h[_H_OP]) == OP_ABORT
-    }
-    if aborters:  # every rank sees the same aborts at this number: no payload moves anywhere
-        ended = _Ended(int(mine[_H_SEQ]), aborters)
-        raise _StreamAborted(
-            f"{transfer.op} exchange{_where(transfer)} failed: {ended.describe(transfer.group_name)}",
-            ended.seq,
-            aborters,
-        )
-    if transfer.plan is not None and transfer.plan.error is not None:
-        raise _InvalidInput(str(transfer.plan.error))  # the peers saw the flag in our header too
-    for r in sorted(headers):
-        theirs = headers[r]
-        if int(theirs[_H_INVALID]):
-            raise _ParameterMismatch(
-                f"rank {r} gave {transfer.op}_setup invalid input (a check made on the "
-                f"transport's thread; rank {r} raises its ValueError); no rows moved"
-            )
-        if int(theirs[_H_MAGIC]) != MAGIC:
-            raise _ParameterMismatch(
-                f"rank {r} sent no overlap header on group {transfer.group_name!r}: another "
-                f"collective ran on the group during an exchange"
-            )
-        if int(theirs[_H_OP]) != int(mine[_H_OP]) or int(theirs[_H_SEQ]) != int(mine[_H_SEQ]):
-            names = {v: k for k, v in OP_CODES.items()}
-            raise _ParameterMismatch(
-                f"ranks disagree on op order on group {transfer.group_name!r}: rank {me} is at exchange "
-                f"#{int(mine[_H_SEQ])} ({names.get(int(mine[_H_OP]), '?')}), rank {r} at #{int(theirs[_H_SEQ])} "
-                f"({names.get(int(theirs[_H_OP]), '?')})"
-            )
-        for i, name in enumerate(PARAM_FIELDS):
-            a, b = int(mine[_H_PARAMS + i]), int(theirs[_H_PARAMS + i])
-            if a != b:
-                raise _ParameterMismatch(
-                    f"ranks disagree on {name} on group {transfer.group_name!r}: rank {me} "
-                    f"has {a}, rank {r} has {b}; it must be the same on all ranks"
-                )
-        if int(mine[_H_PARAMS + PARAM_FIELDS.index("global_bs")]) == 0:
-            a, b = int(mine[_H_BATCH]), int(theirs[_H_BATCH])
-            if a != b:
-                raise _ParameterMismatch(
-                    f"global_bs = 0 needs the same BS on all ranks, got BS = {a} on rank {me} "
-                    f"and {b} on rank {r}; pass global_bs = max_bs * ep_world_size"
-                )
-
-
-_workers: dict[str, _GroupWorker] = {}
+_CARRIERS: dict[str, type[Lane]] = {"gloo": P2PLane, "gloo-staged": P2PLane, "nccl": NcclLane, "window": WindowLane}
+_workers: dict[str, dict[str, Lane]] = {}  # group name -> carrier name -> its lane
 _workers_lock = threading.Lock()
-
-
 _replaced: dict[str, str] = {}  # old group name -> the name of the group `recover` built for it
 
 
-def _worker_for(group: dist.ProcessGroup, group_name: str) -> _GroupWorker:
+def _carrier(kind: str) -> str:
+    return "gloo" if kind == "gloo-staged" else kind  # the staged kind rides the gloo lane
+
+
+def _lane_for(group: dist.ProcessGroup, group_name: str, kind: str) -> Lane:
+    carrier = _carrier(kind)
     with _workers_lock:
-        worker = _workers.get(group_name)
-        if worker is None or worker.group is not group:
-            worker = _workers[group_name] = _GroupWorker(group, group_name)
-        return worker
+        lanes = _workers.setdefault(group_name, {})
+        lane = lanes.get(carrier)
+        if lane is None or lane.group is not group:
+            if lane is not None:
+                lane.stop()
+            lane = lanes[carrier] = _CARRIERS[carrier](group, group_name)
+        return lane
+
+
+def _lanes_of(group_name: str) -> list[Lane]:
+    with _workers_lock:
+        return list(_workers.get(group_name, {}).values())
+
+
+def _default_lane(group: dist.ProcessGroup, group_name: str) -> Lane:
+    """The lanes `abort` and `collective` act on when the group has carried nothing yet."""
+    lanes = _lanes_of(group_name)
+    if lanes:
+        return lanes[0]
+    device = wire_device(group, None)
+    return _lane_for(group, group_name, staging.kind_for(group, device, probe=True))
 
 
 def shutdown() -> None:
-    """Stop every group worker (call before destroying process groups). In-flight transfers fail."""
+    """Stop every group's lanes (call before destroying process groups). In-flight transfers fail;
+    the window carrier's shared memory is released."""
     with _workers_lock:
-        workers = list(_workers.values())
+        lanes = [lane for group in _workers.values() for lane in group.values()]
         _workers.clear()
-    for worker in workers:
-        worker.queue.put(None)
-    for worker in workers:
-        worker.thread.join(timeout=5)
+    for lane in lanes:
+        lane.stop()
+    for lane in lanes:
+        lane.join(5.0)
     with _registry_lock:
         _registry.clear()
         _cancelled.clear()
-
-
-def make_header(op: str, params_values: dict[str, int], batch: int, lmax: int) -> Tensor:
-    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    header[_H_MAGIC] = MAGIC
-    header[_H_OP] = OP_CODES[op]
-    header[_H_LMAX] = lmax
-    header[_H_BATCH] = batch
-    for i, name in enumerate(PARAM_FIELDS):
-        header[_H_PARAMS + i] = params_values[name]
-    return header
 
 
 def start(
@@ -890,7 +275,7 @@ def start(
             f"{_replaced[group_name]!r}: pass the new group's group_name"
         )
     plan = staging.begin(group, group_name, send_buf, checks)  # ValueError before any state changes
-    worker = _worker_for(group, group_name)
+    worker = _lane_for(group, group_name, plan.kind)
     transfer = Transfer(
         ticket=0,
         op=op,
@@ -904,10 +289,12 @@ def start(
         timeout_s=timeout_s,
         link=link,
         plan=plan,
+        lane=worker,
     )
     if send_buf.device.type == "cuda":
         transfer.ready_event = torch.cuda.Event()
         transfer.ready_event.record(torch.cuda.current_stream(send_buf.device))
+    worker.check_fits(transfer)  # ValueError (the window carrier's size) before any state changes
     global _last_ticket
     with worker.lock:
         refusal = worker.refusal()
@@ -950,23 +337,6 @@ def _group_and_name(group: dist.ProcessGroup | str) -> tuple[dist.ProcessGroup, 
     return group, group.group_name
 
 
-def _wire_device(group: dist.ProcessGroup, device: torch.device | None) -> torch.device:
-    """Where the group's messages must live: the device for NCCL, the host for gloo (which also
-    carries device exchanges, staged through host buffers)."""
-    if dist.get_backend(group) != "nccl":
-        return torch.device("cpu")
-    return device if device is not None and device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-
-
-def _reason(error: BaseException | str | None) -> str:
-    if error is None:
-        return "aborted"
-    if isinstance(error, str):
-        return error
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def abort(
     group: dist.ProcessGroup | str,
     error: BaseException | str | None = None,
@@ -1002,21 +372,37 @@ def abort(
         The tickets cancelled.
     """
     group_obj, group_name = _group_and_name(group)
-    reason = _reason(error)
+    reason = reason_text(error)
     timeout = current_timeout() if timeout_s is None else timeout_s
     if not timeout > 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     wanted = None if tickets is None else {int(t) for t in tickets}
     if group_name in _replaced:  # `recover` cancelled everything of the old group already
         return []
-    worker = _worker_for(group_obj, group_name)
+    _default_lane(group_obj, group_name)
+    cancelled: list[int] = []
+    for worker in _lanes_of(group_name):
+        cancelled += _abort_lane(worker, group_name, error, reason, wanted, timeout)
+    return sorted(cancelled)
+
+
+def _abort_lane(
+    worker: Lane,
+    group_name: str,
+    error: BaseException | str | None,
+    reason: str,
+    wanted: set[int] | None,
+    timeout: float,
+) -> list[int]:
     cancel_error = CommError(f"exchange cancelled by overlap.ops.abort on group {group_name!r} on this rank ({reason})")
     with worker.lock:
         if error is not None and worker.last_abort == id(error) and worker.issued_in_epoch == 0:
             return []
         with _registry_lock:
             victims = [
-                t for t in _registry.values() if t.group_name == group_name and (wanted is None or t.ticket in wanted)
+                t
+                for t in _registry.values()
+                if t.group_name == group_name and t.lane is worker and (wanted is None or t.ticket in wanted)
             ]
             for t in victims:
                 del _registry[t.ticket]
@@ -1033,11 +419,11 @@ def abort(
             if not t._done.is_set():
                 t._error = cancel_error
                 t._done.set()
-        worker.queue.put(_AbortMarker(worker.epoch, reason, timeout))
         worker.epoch += 1
         worker.issued_in_epoch = 0
         worker.last_abort = id(error) if error is not None else None
-    return sorted(t.ticket for t in victims)
+        worker.close_epoch(worker.epoch - 1, reason, timeout)
+    return [t.ticket for t in victims]
 
 
 def settle(
@@ -1063,9 +449,9 @@ def settle(
     group_obj, group_name = _group_and_name(group)
     if error is not None:
         abort(group_obj, error, tickets=tickets, timeout_s=timeout_s)
-    worker = _workers.get(group_name)
-    device = _wire_device(group_obj, worker.device if worker is not None else None)
-    mine = make_abort_header(0, _reason(error)) if error is not None else torch.zeros(HEADER_LEN, dtype=torch.int64)
+    lanes = _lanes_of(group_name)
+    device = wire_device(group_obj, lanes[0].device if lanes else None)
+    mine = make_abort_header(0, reason_text(error)) if error is not None else torch.zeros(HEADER_LEN, dtype=torch.int64)
     world = dist.get_world_size(group_obj)
     gathered = [torch.zeros(HEADER_LEN, dtype=torch.int64, device=device) for _ in range(world)]
     collective(
@@ -1074,7 +460,7 @@ def settle(
         group_obj,
         timeout_s=timeout_s,
     )
-    failed = {r: _decode_reason(h.cpu()) for r, h in enumerate(gathered) if int(h[_H_OP]) == OP_ABORT}
+    failed = {r: decode_reason(h.cpu()) for r, h in enumerate(gathered) if int(h[_H_OP]) == OP_ABORT}
     if not failed or error is not None:
         return
     ranks = sorted(failed)
@@ -1114,9 +500,9 @@ def collective(
             f"{what}: group {group_name!r} was replaced by overlap.ops.recover with group "
             f"{_replaced[group_name]!r}: use the new group"
         )
-    worker = _workers.get(group_name)
-    if worker is not None and worker.broken is not None:
-        raise worker.unusable_error()
+    for lane in _lanes_of(group_name):
+        if lane.broken is not None:
+            raise lane.unusable_error()
     try:
         out = fn()
         if isinstance(out, dist.Work) and out.wait(timedelta(seconds=timeout)) is False:
@@ -1129,9 +515,9 @@ def collective(
         timed_out = isinstance(exc, TimeoutError) or "timed out" in text.lower() or "timeout" in text.lower()
         cls = CommTimeoutError if timed_out else CommError
         error = cls(f"{what} on group {group_name!r} {'timed out' if timed_out else 'failed'}: {text}")
-        worker = _worker_for(group_obj, group_name)
-        with worker.lock:
-            worker.broken = worker.broken or error
+        for worker in _lanes_of(group_name) or [_default_lane(group_obj, group_name)]:
+            with worker.lock:
+                worker.broken = worker.broken or error
         raise cls(
             f"{error}; the group is unusable: call overlap.ops.recover(group) on every surviving rank (docs/faults.md)"
         ) from exc
@@ -1172,8 +558,8 @@ def recover(
         raise ValueError(f"ranks must include this rank ({dist.get_rank()}), got {survivors}")
     reason = f"group {group_name!r} was replaced by overlap.ops.recover"
     with _workers_lock:
-        worker = _workers.pop(group_name, None)
-    if worker is not None:
+        lanes = list(_workers.pop(group_name, {}).values())
+    for worker in lanes:
         with worker.lock:
             worker.broken = worker.broken or CommError(reason)
             for t in worker.pending:
@@ -1181,7 +567,7 @@ def recover(
                 if not t._done.is_set():
                     t._error = CommError(f"exchange cancelled: {reason}")
                     t._done.set()
-        worker.queue.put(None)  # its thread may still sit in a backend wait; it is a daemon
+        worker.stop()
     with _registry_lock:
         for t in [t for t in _registry.values() if t.group_name == group_name]:
             del _registry[t.ticket]
@@ -1216,13 +602,14 @@ def group_status(group_name: str, *, wait_s: float = 0.0) -> GroupStatus:
     """This rank's view of a group's exchange numbering, aborts and health. With `wait_s`, first
     wait (at most that long) until the worker has run everything queued so far."""
     with _workers_lock:
-        worker = _workers.get(group_name)
+        lanes = _workers.get(group_name, {})
+        kind = staging.transport_kind(group_name)
+        worker = lanes.get(_carrier(kind)) if kind is not None else None
+        worker = worker or next(iter(lanes.values()), None)
     if worker is None:
         return GroupStatus(group_name, 0, 0, len(in_flight(group_name)), None, None)
     if wait_s > 0:
-        flushed = threading.Event()
-        worker.queue.put(flushed)
-        flushed.wait(wait_s)
+        worker.flush(wait_s)
     with worker.lock:
         aborted = (
             worker.ended.describe(group_name)

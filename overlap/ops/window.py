@@ -1,0 +1,681 @@
+"""The window carrier: exchanges between the ranks of one machine through shared-memory windows,
+with no transport thread.
+
+Each rank of a group owns one receive window, a file in `/dev/shm` that every peer maps once
+(`torch.frombuffer` over an `mmap`; names travel through the job's torch.distributed store, so no
+collective runs). Its size follows `HCCL_BUFFSIZE` (MB; `DEFAULT_WINDOW_MB` when unset), as the
+seed's windows do, and is split into `2 · max_in_flight` slots (one per exchange in flight: a
+dispatch and a combine double buffer) of one region per peer::
+
+    control  magic, pid, epoch | consumed[slot] | abort records | counter[sender][slot] | attached
+    data     slot 0: region(peer 0) region(peer 1) ...   slot 1: ...
+    region   header (32 int64, `protocol.make_header`) | block counts (L_max int64) | rows
+
+One exchange, number i of epoch e (id = e << 32 | i + 1), slot i mod S::
+
+    setup (caller)      for every peer: wait until the peer has consumed what this rank last
+                        wrote in that region (never blocks: else the write is kept and retried at
+                        this rank's next call); counter := -1; header, counts, rows into the
+                        peer's region; counter := id
+    teardown (caller)   wait (bounded: spin, then sleep with backoff) for every peer's counter ==
+                        id, check every peer's header (`protocol.check_headers`: parameters, op
+                        order, deferred input checks, abort), copy the rows out, check the counters
+                        again, consumed[slot] := id
+    emulated link       the lane's link thread completes the exchange and sleeps out the modelled
+                        duration, as the gloo carrier's thread does
+
+While it waits, a rank also completes any other exchange of its own whose rows have all arrived,
+so that an exchange torn down out of order never holds a slot a peer needs. Memory order: a
+counter is written after its region and read before it (x86-64 keeps stores and loads in order).
+
+Faults: `abort` publishes, in this rank's window, the epoch it ends and the exchange number where
+its stream stops, with the reason; a peer waiting on this rank for a number at or past it raises
+`CommError` naming it (`protocol.StreamAborted`), and stale writes of an old epoch never match a
+new id. A peer whose process is gone gives `CommError` at once, a silent one `CommTimeoutError`
+after the timeout; both leave the group broken (`transport.recover`). A window's file is unlinked
+as soon as every peer has mapped it, else when the lane stops (`transport.shutdown`, `recover`)
+or the process exits; a survivor removes a dead peer's, and a process making its first window
+removes those of processes that are gone (killed): no file is left in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import mmap
+import multiprocessing.util
+import os
+import queue
+import socket
+import threading
+import time
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..errors import CommError, CommTimeoutError
+from .protocol import (
+    _H_LMAX,
+    _H_ROWS,
+    _H_SEQ,
+    HEADER_LEN,
+    Ended,
+    Lane,
+    Refused,
+    StreamAborted,
+    Transfer,
+    check_headers,
+    max_in_flight,
+    where,
+)
+
+DEFAULT_WINDOW_MB = 1024  # address space per rank and group; tmpfs pages are used only when touched
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "overlap-win-"
+_MAGIC = 0x4F564C57  # "OVLW"
+_REASON_WORDS = 26
+_REC_WORDS = 4 + _REASON_WORDS  # epoch, stop, first, reason length, reason bytes
+_RING = 8  # abort records kept (epochs)
+_SPIN_S = 50e-6  # busy-wait this long before sleeping
+_MAX_SLEEP_S = 2e-3
+_PID_CHECK_S = 0.1
+_ALIGN = 4096
+
+
+def window_bytes() -> int:
+    """The receive window of one rank and group, in bytes: `HCCL_BUFFSIZE` MB, else the default."""
+    raw = os.environ.get("HCCL_BUFFSIZE")
+    if not raw:
+        return DEFAULT_WINDOW_MB * 2**20
+    try:
+        megabytes = int(raw)
+    except ValueError:
+        raise ValueError(f"HCCL_BUFFSIZE must be an integer number of MB, got {raw!r}") from None
+    if megabytes < 1:
+        raise ValueError(f"HCCL_BUFFSIZE must be >= 1 MB, got {megabytes}")
+    return megabytes * 2**20
+
+
+class _Layout:
+    """Word and byte offsets of one window (the same on every rank of the group)."""
+
+    def __init__(self, world: int, slots: int, data_bytes: int) -> None:
+        self.world, self.slots = world, slots
+        self.epoch, self.pid, self.magic = 2, 1, 0
+        self.consumed = 8
+        self.records = self.consumed + slots
+        self.counters = self.records + _RING * _REC_WORDS
+        self.attached = self.counters + world * slots
+        ctl_words = self.attached + world
+        self.data = -(-ctl_words * 8 // _ALIGN) * _ALIGN
+        peers = max(world - 1, 1)
+        self.region = (data_bytes // (slots * peers)) // 64 * 64
+        self.total = self.data + self.region * slots * peers
+
+    def counter(self, sender: int, slot: int) -> int:
+        return self.counters + sender * self.slots + slot
+
+    def region_at(self, owner: int, sender: int, slot: int) -> int:
+        index = sender if sender < owner else sender - 1
+        return self.data + (slot * max(self.world - 1, 1) + index) * self.region
+
+
+class _Mapping:
+    """One window mapped into this process: its words (numpy, for single-word loads and stores) and
+    bytes (torch, for copies)."""
+
+    def __init__(self, path: str, size: int, create: bool) -> None:
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            self.mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.words = np.frombuffer(self.mm, dtype=np.int64)
+        self.bytes = torch.frombuffer(self.mm, dtype=torch.uint8)
+
+    def close(self) -> None:
+        self.words = None  # type: ignore[assignment]
+        self.bytes = None  # type: ignore[assignment]
+        try:
+            self.mm.close()
+        except BufferError:  # a tensor still views it: the mapping goes with the last view
+            pass
+
+
+_live: weakref.WeakSet[WindowLane] = weakref.WeakSet()
+_created = 0  # windows made by this process (makes names and store keys unique)
+_created_lock = threading.Lock()
+
+
+def _unlink_all() -> None:
+    for lane in list(_live):
+        lane._unlink()
+
+
+atexit.register(_unlink_all)  # the main process
+multiprocessing.util.Finalize(None, _unlink_all, exitpriority=0)  # also multiprocessing's children
+
+
+def _store() -> Any:
+    return dist.distributed_c10d._get_default_store()
+
+
+class WindowLane(Lane):
+    """One group's exchanges through shared-memory windows (see the module)."""
+
+    kind = "window"
+
+    def __init__(self, group: dist.ProcessGroup, group_name: str) -> None:
+        super().__init__(group, group_name)
+        # One reentrant lock for the protocol state and the windows: setups write under it,
+        # waiters read under it (and sleep outside it).
+        self.lock = self.io = threading.RLock()  # type: ignore[assignment]
+        global _created
+        with _created_lock:
+            _created += 1
+            serial = _created
+        self.slots = 2 * max_in_flight()
+        self.layout = _Layout(self.world, self.slots, window_bytes())
+        self.path = os.path.join(SHM_DIR, f"{SHM_PREFIX}{os.getpid()}-{serial}")
+        if serial == 1:
+            sweep_stale_windows()
+        self.own = _Mapping(self.path, self.layout.total, create=True)
+        _live.add(self)
+        self.unlinked = False
+        w = self.own.words
+        w[self.layout.pid] = os.getpid()
+        w[self.layout.attached + self.rank] = 1
+        w[self.layout.magic] = _MAGIC
+        self.peer_maps: dict[int, _Mapping] = {}
+        self.peer_pids: dict[int, int] = {}
+        self.peer_paths: dict[int, str] = {}
+        self.last_written: dict[tuple[int, int], int] = {}  # (peer, slot) -> id this rank wrote there last
+        self.writes: list[tuple[Transfer, int]] = []  # (transfer, peer) not written yet, in setup order
+        self.pool: list[Tensor] = []  # buffers for received rows, given back by `Transfer.release`
+        self.pid_checked = 0.0
+        self.link_queue: queue.SimpleQueue[Transfer | None] | None = None
+        self.link_thread: threading.Thread | None = None
+        # The generation counts this group's windows in this process: ranks that rebuild lanes
+        # symmetrically (shutdown, recover) agree on it.
+        self.key_prefix = f"overlap/window/{group_name}/{self._generation(group_name)}/"
+        self.host = socket.gethostname()
+        _store().set(f"{self.key_prefix}{self.rank}", f"{self.host}|{self.path}|{os.getpid()}")
+
+    _generations: dict[str, int] = {}
+
+    @classmethod
+    def _generation(cls, group_name: str) -> int:
+        with _created_lock:
+            cls._generations[group_name] = cls._generations.get(group_name, 0) + 1
+            return cls._generations[group_name]
+
+    # -- mapping peers --
+
+    def _peer(self, r: int) -> _Mapping | None:
+        """Rank r's window, mapped on first use; None while r has not made it yet."""
+        mapping = self.peer_maps.get(r)
+        if mapping is not None:
+            return mapping
+        key = f"{self.key_prefix}{r}"
+        store = _store()
+        if not store.check([key]):
+            return None
+        host, path, pid = store.get(key).decode().split("|")
+        if host != self.host:
+            raise CommError(
+                f"the window carrier needs every rank of group {self.group_name!r} on one machine, but rank {r} "
+                f"runs on {host!r} and this rank on {self.host!r}: set OVERLAP_TRANSPORT=gloo"
+            )
+        mapping = _Mapping(path, self.layout.total, create=False)
+        if int(mapping.words[self.layout.magic]) != _MAGIC:
+            raise CommError(f"rank {r}'s window {path} on group {self.group_name!r} is not initialised")
+        mapping.words[self.layout.attached + self.rank] = 1
+        self.peer_maps[r] = mapping
+        self.peer_pids[r] = int(pid)
+        self.peer_paths[r] = path
+        return mapping
+
+    def _unlink(self) -> None:
+        if not self.unlinked:
+            self.unlinked = True
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def _maybe_unlink(self) -> None:
+        """Unlink this rank's window file once every peer has mapped it (the mappings stay)."""
+        if not self.unlinked:
+            a = self.layout.attached
+            if all(int(self.own.words[a + r]) for r in range(self.world)):
+                self._unlink()
+
+    # -- the carrier's part --
+
+    def check_fits(self, transfer: Transfer) -> None:
+        if transfer.send_buf.device.type != "cpu":
+            raise ValueError(
+                "the window carrier moves cpu tensors only (the CUDA IPC window is not written yet): "
+                "set OVERLAP_TRANSPORT=gloo for cuda tensors on a gloo group"
+            )
+        assert transfer.send_rows is not None  # cpu setups resolve their rows on the host
+        lmax = transfer.block_counts.shape[1]
+        row_bytes = transfer.send_buf.shape[1]
+        room = self.layout.region - (HEADER_LEN + lmax) * 8
+        for r, rows in enumerate(transfer.send_rows):
+            need = rows * row_bytes
+            if r != self.rank and need > room:
+                peers = max(self.world - 1, 1)
+                want = -(-((need + (HEADER_LEN + lmax) * 8 + 64) * self.slots * peers + self.layout.data) // 2**20)
+                raise ValueError(
+                    f"{transfer.op}_setup: HCCL_BUFFSIZE is too small for the window carrier: {need} bytes of rows "
+                    f"for rank {r} do not fit its window's region of {max(room, 0)} bytes (window "
+                    f"{self.layout.total // 2**20} MB = {self.slots} slots x {peers} peers); set HCCL_BUFFSIZE >= "
+                    f"{want} (MB), lower max_in_flight, or set OVERLAP_TRANSPORT=gloo"
+                )
+
+    def submit(self, transfer: Transfer) -> None:
+        """Number the exchange and write it into every peer's window (called with `lock` held)."""
+        transfer.seq = self.next_seq
+        self.next_seq += 1
+        transfer.header[_H_SEQ] = transfer.seq
+        transfer.started_at = transfer.issued_at
+        transfer.delivered = {self.rank}
+        if transfer.plan is not None:
+            transfer.plan.trace.append("exchange")
+        self.writes += [(transfer, r) for r in range(self.world) if r != self.rank]
+        self._flush_writes()
+        if transfer.link is not None:  # the emulated link completes it on the lane's link thread
+            if self.link_queue is None:
+                self.link_queue = queue.SimpleQueue()
+                self.link_thread = threading.Thread(
+                    target=self._link_loop, name=f"overlap-link-{self.group_name}", daemon=True
+                )
+                self.link_thread.start()
+            transfer.started_at = None
+            self.link_queue.put(transfer)
+        else:
+            transfer.complete = self._complete_inline
+
+    def close_epoch(self, epoch: int, reason: str, timeout_s: float) -> None:
+        """Publish this rank's abort of `epoch`: where its stream stops, and why (no peer is waited
+        for); then the next epoch starts from exchange 0."""
+        lay, w = self.layout, self.own.words
+        first = self.ended is None or self.stream_epoch != epoch
+        # The stream stops at the first number whose rows have not reached every peer.
+        unsent = [t.seq for t, _ in self.writes if t.epoch == epoch]
+        stop = min([self.next_seq, *unsent])
+        rec = lay.records + (epoch % _RING) * _REC_WORDS
+        data = reason.encode("utf-8", "replace")[: _REASON_WORDS * 8]
+        padded = data + b"\0" * (_REASON_WORDS * 8 - len(data))
+        with self.io:
+            w[rec] = epoch
+            w[rec + 1] = stop
+            w[rec + 2] = int(first)
+            w[rec + 3] = len(data)
+            w[rec + 4 : rec + 4 + _REASON_WORDS] = np.frombuffer(padded, dtype=np.int64)
+            w[lay.epoch] = epoch + 1  # after the record: a peer that sees the epoch sees the record
+            self.writes = [(t, r) for t, r in self.writes if t.epoch > epoch]
+        self.stream_epoch = epoch + 1
+        self.next_seq = 0
+        self.ended = None
+
+    def stop(self) -> None:
+        if self.link_queue is not None:
+            self.link_queue.put(None)
+        self._unlink()
+        _live.discard(self)
+
+    def join(self, timeout_s: float) -> None:
+        if self.link_thread is not None:
+            self.link_thread.join(timeout=timeout_s)
+
+    # -- writing --
+
+    def _flush_writes(self) -> None:
+        """Write every pending (transfer, peer) whose region the peer has released (with `io` held)."""
+        if not self.writes:
+            return
+        self.writes = [(t, r) for t, r in self.writes if t.cancelled or not self._write(t, r)]
+
+    def _write(self, transfer: Transfer, r: int) -> bool:
+        peer = self._peer(r)
+        if peer is None:
+            return False
+        lay = self.layout
+        slot = transfer.seq % self.slots
+        previous = self.last_written.get((r, slot), 0)
+        released = max(int(peer.words[lay.consumed + slot]), int(peer.words[lay.epoch]) << 32)
+        if previous and released < previous:
+            return False
+        assert transfer.send_rows is not None
+        offsets = [0]
+        for rows in transfer.send_rows:
+            offsets.append(offsets[-1] + rows)
+        lmax = transfer.block_counts.shape[1]
+        row_bytes = transfer.send_buf.shape[1]
+        payload = transfer.send_buf[offsets[r] : offsets[r + 1]]
+        base = lay.region_at(r, self.rank, slot)
+        counter = lay.counter(self.rank, slot)
+        header = transfer.header.clone()
+        header[_H_ROWS] = transfer.send_rows[r]
+        ident = _ident(transfer)
+        peer.words[counter] = -1  # a reader that saw the old id finds it changed
+        region = peer.bytes[base : base + (HEADER_LEN + lmax) * 8 + payload.numel()]
+        region[: HEADER_LEN * 8].view(torch.int64).copy_(header)
+        region[HEADER_LEN * 8 : (HEADER_LEN + lmax) * 8].view(torch.int64).copy_(transfer.block_counts[r])
+        if payload.numel():
+            region[(HEADER_LEN + lmax) * 8 :].view(-1, row_bytes).copy_(payload)
+        peer.words[counter] = ident
+        self.last_written[(r, slot)] = ident
+        return True
+
+    # -- reading --
+
+    def _landed(self, transfer: Transfer) -> bool:
+        """True once every peer's rows for `transfer` are in this rank's window; updates
+        `transfer.delivered`."""
+        lay, w = self.layout, self.own.words
+        slot, ident = transfer.seq % self.slots, _ident(transfer)
+        for r in range(self.world):
+            if r not in transfer.delivered and int(w[lay.counter(r, slot)]) == ident:
+                transfer.delivered.add(r)
+        return len(transfer.delivered) == self.world
+
+    def _sent(self, transfer: Transfer) -> bool:
+        """True once this rank's rows for `transfer` are in every peer's window."""
+        return not any(t is transfer for t, _ in self.writes)
+
+    def _ended_for(self, transfer: Transfer) -> StreamAborted | None:
+        """A peer left `transfer`'s epoch (it aborted) at or before its number: the stream ends."""
+        lay = self.layout
+        stops: dict[int, tuple[int, bool, str]] = {}
+        for r in range(self.world):
+            if r == self.rank or r in transfer.delivered:
+                continue
+            peer = self.peer_maps.get(r)
+            if peer is None or int(peer.words[lay.epoch]) <= transfer.epoch:
+                continue
+            rec = lay.records + (transfer.epoch % _RING) * _REC_WORDS
+            if int(peer.words[rec]) != transfer.epoch:
+                stops[r] = (0, True, "aborted")  # its record was overwritten: it left long ago
+                continue
+            stop, first, length = (int(peer.words[rec + k]) for k in (1, 2, 3))
+            raw = peer.words[rec + 4 : rec + 4 + _REASON_WORDS].tobytes()[:length]
+            stops[r] = (stop, bool(first), raw.decode("utf-8", "replace"))
+        hit = {r: v for r, v in stops.items() if v[0] <= transfer.seq}
+        if not hit:
+            return None
+        firsts = {r: why for r, (_, first, why) in hit.items() if first} or {r: why for r, (_, _, why) in hit.items()}
+        seq = min(v[0] for v in hit.values())
+        ended = Ended(seq, firsts)
+        return StreamAborted(
+            f"{transfer.op} exchange{where(transfer)} failed: {ended.describe(transfer.group_name)}", seq, firsts
+        )
+
+    def _receive(self, transfer: Transfer, lend: bool = False) -> tuple[Tensor, Tensor]:
+        """Check the peers' headers and copy this rank's rows out of its window (`transfer` has
+        arrived); marks the slot consumed even when the check fails. With `lend` (the caller of
+        `Transfer.take_chunks` waits for it), the rows are not copied: `transfer.chunks` are views
+        of the window (and of the send buffer), and the slot stays held until `Transfer.release`."""
+        lay, own = self.layout, self.own
+        slot, ident = transfer.seq % self.slots, _ident(transfer)
+        held = False
+        lmax = transfer.block_counts.shape[1]
+        row_bytes = transfer.send_buf.shape[1]
+        assert transfer.send_rows is not None
+        try:
+            headers = {}
+            for r in range(self.world):
+                if r != self.rank:
+                    base = lay.region_at(self.rank, r, slot)
+                    headers[r] = own.bytes[base : base + HEADER_LEN * 8].view(torch.int64).clone()
+            check_headers(transfer, headers, self.rank)
+            offsets = [0]
+            for rows in transfer.send_rows:
+                offsets.append(offsets[-1] + rows)
+            counts = torch.empty(self.world, lmax, dtype=torch.int64)
+            chunks = []
+            for r in range(self.world):
+                if r == self.rank:
+                    counts[r] = transfer.block_counts[r]
+                    chunks.append(transfer.send_buf[offsets[r] : offsets[r + 1]])
+                    continue
+                base = lay.region_at(self.rank, r, slot) + HEADER_LEN * 8
+                counts[r] = own.bytes[base : base + lmax * 8].view(torch.int64)
+                n = int(headers[r][_H_ROWS])
+                if int(headers[r][_H_LMAX]) != lmax or n * row_bytes > lay.region:
+                    raise CommError(f"rank {r} wrote a malformed region for exchange #{transfer.seq}")
+                start = base + lmax * 8
+                chunks.append(own.bytes[start : start + n * row_bytes].view(n, row_bytes))
+            if lend:
+                transfer.chunks = chunks
+
+                def give_back() -> None:
+                    cell = lay.consumed + slot
+                    with self.io:
+                        own.words[cell] = max(int(own.words[cell]), ident)
+
+                transfer._give_back, held = give_back, True
+                if transfer.plan is not None:
+                    transfer.plan.trace.append("done")
+                return transfer.send_buf[:0], counts
+            total = sum(c.shape[0] for c in chunks)
+            rows_out = self._lend(transfer, total * row_bytes).view(total, row_bytes)
+            torch.cat(chunks, out=rows_out)
+            for r in range(self.world):
+                if r != self.rank and int(own.words[lay.counter(r, slot)]) != ident:
+                    raise CommError(
+                        f"{transfer.op} exchange{where(transfer)} on group {self.group_name!r}: rank {r} overwrote "
+                        f"exchange #{transfer.seq} while this rank read it"
+                    )
+            if transfer.plan is not None:
+                transfer.plan.trace.append("done")
+            return rows_out, counts
+        finally:
+            if not held:
+                cell = lay.consumed + slot
+                own.words[cell] = max(int(own.words[cell]), ident)
+
+    def _lend(self, transfer: Transfer, nbytes: int) -> Tensor:
+        """A buffer of `nbytes` for `transfer`'s received rows, from the lane's pool when one fits
+        (a fresh large allocation costs a page fault per 4 KiB page: more than the copy itself);
+        `Transfer.release` gives it back."""
+        with self.io:
+            fits = [i for i, b in enumerate(self.pool) if nbytes <= b.numel() <= 2 * nbytes + 4096]
+            if fits:  # by index: `list.remove` would compare tensors by value
+                buf = self.pool.pop(min(fits, key=lambda i: self.pool[i].numel()))
+            else:
+                buf = torch.empty(nbytes, dtype=torch.uint8)
+
+        def give_back() -> None:
+            with self.io:
+                self.pool.append(buf)
+                while len(self.pool) > 2 * self.slots:
+                    self.pool.pop(0)
+
+        transfer._give_back = give_back
+        return buf[:nbytes]
+
+    def _drain(self, skip: Transfer | None) -> None:
+        """Complete every other inline exchange of this lane whose rows have all arrived (with `io`
+        held), so that none holds a slot a peer waits for."""
+        with self.lock:
+            others = sorted(
+                (t for t in self.pending if t is not skip and t.complete is not None and not t._done.is_set()),
+                key=lambda t: t.seq,
+            )
+        for t in others:
+            if not t.cancelled and t.epoch == self.stream_epoch and self._landed(t):
+                self._run(t)
+
+    def _run(self, transfer: Transfer, lend: bool = False) -> None:
+        """Receive an arrived transfer and finish it (with `io` held)."""
+        result, error = None, None
+        try:
+            result = self._receive(transfer, lend)
+        except BaseException as exc:
+            error = self.outcome(transfer, exc)
+        self.finish(transfer, result, error)
+
+    def _await(
+        self, transfer: Transfer, timeout_s: float, teardown: bool
+    ) -> tuple[tuple[Tensor, Tensor] | None, BaseException | None]:
+        """Wait (bounded) until `transfer` has landed and been sent, then receive it: a teardown
+        finishes it (unless another thread did), the link thread gets `(rows, counts)` back.
+        Returns `(result, error)`: the error that ended the wait, or the receive's."""
+        deadline = time.perf_counter() + timeout_s
+        began = time.perf_counter()
+        sleep = 20e-6
+        while True:
+            if transfer._done.is_set():
+                return None, None
+            refused = self._refusal_for(transfer)
+            if refused is not None:
+                return None, refused
+            with self.io:
+                if transfer._done.is_set():
+                    return None, None
+                self._flush_writes()
+                self._maybe_unlink()
+                if self._landed(transfer) and self._sent(transfer):
+                    if teardown:
+                        self._run(transfer, lend=transfer.wants_chunks)
+                        return None, None
+                    try:
+                        return self._receive(transfer), None
+                    except BaseException as exc:
+                        return None, exc
+                self._drain(transfer)
+                aborted = self._ended_for(transfer)
+                if aborted is not None:
+                    return None, aborted
+                now = time.perf_counter()
+                if now - self.pid_checked > _PID_CHECK_S:
+                    self.pid_checked = now
+                    gone = self._dead_peers(transfer)
+                    for r in gone:  # it cannot remove its window any more: do it for it
+                        path = self.peer_paths.get(r)
+                        if path is not None and os.path.exists(path):
+                            with contextlib.suppress(OSError):
+                                os.unlink(path)
+                    if gone:
+                        return None, CommError(
+                            f"{transfer.op} exchange{where(transfer)} on group {self.group_name!r}: ranks {gone} "
+                            f"exited (their processes are gone); ranks {self._missing(transfer)} have not delivered"
+                        )
+            now = time.perf_counter()
+            if now >= deadline:
+                return None, CommTimeoutError(
+                    f"{transfer.op}{'_teardown' if teardown else ' exchange'}{where(transfer)} on group "
+                    f"{self.group_name!r} timed out after {timeout_s:g} s: ranks {self._missing(transfer)} have not "
+                    f"delivered (set OVERLAP_TIMEOUT_S or comm_options(timeout_s=...) to wait longer)"
+                )
+            if now - began > _SPIN_S:
+                time.sleep(min(sleep, deadline - now))
+                sleep = min(sleep * 2, _MAX_SLEEP_S)
+
+    def _missing(self, transfer: Transfer) -> list[int]:
+        missing = set(range(self.world)) - transfer.delivered
+        missing |= {r for t, r in self.writes if t is transfer}  # this rank's rows not in r's window yet
+        return sorted(missing)
+
+    def _dead_peers(self, transfer: Transfer) -> list[int]:
+        gone = []
+        for r in self._missing(transfer):
+            pid = self.peer_pids.get(r)
+            if pid is None or pid == os.getpid():
+                continue
+            if _process_gone(pid):
+                gone.append(r)
+        return gone
+
+    def _refusal_for(self, transfer: Transfer) -> BaseException | None:
+        with self.lock:
+            if self.broken is not None:
+                return Refused(str(self.unusable_error()))
+            if self.ended is not None and transfer.epoch == self.stream_epoch and transfer.seq >= self.ended.seq:
+                return Refused(
+                    f"{transfer.op} exchange{where(transfer)} cancelled: {self.ended.describe(self.group_name)}"
+                )
+            if transfer.cancelled:
+                return Refused(f"{transfer.op} exchange{where(transfer)} was cancelled by overlap.ops.abort")
+        return None
+
+    def _complete_inline(self, transfer: Transfer, timeout_s: float) -> None:
+        _, error = self._await(transfer, timeout_s, teardown=True)
+        if error is not None and not transfer._done.is_set():
+            self.finish(transfer, None, self.outcome(transfer, error))
+
+    def _link_loop(self) -> None:
+        assert self.link_queue is not None
+        while True:
+            transfer = self.link_queue.get()
+            if transfer is None:
+                return
+            transfer.started_at = time.perf_counter()
+            result, error = self._await(transfer, transfer.timeout_s, teardown=False)
+            if error is None and result is not None:
+                rows = result[0]
+                row_bytes = transfer.send_buf.shape[1]
+                sent = transfer.send_rows or [0] * self.world
+                out_bytes = (sum(sent) - sent[self.rank]) * row_bytes
+                in_bytes = (rows.shape[0] - sent[self.rank]) * row_bytes
+                try:
+                    self.hold_on_link(transfer, max(out_bytes, in_bytes))
+                except BaseException as exc:
+                    error = exc
+            if error is not None:
+                error = self.outcome(transfer, error)
+            self.finish(transfer, result if error is None else None, error)
+
+
+def sweep_stale_windows() -> list[str]:
+    """Unlink the window files of processes that are gone (killed before they could clean up: a
+    SIGKILL, `os._exit`); runs when a process makes its first window. Returns the paths removed."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(SHM_PREFIX):
+            continue
+        try:
+            pid = int(name[len(SHM_PREFIX) :].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and _process_gone(pid):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+def _process_gone(pid: int) -> bool:
+    """True when process `pid` has exited (a zombie not yet reaped by its parent counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"Z", b"X")
+
+
+def _ident(transfer: Transfer) -> int:
+    return (transfer.epoch << 32) | (transfer.seq + 1)
