@@ -11,7 +11,7 @@ the run loudly):
 - `edit(name, module, target, old, new, tests)`: replace the text `old` by `new` inside the
   definition of `target` (a function, or `Class.method`). Adding one is a three-line entry, e.g.::
 
-      edit("header check ignores the op", "transport", "_check_headers",
+      edit("header check ignores the op", "transport", "check_headers",
            "int(theirs[_H_OP]) != int(mine[_H_OP]) or ", "", (("tests/test_header_check.py", None),)),
 
 - `Mutant(name, module, target, wrapper, tests)`: wrap the target (the wrapper is appended to the
@@ -268,10 +268,35 @@ def check_same_order(plans):
     edit(
         "header check ignores the exchange number (audit)",
         "transport",
-        "_check_headers",
+        "check_headers",
         " or int(theirs[_H_SEQ]) != int(mine[_H_SEQ])",
         "",
         (("tests/test_header_check.py", None),),
+    ),
+    # the window carrier (overlap/ops/window.py)
+    edit(
+        "window overwrites a slot its reader has not released",
+        "transport",
+        "WindowLane._write",
+        "if previous and released < previous:",
+        "if False:",
+        (("tests/test_window.py", "slots_are_reused"),),
+    ),
+    edit(
+        "window takes any written counter as this exchange's",
+        "transport",
+        "WindowLane._landed",
+        "int(w[lay.counter(r, slot)]) == ident",
+        "int(w[lay.counter(r, slot)]) > 0",
+        (("tests/test_window.py", None),),
+    ),
+    edit(
+        "window misses a dead peer that is an unreaped zombie",
+        "transport",
+        "_process_gone",
+        'return state in (b"Z", b"X")',
+        "return False",
+        (("tests/test_window.py", "dead_peer"),),
     ),
     Mutant(
         "EmulatedLink.duration ignores bandwidth",
