@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import time
 
 import pytest
@@ -263,3 +264,16 @@ def test_three_ranks_with_uneven_batches_match_the_reference(rank_pools, world):
     reference = dense_reference(case)
     for rank, res in enumerate(results):
         assert torch.equal(res["x_out"], reference[rank])
+
+
+def test_the_default_takes_the_window_only_where_shared_memory_could_hold_every_window(monkeypatch, tmp_path):
+    """A write past a full /dev/shm (a container's 64 MB) is a SIGBUS, not an error: the default
+    choice checks the room for W whole windows first, and falls back to gloo without the folder."""
+    from overlap.ops import staging, window
+
+    free = shutil.disk_usage(window.SHM_DIR).free
+    monkeypatch.setenv("HCCL_BUFFSIZE", str(max(1, free // 2**20 // 4)))
+    assert staging.shm_has_room(2)
+    assert not staging.shm_has_room(8)
+    monkeypatch.setattr(window, "SHM_DIR", str(tmp_path / "missing"))
+    assert not staging.shm_has_room(2)

@@ -137,6 +137,23 @@ def one_machine() -> bool:
     return not local or not world or local == world
 
 
+def shm_has_room(world: int) -> bool:
+    """True when the shared-memory folder can hold `world` full windows (`HCCL_BUFFSIZE` MB each).
+
+    Windows are sparse (only touched pages cost memory), but a write past what the folder can hold
+    kills the process with SIGBUS (a container's 64 MB /dev/shm, say), so the default choice takes
+    the window carrier only where the folder could hold every window whole; elsewhere (no such
+    folder: macOS) gloo. `OVERLAP_TRANSPORT=window` forces it anyway."""
+    import shutil
+
+    from .window import SHM_DIR, window_bytes
+
+    try:
+        return shutil.disk_usage(SHM_DIR).free >= world * window_bytes()
+    except OSError:
+        return False
+
+
 def kind_for(group: dist.ProcessGroup, device: torch.device, *, probe: bool = False) -> str:
     """The transport kind an exchange of tensors on `device` over `group` uses (see the module).
 
@@ -161,7 +178,7 @@ def kind_for(group: dist.ProcessGroup, device: torch.device, *, probe: bool = Fa
             return "gloo-staged"
         if forced is not None:
             return forced
-        return "window" if one_machine() else "gloo"
+        return "window" if one_machine() and shm_has_room(group.size()) else "gloo"
     if device.type == "cuda":
         if "nccl" in backend:
             if forced not in (None, "nccl"):
