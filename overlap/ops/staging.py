@@ -158,7 +158,8 @@ def kind_for(group: dist.ProcessGroup, device: torch.device, *, probe: bool = Fa
         if forced == "nccl":
             raise ValueError("OVERLAP_TRANSPORT=nccl needs cuda tensors on an nccl group, got cpu tensors")
         if is_simulating() and not probe:
-            return "gloo-staged"
+            # The CPU twin of the CUDA window: forced, the device path's setups ride the window carrier.
+            return "window" if forced == "window" else "gloo-staged"
         if forced is not None:
             return forced
         return "window" if one_machine() else "gloo"
@@ -171,10 +172,7 @@ def kind_for(group: dist.ProcessGroup, device: torch.device, *, probe: bool = Fa
             if forced == "nccl":
                 raise ValueError(f"OVERLAP_TRANSPORT=nccl needs an nccl group, group {group.group_name!r} uses gloo")
             if forced == "window":
-                raise ValueError(
-                    "OVERLAP_TRANSPORT=window moves cpu tensors only: the CUDA IPC window is not written yet; "
-                    "unset it (cuda tensors on a gloo group are staged: gloo-staged) or use an nccl group"
-                )
+                return "window"  # the CUDA IPC window (window.CudaFlavour): opt-in until measured on a GPU
             return "gloo-staged"
         raise ValueError(f"tensors on cuda need an nccl or gloo group, group {group.group_name!r} uses {backend!r}")
     raise ValueError(f"the portable transport moves cpu or cuda tensors, got device {device}")
