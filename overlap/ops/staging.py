@@ -11,12 +11,14 @@ Owns:
   | cpu     | gloo          | `gloo`        | gloo sends the tensors as they are                      |
   | cuda    | nccl          | `nccl`        | NCCL sends device memory on the transport's side stream |
   | cuda    | gloo          | `gloo-staged` | device→pinned host, gloo, pinned host→device (`Stager`) |
+  | cuda    | gloo          | `window`      | opt-in (OVERLAP_TRANSPORT=window): the CUDA IPC window  |
 
   `OVERLAP_TRANSPORT=gloo|window|nccl` forces a carrier. CPU ranks use `window` when every rank of
   the job runs on this machine (torchrun's `LOCAL_WORLD_SIZE` equals `WORLD_SIZE`, or they are
   unset), else `gloo`. NCCL refuses two ranks on one GPU, so ranks that share a GPU use a gloo group
-  and the staged kind (`backend_for` says which backend a launcher should pick); the window
-  carrier on CUDA (CUDA IPC) is not written yet.
+  and the staged kind (`backend_for` says which backend a launcher should pick). The window carrier
+  on CUDA (`window.CudaFlavour`: rows through CUDA IPC) is opt-in with `OVERLAP_TRANSPORT=window`
+  until it is measured on a GPU; under `simulate_device()` the same force runs its CPU twin.
 - **Deferred values.** On a device, reading a tensor's values on the host (`.item()`, `.tolist()`,
   `int(t)`, `bool(t)`, `.cpu()`) waits for every kernel queued before it, so a setup that did it
   would stop being fire-and-forget. A setup on a device (`defers_host_reads`) therefore computes

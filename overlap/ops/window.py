@@ -357,6 +357,8 @@ class CudaFlavour(HostFlavour):
         self.written[(r, slot)].record(self.stream)
 
     def before_read(self, r: int, slot: int) -> None:
+        if not self.attach(r):  # r published before it wrote: only a reader that never wrote to r gets here
+            raise CommError(f"rank {r} wrote into this rank's CUDA window without publishing its own")
         self.stream.wait_event(self.peers[r][1][(self.lane.rank, slot)])
 
     def after_read(self, transfer: Transfer, slot: int) -> None:
