@@ -276,6 +276,7 @@ class CudaFlavour(HostFlavour):
         _store().set(self.key, base64.b64encode(pickle.dumps(blob)).decode())
         self.peers: dict[int, tuple[Tensor, dict[tuple[int, int], Any], list[Any]]] = {}
         self.host_slots: dict[int, tuple[np.ndarray, Tensor]] = {}
+        self.host_owners: dict[int, Transfer] = {}
         self.pinned: list[Tensor] = []  # registered host memory, unregistered at `close`
 
     def own_rows(self) -> Tensor:
@@ -320,7 +321,7 @@ class CudaFlavour(HostFlavour):
         if transfer.send_rows is not None:
             return
         lw = transfer.block_counts.numel()
-        array, host = self._host_slot(transfer.seq % self.lane.slots, lw + len(checks))
+        array, host = self._host_slot(transfer, lw + len(checks))
         with torch.cuda.stream(self.stream):
             flags = [c.is_bad.reshape(1).to(torch.int64) for c in checks]
             parts = [transfer.block_counts.reshape(-1).to(torch.int64), *flags]
@@ -330,21 +331,28 @@ class CudaFlavour(HostFlavour):
         counts = array[:lw].reshape(transfer.block_counts.shape)
         transfer.counts_probe = (landed, counts, array[lw : lw + len(checks)])
 
-    def _host_slot(self, slot: int, words: int) -> tuple[np.ndarray, Tensor]:
-        """Slot `slot`'s page-locked host words (numpy, read without a torch call; and the torch
-        view the device copies into), grown to `words`. A slot is reused only after its previous
-        exchange was resolved (the in-flight budget), and copies into it follow each other on the
-        lane's stream."""
+    def _host_slot(self, transfer: Transfer, words: int) -> tuple[np.ndarray, Tensor]:
+        """Page-locked host words for `transfer`'s counts (numpy, read without a torch call; and the
+        torch view the device copies into): its slot's, grown to `words`, or fresh ones while the
+        slot's previous exchange is still unresolved (copies into one buffer follow each other on
+        the lane's stream)."""
+        slot = transfer.seq % self.lane.slots
         have = self.host_slots.get(slot)
-        if have is not None and have[0].size >= words:
+        owner = self.host_owners.get(slot)
+        busy = owner is not None and owner is not transfer and owner.counts_probe is not None and not owner.cancelled
+        if have is not None and have[0].size >= words and not busy:
+            self.host_owners[slot] = transfer
             return have
         array = np.zeros(max(words, 64), dtype=np.int64)
         view = torch.from_numpy(array)
-        from torch.cuda._pin_memory_utils import pin_memory
-
-        pin_memory(view.data_ptr(), array.nbytes)  # cudaHostRegister: the D2H copy stays asynchronous
+        # cudaHostRegister (portable): the device-to-host copy into it stays asynchronous
+        code = int(torch.cuda.cudart().cudaHostRegister(view.data_ptr(), array.nbytes, 1))
+        if code != 0:
+            raise CommError(f"the CUDA window could not page-lock {array.nbytes} bytes of host memory (error {code})")
         self.pinned.append(view)
-        self.host_slots[slot] = (array, view)
+        if not busy:
+            self.host_slots[slot] = (array, view)
+            self.host_owners[slot] = transfer
         return array, view
 
     def counts_landed(self, probe: Any) -> bool:
@@ -372,14 +380,13 @@ class CudaFlavour(HostFlavour):
 
     def close(self) -> None:
         self.peers.clear()
-        from torch.cuda._pin_memory_utils import unpin_memory
-
-        for view in self.pinned:
-            with contextlib.suppress(Exception):  # a copy may still be queued: the memory then stays
-                self.stream.synchronize()
-                unpin_memory(view.data_ptr())
+        with contextlib.suppress(Exception):  # the lane is retired: its queued copies may finish first
+            self.stream.synchronize()
+            for view in self.pinned:
+                torch.cuda.cudart().cudaHostUnregister(view.data_ptr())
         self.pinned.clear()
         self.host_slots.clear()
+        self.host_owners.clear()
 
 
 def flavour_for(lane: WindowLane, device: torch.device) -> HostFlavour:
