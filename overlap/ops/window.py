@@ -28,6 +28,18 @@ While it waits, a rank also completes any other exchange of its own whose rows h
 so that an exchange torn down out of order never holds a slot a peer needs. Memory order: a
 counter is written after its region and read before it (x86-64 keeps stores and loads in order).
 
+Flavours. What differs between the CPU window and the CUDA one is two small strategies, chosen by
+a lane's first exchange (`flavour_for`): the *memory* the rows live in and the *signal* a reader
+waits on. `HostFlavour` (CPU): rows in the shared-memory window itself, the counter alone, rows
+lent to a teardown as views. `CudaFlavour` (CUDA IPC, opt-in with `OVERLAP_TRANSPORT=window`): the
+rows in a CUDA tensor shared once with every peer, copies on the lane's CUDA stream after the
+setup's ready event, an interprocess event per (peer, slot) beside the counter, a `released`
+event per slot so that a slot is not overwritten before its reader's device copy ran; the header,
+counts and counters stay in the shared-memory window. A device setup does not know on the host how
+many rows each peer gets: its counts come to page-locked host memory by a non-blocking copy, and
+its writes wait (kept, retried at every setup and teardown) until `Event.query()` says they landed;
+the host never waits for the device (docs/gpu.md).
+
 Faults: `abort` publishes, in this rank's window, the epoch it ends and the exchange number where
 its stream stops, with the reason; a peer waiting on this rank for a number at or past it raises
 `CommError` naming it (`protocol.StreamAborted`), and stale writes of an old epoch never match a
