@@ -181,3 +181,41 @@ def test_a_deferred_check_on_the_fake_device_stops_every_rank_at_the_headers(ran
     assert good["error"][0] == "CommError" and "rank 1 gave dispatch_setup invalid input" in good["error"][1]
     assert good["after_ok"] and bad["after_ok"]
     assert good["errors"] == [] and bad["errors"] == []
+
+
+def _raw_deferred_case(rounds: int) -> dict:
+    """`transport.start` with the rows per peer left to the carrier (`send_rows=None`, host counts,
+    no simulation): the host flavour resolves them from the counts; every slot is reused."""
+    from overlap.ops import transport
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = dist.group.WORLD
+    row_bytes = 24
+    got = []
+    for step in range(rounds):
+        rows = [(rank + 2 * r + step) % 4 for r in range(world)]  # rows to each peer, 0 included
+        counts = torch.tensor(rows, dtype=torch.int64).view(world, 1)
+        blocks = [torch.full((n, row_bytes), 16 * rank + r + step, dtype=torch.uint8) for r, n in enumerate(rows)]
+        buf = torch.cat(blocks)
+        values = dict.fromkeys(transport.PARAM_FIELDS, 0) | {"ep_world_size": world, "row_bytes": row_bytes}
+        header = transport.make_header("dispatch", values, 12, 1)  # the same BS on every rank
+        handle = transport.start(
+            "dispatch", g, g.group_name, send_buf=buf, send_rows=None, block_counts=counts, header=header
+        )
+        recv, recv_counts = handle.take()
+        with transport._registry_lock:
+            transport._registry.pop(handle.ticket, None)
+        got.append((recv.clone(), recv_counts.clone()))
+    return {"got": got}
+
+
+def test_a_host_setup_that_leaves_the_rows_per_peer_to_the_window_gets_them_right(rank_pools):
+    world, rounds = 3, 6
+    results = rank_pools(world).run(on, "window", _raw_deferred_case, rounds, timeout_s=RUN_S)
+    for rank, res in enumerate(results):
+        for step, (recv, counts) in enumerate(res["got"]):
+            sent = [(src + 2 * rank + step) % 4 for src in range(world)]  # what each source sent this rank
+            assert counts.view(-1).tolist() == sent
+            blocks = [torch.full((n, 24), 16 * src + rank + step, dtype=torch.uint8) for src, n in enumerate(sent)]
+            want = torch.cat(blocks)
+            assert torch.equal(recv, want), f"rank {rank}, step {step}"
