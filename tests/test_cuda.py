@@ -449,10 +449,15 @@ WINDOW_CASES = [
 
 
 def _window_case(case: Case, rounds: int) -> dict:
+    from overlap.ops import transport
+
     from .carriers import forced
 
-    with forced("window"):
-        results = [_cuda_case(case) for _ in range(rounds)]  # rounds > slots: every slot is reused
+    try:
+        with forced("window"):
+            results = [_cuda_case(case) for _ in range(rounds)]  # rounds > slots: every slot is reused
+    finally:
+        transport.shutdown()  # the pool's group keeps no CUDA window for the tests after this one
     return results[-1] | {"all_equal": all(torch.equal(r["x_out"], results[0]["x_out"]) for r in results)}
 
 
@@ -514,6 +519,7 @@ def _window_setup_case(queued_s: float) -> dict:
         finally:
             torch.cuda.set_sync_debug_mode(0)
         ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, case.experts)
+    ops.shutdown()
     return out
 
 
