@@ -533,3 +533,27 @@ def test_a_window_setup_takes_under_100us_behind_a_queued_200ms_kernel(rank_pool
         assert res["kind"] == "window"
         assert res["setup_sync"] is None, f"rank {rank}: a window setup synchronised the host: {res['setup_sync']}"
         assert res["dispatch_s"] < 0.05 and res["combine_s"] < 0.05, res  # never behind the 200 ms kernel
+
+
+def _window_no_sync_case(microbatches: int, quant: int) -> dict:
+    from overlap.ops import transport
+
+    from .carriers import forced
+
+    try:
+        with forced("window"):
+            return _no_sync_case(microbatches, quant)
+    finally:
+        transport.shutdown()
+
+
+@pytest.mark.parametrize("quant", [0, 2], ids=["bf16", "int8"])
+def test_overlapped_forward_over_the_cuda_window_makes_no_host_sync(rank_pools, quant):
+    """Whole overlapped forwards (m = 2) over the CUDA window, in "error" mode: no setup, teardown
+    or other thread synchronises the host (the teardown polls the counts' event, never waits)."""
+    results = rank_pools(2).run(_window_no_sync_case, 2, quant, timeout_s=300)
+    for rank, res in enumerate(results):
+        assert res["kind"] == "window"
+        assert res["caller_syncs"] == [] and res["other_syncs"] == [], res
+        assert res["error"] is None, f"rank {rank}: a host sync with the window transport: {res['error']}"
+        assert res["vs_dense"].ok, str(res["vs_dense"])
