@@ -34,6 +34,7 @@ def _install_fake_device() -> list[str]:
     class FakeDevice(window.HostFlavour):
         device_type = "cpu"
         lends = False
+        copies_early = True  # the whole send buffer goes out at the setup, before the counts land
 
         def own_rows(self) -> torch.Tensor:
             return self.lane.own.bytes[self.lane.layout.data :]
@@ -60,6 +61,7 @@ def _install_fake_device() -> list[str]:
             parts = [transfer.block_counts.reshape(-1), *(c.is_bad.reshape(1).to(torch.int64) for c in checks)]
             torch.from_numpy(words).copy_(torch.cat(parts))
             transfer.counts_probe = ([POLLS], words[:lw].reshape(transfer.block_counts.shape), words[lw:])
+            self.seen = [*getattr(self, "seen", []), transfer]
 
         def counts_landed(self, probe) -> bool:
             probe[0][0] -= 1
@@ -118,6 +120,8 @@ def _twin_case(case: Case) -> dict:
         lane = transport._workers[dist.group.WORLD.group_name]["window"]
         res["errors"] = errors
         res["reads_seen"] = getattr(lane.flavour, "reads", 0)
+        peers = set(range(dist.get_world_size())) - {dist.get_rank()}
+        res["early"] = [t.early_rows == peers for t in getattr(lane.flavour, "seen", [])]
         res["flavour"] = type(lane.flavour).__name__
     finally:
         _uninstall_fake_device()
@@ -133,6 +137,9 @@ def test_the_cuda_flavours_logic_on_a_fake_device_equals_the_reference(rank_pool
         assert res["errors"] == [], res["errors"]
         assert res["reads"] == [], f"rank {rank}: a setup read tensor values on the host: {res['reads']}"
         assert res["reads_seen"] == 2  # dispatch and combine, each read once through the device signals
+        # The combine sent its whole buffer to every peer before its counts landed (the dispatch did
+        # wherever the peer's window was already mapped: on the first exchange it may not be).
+        assert len(res["early"]) == 2 and res["early"][1]
         assert "resolve" in res["traces"][0] and "resolve" in res["traces"][1]
         assert torch.equal(res["x_out"], reference[rank]), f"rank {rank} differs from the dense reference"
 

@@ -9,7 +9,8 @@ dispatch and a combine double buffer) of one region per peer::
 
     control  magic, pid, epoch | consumed[slot] | abort records | counter[sender][slot] | attached
     data     slot 0: region(peer 0) region(peer 1) ...   slot 1: ...
-    region   header (32 int64, `protocol.make_header`) | block counts (L_max int64) | rows
+    region   header (32 int64, `protocol.make_header`) | block counts (L_max int64) | row offset
+             (1 int64: where this receiver's rows start among those copied) | rows
 
 One exchange, number i of epoch e (id = e << 32 | i + 1), slot i mod S::
 
@@ -36,9 +37,11 @@ rows in a CUDA tensor shared once with every peer, copies on the lane's CUDA str
 setup's ready event, an interprocess event per (peer, slot) beside the counter, a `released`
 event per slot so that a slot is not overwritten before its reader's device copy ran; the header,
 counts and counters stay in the shared-memory window. A device setup does not know on the host how
-many rows each peer gets: its counts come to page-locked host memory by a non-blocking copy, and
-its writes wait (kept, retried at every setup and teardown) until `Event.query()` says they landed;
-the host never waits for the device (docs/gpu.md).
+many rows each peer gets: it copies its whole send buffer into every peer's region at once
+(`copies_early`), and its counts come to page-locked host memory by a non-blocking copy; the
+header (with the offset of the peer's rows in what was copied) and the counter wait (kept, retried
+at every setup and teardown) until `Event.query()` says the counts landed. The host never waits
+for the device (docs/gpu.md).
 
 Faults: `abort` publishes, in this rank's window, the epoch it ends and the exchange number where
 its stream stops, with the reason; a peer waiting on this rank for a number at or past it raises
@@ -99,6 +102,7 @@ _SPIN_S = 50e-6  # busy-wait this long before sleeping
 _MAX_SLEEP_S = 2e-3
 _PID_CHECK_S = 0.1
 _ALIGN = 4096
+_META = 1  # words after the block counts: the offset of the receiver's rows in the rows copied
 
 
 def window_bytes() -> int:
@@ -193,6 +197,7 @@ class HostFlavour:
 
     device_type = "cpu"
     lends = True  # a teardown may read the rows as views of the window
+    copies_early = False  # a device setup's whole send buffer goes out before its counts are known
 
     def __init__(self, lane: WindowLane) -> None:
         self.lane = lane
@@ -261,6 +266,7 @@ class CudaFlavour(HostFlavour):
 
     device_type = "cuda"
     lends = False  # the rows are copied out on the lane's stream (its done event orders the reader)
+    copies_early = True
 
     def __init__(self, lane: WindowLane, device: torch.device) -> None:
         super().__init__(lane)
@@ -515,14 +521,16 @@ class WindowLane(Lane):
             )
         lmax = transfer.block_counts.shape[1]
         row_bytes = transfer.send_buf.shape[1]
-        room = self.layout.region - (HEADER_LEN + lmax) * 8
+        room = self.layout.region - (HEADER_LEN + lmax + _META) * 8
         # Rows per peer unknown on the host (a device setup): any peer may get every row.
         bound = transfer.send_rows or [transfer.send_buf.shape[0]] * self.world
         for r, rows in enumerate(bound):
             need = rows * row_bytes
             if r != self.rank and need > room:
                 peers = max(self.world - 1, 1)
-                want = -(-((need + (HEADER_LEN + lmax) * 8 + 64) * self.slots * peers + self.layout.data) // 2**20)
+                want = -(
+                    -((need + (HEADER_LEN + lmax + _META) * 8 + 64) * self.slots * peers + self.layout.data) // 2**20
+                )
                 raise ValueError(
                     f"{transfer.op}_setup: HCCL_BUFFSIZE is too small for the window carrier: {need} bytes of rows "
                     f"for rank {r} do not fit its window's region of {max(room, 0)} bytes (window "
@@ -630,7 +638,7 @@ class WindowLane(Lane):
             return False
         flavour = self.flavour
         assert flavour is not None
-        if not flavour.attach(r) or not self._resolved(transfer):
+        if not flavour.attach(r):
             return False
         lay = self.layout
         slot = transfer.seq % self.slots
@@ -638,30 +646,47 @@ class WindowLane(Lane):
         released = max(int(peer.words[lay.consumed + slot]), int(peer.words[lay.epoch]) << 32)
         if previous and released < previous:
             return False
+        lmax = transfer.block_counts.shape[1]
+        row_bytes = transfer.send_buf.shape[1]
+        base = lay.region_at(r, self.rank, slot)
+        counter = lay.counter(self.rank, slot)
+        rows_at = base + (HEADER_LEN + lmax + _META) * 8 - flavour.base()
+        memory = flavour.peer_rows(r)
+        assert memory is not None  # attached above
+        if transfer.send_rows is None and flavour.copies_early and r not in transfer.early_rows:
+            # A device setup: its rows per peer are not on the host yet, but the whole send buffer
+            # fits the peer's region (check_fits): copy it now, say where r's rows start later.
+            peer.words[counter] = -1
+            with flavour.begin(transfer):
+                flavour.before_write(r, slot)
+                if transfer.send_buf.numel():
+                    memory[rows_at : rows_at + transfer.send_buf.numel()].view(-1, row_bytes).copy_(
+                        transfer.send_buf, non_blocking=True
+                    )
+                flavour.after_write(r, slot)
+            transfer.early_rows.add(r)
+        if not self._resolved(transfer):
+            return False
         assert transfer.send_rows is not None
         offsets = [0]
         for rows in transfer.send_rows:
             offsets.append(offsets[-1] + rows)
-        lmax = transfer.block_counts.shape[1]
-        row_bytes = transfer.send_buf.shape[1]
         payload = transfer.send_buf[offsets[r] : offsets[r + 1]]
-        base = lay.region_at(r, self.rank, slot)
-        counter = lay.counter(self.rank, slot)
         header = transfer.header.clone()
         header[_H_ROWS] = transfer.send_rows[r]
         ident = _ident(transfer)
+        early = r in transfer.early_rows
         peer.words[counter] = -1  # a reader that saw the old id finds it changed
-        region = peer.bytes[base : base + (HEADER_LEN + lmax) * 8]
-        region[: HEADER_LEN * 8].view(torch.int64).copy_(header)
-        region[HEADER_LEN * 8 : (HEADER_LEN + lmax) * 8].view(torch.int64).copy_(transfer.block_counts[r])
-        rows_at = base + (HEADER_LEN + lmax) * 8 - flavour.base()
-        memory = flavour.peer_rows(r)
-        assert memory is not None  # attached above
-        with flavour.begin(transfer):
-            flavour.before_write(r, slot)
-            if payload.numel():
-                memory[rows_at : rows_at + payload.numel()].view(-1, row_bytes).copy_(payload, non_blocking=True)
-            flavour.after_write(r, slot)  # the device signal, before the host's "issued"
+        region = peer.bytes[base : base + (HEADER_LEN + lmax + _META) * 8].view(torch.int64)
+        region[:HEADER_LEN].copy_(header)
+        region[HEADER_LEN : HEADER_LEN + lmax].copy_(transfer.block_counts[r])
+        region[HEADER_LEN + lmax] = offsets[r] if early else 0
+        if not early:
+            with flavour.begin(transfer):
+                flavour.before_write(r, slot)
+                if payload.numel():
+                    memory[rows_at : rows_at + payload.numel()].view(-1, row_bytes).copy_(payload, non_blocking=True)
+                flavour.after_write(r, slot)  # the device signal, before the host's "issued"
         peer.words[counter] = ident
         self.last_written[(r, slot)] = ident
         return True
@@ -742,11 +767,12 @@ class WindowLane(Lane):
                     chunks.append(transfer.send_buf[offsets[r] : offsets[r + 1]])
                     continue
                 base = lay.region_at(self.rank, r, slot) + HEADER_LEN * 8
-                counts[r] = own.bytes[base : base + lmax * 8].view(torch.int64)
-                n = int(headers[r][_H_ROWS])
-                if int(headers[r][_H_LMAX]) != lmax or n * row_bytes > lay.region:
+                words = own.bytes[base : base + (lmax + _META) * 8].view(torch.int64)
+                counts[r] = words[:lmax]
+                n, skip = int(headers[r][_H_ROWS]), int(words[lmax])
+                if int(headers[r][_H_LMAX]) != lmax or skip < 0 or (skip + n) * row_bytes > lay.region:
                     raise CommError(f"rank {r} wrote a malformed region for exchange #{transfer.seq}")
-                start = base + lmax * 8 - flavour.base()
+                start = base + (lmax + _META) * 8 - flavour.base() + skip * row_bytes
                 chunks.append(memory[start : start + n * row_bytes].view(n, row_bytes))
             if lend:
                 transfer.chunks = chunks
