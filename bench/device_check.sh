@@ -10,8 +10,8 @@
 #                                    0 host syncs per overlapped forward, the transformers integration
 #   2. python -m overlap demo --device cuda            (its default cuda shape, T2048 H4096)
 #   3. bench --device cuda --comm-ratio 1, T1024, H 4096 and H 7168, m = 1, 2, 4
-#   4. the window transport, no emulation: T4096 H7168 E64 K8 I2048 int8, 2 ranks, m = 2
-#      (pending until the CUDA IPC window exists: `--transport window` on cuda refuses)
+#   4. the window transport (the CUDA IPC window), no emulation: T4096 H7168 E64 K8 I2048 int8,
+#      2 ranks, m = 2, HCCL_BUFFSIZE=4096 (a device setup's bound is its whole send buffer)
 #   5. python bench/bench_kernels.py --device cuda     (layout time, kernels % of copy_)
 #   6. python bench/bench_experts.py --device cuda     (grouped GEMM vs the expert loop)
 #   7. python -m overlap bench --device cpu            (this host's cores, for the many-core figures)
@@ -75,7 +75,9 @@ for H in 4096 7168; do
         --json "$LOG/bench-h$H.json"
 done
 if python3 -m overlap bench --help 2>/dev/null | grep -q "window"; then
-    step window 90 python3 -m overlap bench --device cuda --ranks 2 --transport window --tokens 4096 \
+    # cudawin (issue 20): the CUDA IPC window; a combine's send buffer (capacity rows, 940 MB here)
+    # bounds each peer's region on a device setup, so the window is raised to 4 GB per rank.
+    step window 90 env HCCL_BUFFSIZE=4096 python3 -m overlap bench --device cuda --ranks 2 --transport window --tokens 4096 \
         --hidden 7168 --experts 64 --top-k 8 --intermediate 2048 --shared 0 --quant 2 --microbatches 2 \
         --reps 3 --json "$LOG/window.json"
 else
@@ -98,7 +100,7 @@ step cpu-plan 40 python3 bench/bench_cpu_plan.py --reps 3 --rounds 2 --threads 7
 # One exchange per rank of 4096 rows (512 tokens x top-8) of 7168
 # bf16 against copy_ of the same bytes, 2 and 4 ranks sharing the GPU; then the setup's host time
 # behind a queued 200 ms kernel (bound 100 us) and host syncs under set_sync_debug_mode("error")
-# (bound: none). The carrier is printed: gloo-staged until the CUDA IPC window exists.
+# (bound: none). Both carriers run: window (the CUDA IPC window, opt-in) and gloo (gloo-staged).
 step exchange-cuda-2 60 python3 bench/bench_exchange.py --device cuda --ranks 2 --reps 5 --host-checks
 step exchange-cuda-4 60 python3 bench/bench_exchange.py --device cuda --ranks 4 --reps 5
 # ---- end of issue 20's block -------------------------------------------------------------------

@@ -434,3 +434,126 @@ def test_grouped_gemm_equals_the_expert_loop_on_cuda():
     print(f"grouped vs loop on cuda: bit-equal {torch.equal(grouped, looped)}, {between}")
     assert between.ok, str(between)
     assert torch.equal(grouped[-37:], torch.zeros_like(grouped[-37:]))
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA window (issue 20, opt-in: OVERLAP_TRANSPORT=window): rows through CUDA IPC
+# --------------------------------------------------------------------------------------------
+
+WINDOW_CASES = [
+    pytest.param(Case(world=2, batches=(4, 4)), id="w2-plain"),
+    pytest.param(Case(world=2, batches=(5, 5), active=(3, 0)), id="w2-active-mask-empty-rank"),
+    pytest.param(Case(world=2, batches=(4, 4), quant=2, with_scales=True), id="w2-int8-scales"),
+    pytest.param(Case(world=4, batches=(2, 7, 1, 5), global_bs=28, experts=8, top_k=3), id="w4-uneven"),
+]
+
+
+def _window_case(case: Case, rounds: int) -> dict:
+    from overlap.ops import transport
+
+    from .carriers import forced
+
+    try:
+        with forced("window"):
+            results = [_cuda_case(case) for _ in range(rounds)]  # rounds > slots: every slot is reused
+    finally:
+        transport.shutdown()  # the pool's group keeps no CUDA window for the tests after this one
+    return results[-1] | {"all_equal": all(torch.equal(r["x_out"], results[0]["x_out"]) for r in results)}
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_the_cuda_window_equals_the_dense_reference_with_ranks_sharing_one_gpu(rank_pools, case):
+    results = rank_pools(case.world).run(_window_case, case, 6, timeout_s=300)
+    reference = dense_reference(case)
+    for rank, res in enumerate(results):
+        assert res["kind"] == "window" and res["devices"] == ("cuda", "cuda", "cuda")
+        assert res["reads"] == [], f"rank {rank}: a setup read device values on the host: {res['reads']}"
+        assert torch.equal(res["x_out"], reference[rank]), f"rank {rank} differs from the dense reference"
+        assert res["all_equal"]
+        for trace in res["traces"]:
+            assert "resolve" in trace and "to_host" not in trace  # no staging through the host
+
+
+def _window_setup_case(queued_s: float) -> dict:
+    """Setups behind a queued kernel of `queued_s`, then a whole exchange (setup and teardown) under
+    set_sync_debug_mode("error"), over the CUDA window."""
+    from overlap import ops
+
+    from .carriers import forced
+
+    dev = _device()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    case = Case(world=world, batches=(8,) * world)
+    p = build(case)
+    g = dist.group.WORLD.group_name
+    x, ids, w = p["x"][rank].to(dev), p["ids"][rank].to(dev), p["weights"][rank].to(dev)
+    out: dict = {}
+    with forced("window"):
+        for _ in range(2):  # warm up: windows shared, peers opened, allocator, streams
+            y, idx, cmd = ops.dispatch_setup(x, ids, g, world, rank, case.experts)
+            ex, _, assist, _ = ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, case.experts)
+            qx, cmd2 = ops.combine_setup(ex, ids, assist, g, world, rank, case.experts)
+            ops.combine_teardown(ex, qx, ids, idx, w, cmd2, g, world, rank, case.experts)
+        torch.cuda.synchronize()
+        dist.barrier()
+        cycles = _sleep_cycles(queued_s)
+        torch.cuda._sleep(cycles)
+        t0 = time.perf_counter()
+        y, idx, cmd = ops.dispatch_setup(x, ids, g, world, rank, case.experts)
+        out["dispatch_s"] = time.perf_counter() - t0
+        ex, _, assist, _ = ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, case.experts)
+        torch.cuda._sleep(cycles)
+        t0 = time.perf_counter()
+        qx, cmd2 = ops.combine_setup(ex, ids, assist, g, world, rank, case.experts)
+        out["combine_s"] = time.perf_counter() - t0
+        ops.combine_teardown(ex, qx, ids, idx, w, cmd2, g, world, rank, case.experts)
+        torch.cuda.synchronize()
+        dist.barrier()
+        out["kind"] = ops.transport_kind(g)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y, idx, cmd = ops.dispatch_setup(x, ids, g, world, rank, case.experts)
+            out["setup_sync"] = None
+        except RuntimeError as exc:
+            out["setup_sync"] = str(exc).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, case.experts)
+    ops.shutdown()
+    return out
+
+
+def test_a_window_setup_takes_under_100us_behind_a_queued_200ms_kernel(rank_pools):
+    results = rank_pools(2).run(_window_setup_case, 0.2, timeout_s=300)
+    for rank, res in enumerate(results):
+        print(
+            f"rank {rank} (window): dispatch_setup {res['dispatch_s'] * 1e6:.0f} us, combine_setup "
+            f"{res['combine_s'] * 1e6:.0f} us of host time behind a 200 ms kernel (bound 100 us)"
+        )
+        assert res["kind"] == "window"
+        assert res["setup_sync"] is None, f"rank {rank}: a window setup synchronised the host: {res['setup_sync']}"
+        assert res["dispatch_s"] < 0.05 and res["combine_s"] < 0.05, res  # never behind the 200 ms kernel
+
+
+def _window_no_sync_case(microbatches: int, quant: int) -> dict:
+    from overlap.ops import transport
+
+    from .carriers import forced
+
+    try:
+        with forced("window"):
+            return _no_sync_case(microbatches, quant)
+    finally:
+        transport.shutdown()
+
+
+@pytest.mark.parametrize("quant", [0, 2], ids=["bf16", "int8"])
+def test_overlapped_forward_over_the_cuda_window_makes_no_host_sync(rank_pools, quant):
+    """Whole overlapped forwards (m = 2) over the CUDA window, in "error" mode: no setup, teardown
+    or other thread synchronises the host (the teardown polls the counts' event, never waits)."""
+    results = rank_pools(2).run(_window_no_sync_case, 2, quant, timeout_s=300)
+    for rank, res in enumerate(results):
+        assert res["kind"] == "window"
+        assert res["caller_syncs"] == [] and res["other_syncs"] == [], res
+        assert res["error"] is None, f"rank {rank}: a host sync with the window transport: {res['error']}"
+        assert res["vs_dense"].ok, str(res["vs_dense"])

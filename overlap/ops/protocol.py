@@ -271,6 +271,8 @@ class Transfer:
     _give_back: Any = None
     wants_chunks: bool = False  # set by `take_chunks`: the carrier may lend views instead of a copy
     chunks: list[Tensor] | None = None  # the lent views, one per source rank, in rank order
+    counts_probe: Any = None  # window carrier, device setup: (landed event, host counts, host check flags)
+    early_rows: set[int] = field(default_factory=set)  # window: peers sent the whole buffer before the counts
 
     @property
     def is_complete(self) -> bool:

@@ -11,12 +11,14 @@ Owns:
   | cpu     | gloo          | `gloo`        | gloo sends the tensors as they are                      |
   | cuda    | nccl          | `nccl`        | NCCL sends device memory on the transport's side stream |
   | cuda    | gloo          | `gloo-staged` | device→pinned host, gloo, pinned host→device (`Stager`) |
+  | cuda    | gloo          | `window`      | opt-in (OVERLAP_TRANSPORT=window): the CUDA IPC window  |
 
   `OVERLAP_TRANSPORT=gloo|window|nccl` forces a carrier. CPU ranks use `window` when every rank of
   the job runs on this machine (torchrun's `LOCAL_WORLD_SIZE` equals `WORLD_SIZE`, or they are
   unset), else `gloo`. NCCL refuses two ranks on one GPU, so ranks that share a GPU use a gloo group
-  and the staged kind (`backend_for` says which backend a launcher should pick); the window
-  carrier on CUDA (CUDA IPC) is not written yet.
+  and the staged kind (`backend_for` says which backend a launcher should pick). The window carrier
+  on CUDA (`window.CudaFlavour`: rows through CUDA IPC) is opt-in with `OVERLAP_TRANSPORT=window`
+  until it is measured on a GPU; under `simulate_device()` the same force runs its CPU twin.
 - **Deferred values.** On a device, reading a tensor's values on the host (`.item()`, `.tolist()`,
   `int(t)`, `bool(t)`, `.cpu()`) waits for every kernel queued before it, so a setup that did it
   would stop being fire-and-forget. A setup on a device (`defers_host_reads`) therefore computes
@@ -175,7 +177,8 @@ def kind_for(group: dist.ProcessGroup, device: torch.device, *, probe: bool = Fa
         if forced == "nccl":
             raise ValueError("OVERLAP_TRANSPORT=nccl needs cuda tensors on an nccl group, got cpu tensors")
         if is_simulating() and not probe:
-            return "gloo-staged"
+            # The CPU twin of the CUDA window: forced, the device path's setups ride the window carrier.
+            return "window" if forced == "window" else "gloo-staged"
         if forced is not None:
             return forced
         return "window" if one_machine() and shm_has_room(group.size()) else "gloo"
@@ -188,10 +191,7 @@ def kind_for(group: dist.ProcessGroup, device: torch.device, *, probe: bool = Fa
             if forced == "nccl":
                 raise ValueError(f"OVERLAP_TRANSPORT=nccl needs an nccl group, group {group.group_name!r} uses gloo")
             if forced == "window":
-                raise ValueError(
-                    "OVERLAP_TRANSPORT=window moves cpu tensors only: the CUDA IPC window is not written yet; "
-                    "unset it (cuda tensors on a gloo group are staged: gloo-staged) or use an nccl group"
-                )
+                return "window"  # the CUDA IPC window (window.CudaFlavour): opt-in until measured on a GPU
             return "gloo-staged"
         raise ValueError(f"tensors on cuda need an nccl or gloo group, group {group.group_name!r} uses {backend!r}")
     raise ValueError(f"the portable transport moves cpu or cuda tensors, got device {device}")

@@ -9,7 +9,9 @@ Never computes layouts or touches the ops' semantics. Imports the carriers; none
 
 The window carrier (ranks of one machine, the CPU default) has no thread: a setup copies its
 header and rows into every peer's shared-memory window, a teardown waits for the peers' counters
-(window.py). The gloo carrier (gloo.py) works as follows:
+(window.py). On CUDA tensors (opt-in, `OVERLAP_TRANSPORT=window`) the rows go into the peers'
+CUDA windows through CUDA IPC instead, ordered by interprocess events (`window.CudaFlavour`).
+The gloo carrier (gloo.py) works as follows:
 
 One exchange (a setup's send, completed by its teardown) is::
 

@@ -9,7 +9,8 @@ dispatch and a combine double buffer) of one region per peer::
 
     control  magic, pid, epoch | consumed[slot] | abort records | counter[sender][slot] | attached
     data     slot 0: region(peer 0) region(peer 1) ...   slot 1: ...
-    region   header (32 int64, `protocol.make_header`) | block counts (L_max int64) | rows
+    region   header (32 int64, `protocol.make_header`) | block counts (L_max int64) | row offset
+             (1 int64: where this receiver's rows start among those copied) | rows
 
 One exchange, number i of epoch e (id = e << 32 | i + 1), slot i mod S::
 
@@ -28,6 +29,20 @@ While it waits, a rank also completes any other exchange of its own whose rows h
 so that an exchange torn down out of order never holds a slot a peer needs. Memory order: a
 counter is written after its region and read before it (x86-64 keeps stores and loads in order).
 
+Flavours. What differs between the CPU window and the CUDA one is two small strategies, chosen by
+a lane's first exchange (`flavour_for`): the *memory* the rows live in and the *signal* a reader
+waits on. `HostFlavour` (CPU): rows in the shared-memory window itself, the counter alone, rows
+lent to a teardown as views. `CudaFlavour` (CUDA IPC, opt-in with `OVERLAP_TRANSPORT=window`): the
+rows in a CUDA tensor shared once with every peer, copies on the lane's CUDA stream after the
+setup's ready event, an interprocess event per (peer, slot) beside the counter, a `released`
+event per slot so that a slot is not overwritten before its reader's device copy ran; the header,
+counts and counters stay in the shared-memory window. A device setup does not know on the host how
+many rows each peer gets: it copies its whole send buffer into every peer's region at once
+(`copies_early`), and its counts come to page-locked host memory by a non-blocking copy; the
+header (with the offset of the peer's rows in what was copied) and the counter wait (kept, retried
+at every setup and teardown) until `Event.query()` says the counts landed. The host never waits
+for the device (docs/gpu.md).
+
 Faults: `abort` publishes, in this rank's window, the epoch it ends and the exchange number where
 its stream stops, with the reason; a peer waiting on this rank for a number at or past it raises
 `CommError` naming it (`protocol.StreamAborted`), and stale writes of an old epoch never match a
@@ -41,10 +56,12 @@ removes those of processes that are gone (killed): no file is left in /dev/shm.
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import mmap
 import multiprocessing.util
 import os
+import pickle
 import queue
 import socket
 import threading
@@ -58,6 +75,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import CommError, CommTimeoutError
+from . import staging
 from .protocol import (
     _H_LMAX,
     _H_ROWS,
@@ -84,6 +102,7 @@ _SPIN_S = 50e-6  # busy-wait this long before sleeping
 _MAX_SLEEP_S = 2e-3
 _PID_CHECK_S = 0.1
 _ALIGN = 4096
+_META = 1  # words after the block counts: the offset of the receiver's rows in the rows copied
 
 
 def window_bytes() -> int:
@@ -167,6 +186,235 @@ def _store() -> Any:
     return dist.distributed_c10d._get_default_store()
 
 
+# --------------------------------------------------------------------------------------------
+# Flavours: where the rows live (memory) and how a reader knows they landed (signal)
+# --------------------------------------------------------------------------------------------
+
+
+class HostFlavour:
+    """The CPU window: rows in the shared-memory window itself; the counter is the only signal;
+    the rows per peer are on the host at the setup (or resolved from host `block_counts`)."""
+
+    device_type = "cpu"
+    lends = True  # a teardown may read the rows as views of the window
+    copies_early = False  # a device setup's whole send buffer goes out before its counts are known
+
+    def __init__(self, lane: WindowLane) -> None:
+        self.lane = lane
+
+    # memory
+    def own_rows(self) -> Tensor:
+        return self.lane.own.bytes
+
+    def peer_rows(self, r: int) -> Tensor | None:
+        mapping = self.lane.peer_maps.get(r)
+        return None if mapping is None else mapping.bytes
+
+    def base(self) -> int:
+        return 0  # the rows' memory starts at the window's byte 0
+
+    def new_rows(self, nbytes: int, transfer: Transfer) -> Tensor:
+        return self.lane._lend(transfer, nbytes)
+
+    # counts
+    def prepare(self, transfer: Transfer) -> None:
+        """At the setup: a setup without host rows per peer brings its counts and check flags to
+        the host (`transfer.counts_probe`; `counts_landed` says when they are there)."""
+        if transfer.send_rows is not None:
+            return
+        checks = transfer.plan.checks if transfer.plan is not None else ()
+        counts = transfer.block_counts.to("cpu", torch.int64).numpy()
+        flags = np.array([bool(c.is_bad) for c in checks], dtype=np.int64)
+        transfer.counts_probe = (None, counts, flags)
+
+    def counts_landed(self, probe: Any) -> bool:
+        return True
+
+    # signal
+    def attach(self, r: int) -> bool:
+        return True
+
+    def before_write(self, r: int, slot: int) -> None:
+        pass
+
+    def after_write(self, r: int, slot: int) -> None:
+        pass
+
+    def before_read(self, r: int, slot: int) -> None:
+        pass
+
+    def after_read(self, transfer: Transfer, slot: int) -> None:
+        pass
+
+    def begin(self, transfer: Transfer) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        pass
+
+
+class CudaFlavour(HostFlavour):
+    """The CUDA window (CUDA IPC): each rank's receive window is a CUDA tensor of the window's data
+    size, shared once with every peer (torch's CUDA IPC sharing, `reduce_tensor`; handles through
+    the job's store). Rows are copied straight into the peer's window on the lane's CUDA stream
+    after the setup's ready event; an interprocess event per (peer, slot), recorded after the copy,
+    is the device signal; the host counter says only that the copy was *issued*. A reader's stream
+    waits on the writer's event and copies its rows out, then records its own interprocess event
+    `released[slot]`, which the next writer of that slot waits on (so a slot is never overwritten
+    before the reader's device copy ran). No host wait on the device: the counts (rows per peer)
+    come to pinned host memory with a non-blocking copy and are polled (`Event.query`)."""
+
+    device_type = "cuda"
+    lends = False  # the rows are copied out on the lane's stream (its done event orders the reader)
+    copies_early = True
+
+    def __init__(self, lane: WindowLane, device: torch.device) -> None:
+        super().__init__(lane)
+        self.device = device
+        lay = lane.layout
+        with torch.cuda.device(device):
+            self.stream = torch.cuda.Stream(device=device)
+            self.window = torch.empty(lay.total - lay.data, dtype=torch.uint8, device=device)
+            self.written = {
+                (r, s): torch.cuda.Event(interprocess=True)
+                for r in range(lane.world)
+                if r != lane.rank
+                for s in range(lane.slots)
+            }
+            self.released = [torch.cuda.Event(interprocess=True) for _ in range(lane.slots)]
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            rebuild, args = reduce_tensor(self.window)
+            blob = {
+                "rebuild": (rebuild, args),
+                "written": {k: e.ipc_handle() for k, e in self.written.items()},
+                "released": [e.ipc_handle() for e in self.released],
+            }
+        self.key = f"{lane.key_prefix}{lane.rank}/cuda"
+        _store().set(self.key, base64.b64encode(pickle.dumps(blob)).decode())
+        self.peers: dict[int, tuple[Tensor, dict[tuple[int, int], Any], list[Any]]] = {}
+        self.host_slots: dict[int, tuple[np.ndarray, Tensor]] = {}
+        self.host_owners: dict[int, Transfer] = {}
+        self.pinned: list[Tensor] = []  # registered host memory, unregistered at `close`
+
+    def own_rows(self) -> Tensor:
+        return self.window
+
+    def peer_rows(self, r: int) -> Tensor | None:
+        peer = self.peers.get(r)
+        return None if peer is None else peer[0]
+
+    def base(self) -> int:
+        return self.lane.layout.data
+
+    def attach(self, r: int) -> bool:
+        """Open rank r's window and events once (False while r has not published them yet)."""
+        if r in self.peers:
+            return True
+        key = f"{self.lane.key_prefix}{r}/cuda"
+        store = _store()
+        if not store.check([key]):
+            return False
+        blob = pickle.loads(base64.b64decode(store.get(key)))
+        rebuild, args = blob["rebuild"]
+        with torch.cuda.device(self.device):
+            window = rebuild(*args)
+            written = {k: torch.cuda.Event.from_ipc_handle(self.device, h) for k, h in blob["written"].items()}
+            released = [torch.cuda.Event.from_ipc_handle(self.device, h) for h in blob["released"]]
+        self.peers[r] = (window, written, released)
+        return True
+
+    def new_rows(self, nbytes: int, transfer: Transfer) -> Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # allocated on the lane's stream
+
+    def prepare(self, transfer: Transfer) -> None:
+        """At the setup, on the lane's stream: wait for the setup's ready event (every later copy of
+        the exchange follows it there); for a setup without host rows per peer, a non-blocking copy
+        of its counts and check flags into pinned host memory, and an event to poll."""
+        checks = transfer.plan.checks if transfer.plan is not None else ()
+        with torch.cuda.stream(self.stream):
+            if transfer.ready_event is not None:
+                self.stream.wait_event(transfer.ready_event)  # type: ignore[arg-type]
+            staging.protect([transfer.send_buf, transfer.block_counts, *(c.is_bad for c in checks)], self.stream)
+        if transfer.send_rows is not None:
+            return
+        lw = transfer.block_counts.numel()
+        array, host = self._host_slot(transfer, lw + len(checks))
+        with torch.cuda.stream(self.stream):
+            flags = [c.is_bad.reshape(1).to(torch.int64) for c in checks]
+            parts = [transfer.block_counts.reshape(-1).to(torch.int64), *flags]
+            host[: lw + len(checks)].copy_(torch.cat(parts), non_blocking=True)
+            landed = torch.cuda.Event()
+            landed.record(self.stream)
+        counts = array[:lw].reshape(transfer.block_counts.shape)
+        transfer.counts_probe = (landed, counts, array[lw : lw + len(checks)])
+
+    def _host_slot(self, transfer: Transfer, words: int) -> tuple[np.ndarray, Tensor]:
+        """Page-locked host words for `transfer`'s counts (numpy, read without a torch call; and the
+        torch view the device copies into): its slot's, grown to `words`, or fresh ones while the
+        slot's previous exchange is still unresolved (copies into one buffer follow each other on
+        the lane's stream)."""
+        slot = transfer.seq % self.lane.slots
+        have = self.host_slots.get(slot)
+        owner = self.host_owners.get(slot)
+        busy = owner is not None and owner is not transfer and owner.counts_probe is not None and not owner.cancelled
+        if have is not None and have[0].size >= words and not busy:
+            self.host_owners[slot] = transfer
+            return have
+        array = np.zeros(max(words, 64), dtype=np.int64)
+        view = torch.from_numpy(array)
+        # cudaHostRegister (portable): the device-to-host copy into it stays asynchronous
+        code = int(torch.cuda.cudart().cudaHostRegister(view.data_ptr(), array.nbytes, 1))
+        if code != 0:
+            raise CommError(f"the CUDA window could not page-lock {array.nbytes} bytes of host memory (error {code})")
+        self.pinned.append(view)
+        if not busy:
+            self.host_slots[slot] = (array, view)
+            self.host_owners[slot] = transfer
+        return array, view
+
+    def counts_landed(self, probe: Any) -> bool:
+        return probe[0] is None or bool(probe[0].query())  # a query, never a wait
+
+    def before_write(self, r: int, slot: int) -> None:
+        self.stream.wait_event(self.peers[r][2][slot])  # r's read of this slot has run
+
+    def after_write(self, r: int, slot: int) -> None:
+        self.written[(r, slot)].record(self.stream)
+
+    def before_read(self, r: int, slot: int) -> None:
+        if not self.attach(r):  # r published before it wrote: only a reader that never wrote to r gets here
+            raise CommError(f"rank {r} wrote into this rank's CUDA window without publishing its own")
+        self.stream.wait_event(self.peers[r][1][(self.lane.rank, slot)])
+
+    def after_read(self, transfer: Transfer, slot: int) -> None:
+        self.released[slot].record(self.stream)
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        transfer.done_event = done
+
+    def begin(self, transfer: Transfer) -> contextlib.AbstractContextManager[Any]:
+        return torch.cuda.stream(self.stream)
+
+    def close(self) -> None:
+        self.peers.clear()
+        with contextlib.suppress(Exception):  # the lane is retired: its queued copies may finish first
+            self.stream.synchronize()
+            for view in self.pinned:
+                torch.cuda.cudart().cudaHostUnregister(view.data_ptr())
+        self.pinned.clear()
+        self.host_slots.clear()
+        self.host_owners.clear()
+
+
+def flavour_for(lane: WindowLane, device: torch.device) -> HostFlavour:
+    """The flavour of a lane whose first exchange moves tensors on `device` (tests may replace it)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return CudaFlavour(lane, torch.device("cuda", index))
+    return HostFlavour(lane)
+
+
 class WindowLane(Lane):
     """One group's exchanges through shared-memory windows (see the module)."""
 
@@ -202,6 +450,7 @@ class WindowLane(Lane):
         self.pid_checked = 0.0
         self.link_queue: queue.SimpleQueue[Transfer | None] | None = None
         self.link_thread: threading.Thread | None = None
+        self.flavour: HostFlavour | None = None  # chosen by the first exchange's device (`flavour_for`)
         # The generation counts this group's windows in this process: ranks that rebuild lanes
         # symmetrically (shutdown, recover) agree on it.
         self.key_prefix = f"overlap/window/{group_name}/{self._generation(group_name)}/"
@@ -260,20 +509,28 @@ class WindowLane(Lane):
     # -- the carrier's part --
 
     def check_fits(self, transfer: Transfer) -> None:
-        if transfer.send_buf.device.type != "cpu":
+        device = transfer.send_buf.device
+        with self.io:
+            if self.flavour is None:
+                self.flavour = flavour_for(self, device)
+        if self.flavour.device_type != device.type:
             raise ValueError(
-                "the window carrier moves cpu tensors only (the CUDA IPC window is not written yet): "
-                "set OVERLAP_TRANSPORT=gloo for cuda tensors on a gloo group"
+                f"{transfer.op}_setup: the window carrier of group {self.group_name!r} moves "
+                f"{self.flavour.device_type} tensors (its first exchange's), got {device.type} tensors: use one "
+                f"device per group"
             )
-        assert transfer.send_rows is not None  # cpu setups resolve their rows on the host
         lmax = transfer.block_counts.shape[1]
         row_bytes = transfer.send_buf.shape[1]
-        room = self.layout.region - (HEADER_LEN + lmax) * 8
-        for r, rows in enumerate(transfer.send_rows):
+        room = self.layout.region - (HEADER_LEN + lmax + _META) * 8
+        # Rows per peer unknown on the host (a device setup): any peer may get every row.
+        bound = transfer.send_rows or [transfer.send_buf.shape[0]] * self.world
+        for r, rows in enumerate(bound):
             need = rows * row_bytes
             if r != self.rank and need > room:
                 peers = max(self.world - 1, 1)
-                want = -(-((need + (HEADER_LEN + lmax) * 8 + 64) * self.slots * peers + self.layout.data) // 2**20)
+                want = -(
+                    -((need + (HEADER_LEN + lmax + _META) * 8 + 64) * self.slots * peers + self.layout.data) // 2**20
+                )
                 raise ValueError(
                     f"{transfer.op}_setup: HCCL_BUFFSIZE is too small for the window carrier: {need} bytes of rows "
                     f"for rank {r} do not fit its window's region of {max(room, 0)} bytes (window "
@@ -290,6 +547,8 @@ class WindowLane(Lane):
         transfer.delivered = {self.rank}
         if transfer.plan is not None:
             transfer.plan.trace.append("exchange")
+        assert self.flavour is not None  # set by check_fits
+        self.flavour.prepare(transfer)  # a device setup: its counts come to the host without a wait
         self.writes += [(transfer, r) for r in range(self.world) if r != self.rank]
         self._flush_writes()
         if transfer.link is not None:  # the emulated link completes it on the lane's link thread
@@ -331,6 +590,8 @@ class WindowLane(Lane):
         if self.link_queue is not None:
             self.link_queue.put(None)
         self._unlink()
+        if self.flavour is not None:
+            self.flavour.close()
         _live.discard(self)
 
     def join(self, timeout_s: float) -> None:
@@ -345,9 +606,39 @@ class WindowLane(Lane):
             return
         self.writes = [(t, r) for t, r in self.writes if t.cancelled or not self._write(t, r)]
 
+    def _resolved(self, transfer: Transfer) -> bool:
+        """True once `transfer`'s rows per peer are on the host: at once for a host setup; for a
+        device setup once its counts' copy has landed (polled, never waited for), when the
+        deferred checks are applied as `staging.resolve` does."""
+        if transfer.send_rows is not None:
+            return True
+        assert self.flavour is not None
+        probe = transfer.counts_probe
+        if probe is None or not self.flavour.counts_landed(probe):
+            return False
+        counts = np.array(probe[1], dtype=np.int64)  # host words (numpy): no torch read, no device wait
+        flags = [int(f) for f in probe[2]]
+        plan = transfer.plan
+        if plan is not None:
+            plan.trace.append("resolve")
+            for check, bad in zip(plan.checks, flags):
+                if bad:
+                    plan.error = ValueError(check.message())  # the error path may read device tensors
+                    transfer.header[staging.INVALID_SLOT] = 1
+                    counts[:] = 0
+                    break
+        transfer.block_counts = torch.from_numpy(counts)
+        transfer.send_rows = [int(v) for v in counts.sum(axis=1)]
+        transfer.counts_probe = None
+        return True
+
     def _write(self, transfer: Transfer, r: int) -> bool:
         peer = self._peer(r)
         if peer is None:
+            return False
+        flavour = self.flavour
+        assert flavour is not None
+        if not flavour.attach(r):
             return False
         lay = self.layout
         slot = transfer.seq % self.slots
@@ -355,24 +646,47 @@ class WindowLane(Lane):
         released = max(int(peer.words[lay.consumed + slot]), int(peer.words[lay.epoch]) << 32)
         if previous and released < previous:
             return False
+        lmax = transfer.block_counts.shape[1]
+        row_bytes = transfer.send_buf.shape[1]
+        base = lay.region_at(r, self.rank, slot)
+        counter = lay.counter(self.rank, slot)
+        rows_at = base + (HEADER_LEN + lmax + _META) * 8 - flavour.base()
+        memory = flavour.peer_rows(r)
+        assert memory is not None  # attached above
+        if transfer.send_rows is None and flavour.copies_early and r not in transfer.early_rows:
+            # A device setup: its rows per peer are not on the host yet, but the whole send buffer
+            # fits the peer's region (check_fits): copy it now, say where r's rows start later.
+            peer.words[counter] = -1
+            with flavour.begin(transfer):
+                flavour.before_write(r, slot)
+                if transfer.send_buf.numel():
+                    memory[rows_at : rows_at + transfer.send_buf.numel()].view(-1, row_bytes).copy_(
+                        transfer.send_buf, non_blocking=True
+                    )
+                flavour.after_write(r, slot)
+            transfer.early_rows.add(r)
+        if not self._resolved(transfer):
+            return False
         assert transfer.send_rows is not None
         offsets = [0]
         for rows in transfer.send_rows:
             offsets.append(offsets[-1] + rows)
-        lmax = transfer.block_counts.shape[1]
-        row_bytes = transfer.send_buf.shape[1]
         payload = transfer.send_buf[offsets[r] : offsets[r + 1]]
-        base = lay.region_at(r, self.rank, slot)
-        counter = lay.counter(self.rank, slot)
         header = transfer.header.clone()
         header[_H_ROWS] = transfer.send_rows[r]
         ident = _ident(transfer)
+        early = r in transfer.early_rows
         peer.words[counter] = -1  # a reader that saw the old id finds it changed
-        region = peer.bytes[base : base + (HEADER_LEN + lmax) * 8 + payload.numel()]
-        region[: HEADER_LEN * 8].view(torch.int64).copy_(header)
-        region[HEADER_LEN * 8 : (HEADER_LEN + lmax) * 8].view(torch.int64).copy_(transfer.block_counts[r])
-        if payload.numel():
-            region[(HEADER_LEN + lmax) * 8 :].view(-1, row_bytes).copy_(payload)
+        region = peer.bytes[base : base + (HEADER_LEN + lmax + _META) * 8].view(torch.int64)
+        region[:HEADER_LEN].copy_(header)
+        region[HEADER_LEN : HEADER_LEN + lmax].copy_(transfer.block_counts[r])
+        region[HEADER_LEN + lmax] = offsets[r] if early else 0
+        if not early:
+            with flavour.begin(transfer):
+                flavour.before_write(r, slot)
+                if payload.numel():
+                    memory[rows_at : rows_at + payload.numel()].view(-1, row_bytes).copy_(payload, non_blocking=True)
+                flavour.after_write(r, slot)  # the device signal, before the host's "issued"
         peer.words[counter] = ident
         self.last_written[(r, slot)] = ident
         return True
@@ -426,6 +740,10 @@ class WindowLane(Lane):
         `Transfer.take_chunks` waits for it), the rows are not copied: `transfer.chunks` are views
         of the window (and of the send buffer), and the slot stays held until `Transfer.release`."""
         lay, own = self.layout, self.own
+        flavour = self.flavour
+        assert flavour is not None
+        lend = lend and flavour.lends
+        memory = flavour.own_rows()
         slot, ident = transfer.seq % self.slots, _ident(transfer)
         held = False
         lmax = transfer.block_counts.shape[1]
@@ -449,12 +767,13 @@ class WindowLane(Lane):
                     chunks.append(transfer.send_buf[offsets[r] : offsets[r + 1]])
                     continue
                 base = lay.region_at(self.rank, r, slot) + HEADER_LEN * 8
-                counts[r] = own.bytes[base : base + lmax * 8].view(torch.int64)
-                n = int(headers[r][_H_ROWS])
-                if int(headers[r][_H_LMAX]) != lmax or n * row_bytes > lay.region:
+                words = own.bytes[base : base + (lmax + _META) * 8].view(torch.int64)
+                counts[r] = words[:lmax]
+                n, skip = int(headers[r][_H_ROWS]), int(words[lmax])
+                if int(headers[r][_H_LMAX]) != lmax or skip < 0 or (skip + n) * row_bytes > lay.region:
                     raise CommError(f"rank {r} wrote a malformed region for exchange #{transfer.seq}")
-                start = base + lmax * 8
-                chunks.append(own.bytes[start : start + n * row_bytes].view(n, row_bytes))
+                start = base + (lmax + _META) * 8 - flavour.base() + skip * row_bytes
+                chunks.append(memory[start : start + n * row_bytes].view(n, row_bytes))
             if lend:
                 transfer.chunks = chunks
 
@@ -468,8 +787,13 @@ class WindowLane(Lane):
                     transfer.plan.trace.append("done")
                 return transfer.send_buf[:0], counts
             total = sum(c.shape[0] for c in chunks)
-            rows_out = self._lend(transfer, total * row_bytes).view(total, row_bytes)
-            torch.cat(chunks, out=rows_out)
+            with flavour.begin(transfer):
+                for r in range(self.world):
+                    if r != self.rank:
+                        flavour.before_read(r, slot)
+                rows_out = flavour.new_rows(total * row_bytes, transfer).view(total, row_bytes)
+                torch.cat(chunks, out=rows_out)
+                flavour.after_read(transfer, slot)
             for r in range(self.world):
                 if r != self.rank and int(own.words[lay.counter(r, slot)]) != ident:
                     raise CommError(
@@ -513,7 +837,7 @@ class WindowLane(Lane):
                 key=lambda t: t.seq,
             )
         for t in others:
-            if not t.cancelled and t.epoch == self.stream_epoch and self._landed(t):
+            if not t.cancelled and t.epoch == self.stream_epoch and self._landed(t) and self._resolved(t):
                 self._run(t)
 
     def _run(self, transfer: Transfer, lend: bool = False) -> None:
@@ -545,7 +869,7 @@ class WindowLane(Lane):
                     return None, None
                 self._flush_writes()
                 self._maybe_unlink()
-                if self._landed(transfer) and self._sent(transfer):
+                if self._landed(transfer) and self._sent(transfer) and self._resolved(transfer):
                     if teardown:
                         self._run(transfer, lend=transfer.wants_chunks)
                         return None, None
