@@ -497,7 +497,7 @@ def _kinds_case() -> dict:
 
     os.environ["OVERLAP_TRANSPORT"] = "window"
     try:
-        staging.kind_for(group, torch.device("cuda", 0))
+        out["window-cuda"] = staging.kind_for(group, torch.device("cuda", 0))  # the CUDA IPC window, opt-in
     except ValueError as exc:
         out["window-cuda"] = str(exc)
     finally:
@@ -517,7 +517,7 @@ def test_transport_kind_follows_the_tensors_and_the_backend(rank_pools):
     res = rank_pools(2).run(_kinds_case)[0]
     assert res["cpu"] == "window" and res["cuda-over-gloo"] == "gloo-staged" and res["simulated"] == "gloo-staged"
     assert res["forced-gloo"] == "gloo" and res["forced-window"] == "window"
-    assert "OVERLAP_TRANSPORT=window moves cpu tensors only" in res["window-cuda"]
+    assert res["window-cuda"] == "window"  # forced: cuda tensors on a gloo group take the CUDA IPC window
     assert "OVERLAP_TRANSPORT=nccl needs cuda tensors on an nccl group" in res["forced-nccl"]
     assert "OVERLAP_TRANSPORT must be one of ('gloo', 'window', 'nccl'), got 'tcp'" in res["forced-tcp"]
     assert "cpu or cuda tensors, got device meta" in res["meta"]
