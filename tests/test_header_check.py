@@ -136,6 +136,7 @@ RANK_CASES = {
     "BS": {0: SAME, 1: ("dispatch", 3, 1024, 8, {})},
     "op": {0: SAME, 1: ("combine", 4, 1024, 8, {})},
     "seq": {0: SAME, 1: ("restart", 4, 1024, 8, {})},  # rank 1's transport restarted: its numbers start over
+    "dtype": {0: SAME, 1: ("dispatch", 4, 1024, 8, {"_dtype": "float16"})},  # same row bytes as bf16
 }
 EXPECTED = {
     "moe_expert_num": r"ranks disagree on moe_expert_num .*rank {me} has {mine}, rank {peer} has {theirs}",
@@ -147,6 +148,7 @@ EXPECTED = {
     "BS": r"global_bs = 0 needs the same BS on all ranks, got BS = {mine} on rank {me} and {theirs} on rank {peer}",
     "op": r"ranks disagree on op order .*rank {me} is at exchange #0 \({mine}\), rank {peer} at #0 \({theirs}\)",
     "seq": r"ranks disagree on op order .*rank {me} is at exchange #{mine} \(dispatch\), rank {peer} at #{theirs}",
+    "dtype": r"ranks disagree on dtype .*rank {me} has {mine}, rank {peer} has {theirs} \((bfloat16|float16) vs ",
 }
 
 
@@ -160,7 +162,9 @@ def _round_trip(group: str, op: str, batch: int, hidden: int, experts: int, kw: 
     from overlap.ops import MoeCommParams
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    x, ids = torch.ones(batch, hidden, dtype=torch.bfloat16), _ids(batch)
+    kw = dict(kw)
+    dtype = getattr(torch, kw.pop("_dtype", "bfloat16"))
+    x, ids = torch.ones(batch, hidden, dtype=dtype), _ids(batch)
     if op == "dispatch":
         y, _, cmd = ops.dispatch_setup(x, ids, group, world, rank, experts, **kw)
         ops.dispatch_teardown(x, y, ids, cmd, group, world, rank, experts, **kw)
@@ -203,6 +207,11 @@ def _shown(case: str, rank: int) -> tuple:
     """What rank `rank`'s message must show of its own and its peer's value."""
     if case == "seq":
         return (1, 0) if rank == 0 else (0, 1)
+    if case == "dtype":  # the header's dtype codes: bfloat16 on rank 0, float16 on rank 1
+        from overlap.ops.protocol import DTYPE_CODES
+
+        codes = (DTYPE_CODES[torch.bfloat16], DTYPE_CODES[torch.float16])
+        return codes if rank == 0 else codes[::-1]
     mine, theirs = RANK_CASES[case][rank], RANK_CASES[case][1 - rank]
     if case == "op":
         return mine[0], theirs[0]

@@ -43,9 +43,9 @@ def _row_bytes(hidden: int, dtype: torch.dtype, quant_mode: int) -> int:
     return quantized_row_bytes(hidden) if quant_mode == 2 else align(hidden, 256) * dtype.itemsize
 
 
-def _header(op: str, params: MoeCommParams, batch: int, hidden: int, row_bytes: int) -> Tensor:
+def _header(op: str, params: MoeCommParams, batch: int, hidden: int, row_bytes: int, dtype: torch.dtype) -> Tensor:
     values = {name: getattr(params, name) for name in transport.PARAM_FIELDS if hasattr(params, name)}
-    values.update(hidden=hidden, row_bytes=row_bytes)
+    values.update(hidden=hidden, row_bytes=row_bytes, dtype=transport.DTYPE_CODES.get(dtype, 0))
     return transport.make_header(op, values, batch, max(params.num_moe_local_experts, 1))
 
 
@@ -167,7 +167,7 @@ def dispatch_setup(
         send_buf=send_buf,
         send_rows=send_rows,
         block_counts=layout.send_counts,
-        header=_header("dispatch", params, batch, hidden, row_bytes),
+        header=_header("dispatch", params, batch, hidden, row_bytes, x.dtype),
         label=_label("dispatch"),
     )
     transport.write_ticket(comm_cmd_info, handle)
@@ -421,7 +421,7 @@ def _dispatch_setup_deferred(
         send_buf=send_buf,
         send_rows=None,
         block_counts=send_counts,
-        header=_header("dispatch", params, batch, hidden, row_bytes),
+        header=_header("dispatch", params, batch, hidden, row_bytes, x.dtype),
         label=_label("dispatch"),
         checks=checks,
     )
@@ -570,7 +570,7 @@ def combine_setup(
         send_rows=send_rows,
         block_counts=block_counts,
         checks=checks,
-        header=_header("combine", params, batch, hidden, row_bytes),
+        header=_header("combine", params, batch, hidden, row_bytes, expand_x.dtype),
         label=_label("combine"),
     )
     quant_expand_x = torch.zeros(_quant_expand_x_shape(capacity, hidden), dtype=torch.int8, device=expand_x.device)

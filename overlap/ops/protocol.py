@@ -40,8 +40,12 @@ OP_CODES = {"dispatch": 1, "combine": 2}
 PARAM_FIELDS = (
     "ep_world_size", "moe_expert_num", "expert_shard_type", "shared_expert_num",
     "shared_expert_rank_num", "global_bs", "quant_mode", "comm_quant_mode", "comm_type",
-    "hidden", "row_bytes",
+    "hidden", "row_bytes", "dtype",
 )  # fmt: skip
+# `dtype` is the setup's input dtype (x for dispatch, expand_x for combine): ranks with bf16 and
+# fp16 rows send the same row bytes, so without it a peer's rows would be misread silently.
+DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.int8: 4}
+_DTYPE_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in DTYPE_CODES.items()}
 _H_MAGIC, _H_OP, _H_SEQ, _H_ROWS, _H_LMAX, _H_BATCH = range(6)
 _H_PARAMS = 6  # PARAM_FIELDS follow
 _H_INVALID = staging.INVALID_SLOT  # set when a setup's deferred input check failed
@@ -442,9 +446,10 @@ def check_headers(transfer: Transfer, headers: dict[int, Tensor], me: int) -> No
         for i, name in enumerate(PARAM_FIELDS):
             a, b = int(mine[_H_PARAMS + i]), int(theirs[_H_PARAMS + i])
             if a != b:
+                shown = f" ({_DTYPE_NAMES.get(a, a)} vs {_DTYPE_NAMES.get(b, b)})" if name == "dtype" else ""
                 raise _ParameterMismatch(
                     f"ranks disagree on {name} on group {transfer.group_name!r}: rank {me} "
-                    f"has {a}, rank {r} has {b}; it must be the same on all ranks"
+                    f"has {a}, rank {r} has {b}{shown}; it must be the same on all ranks"
                 )
         if int(mine[_H_PARAMS + PARAM_FIELDS.index("global_bs")]) == 0:
             a, b = int(mine[_H_BATCH]), int(theirs[_H_BATCH])

@@ -70,6 +70,7 @@ from .nccl import NcclLane
 from .protocol import (  # re-exported: the transport's public names live on here
     _H_OP,
     DEFAULT_TIMEOUT_S,
+    DTYPE_CODES,
     HEADER_LEN,
     MAGIC,
     OP_ABORT,
@@ -97,7 +98,7 @@ from .protocol import _ParameterMismatch as _ParameterMismatch
 from .window import WindowLane
 
 __all__ = [
-    "DEFAULT_TIMEOUT_S", "HEADER_LEN", "MAGIC", "OP_ABORT", "OP_CODES", "PARAM_FIELDS", "EmulatedLink",
+    "DEFAULT_TIMEOUT_S", "DTYPE_CODES", "HEADER_LEN", "MAGIC", "OP_ABORT", "OP_CODES", "PARAM_FIELDS", "EmulatedLink",
     "GroupStatus", "Transfer", "abort", "claim", "collective", "comm_options", "configure", "current_link",
     "current_timeout", "group_status", "in_flight", "make_abort_header", "make_header", "max_in_flight",
     "read_ticket", "recover", "resolve_group", "settle", "shutdown", "start", "teardown_timeout",
