@@ -388,6 +388,30 @@ def measure(
     progress: Progress | None = None,
     keep: bool = False,
 ) -> dict:
+    """`_measure` with the exchanges on `link.transport`'s carrier when it names one
+    (`OVERLAP_TRANSPORT` set for the call only: ranks that go on to other work keep their default)."""
+    if link.transport == "emulated":
+        return _measure(shape, microbatches, link, reps, device, progress, keep)
+    old = os.environ.get("OVERLAP_TRANSPORT")
+    os.environ["OVERLAP_TRANSPORT"] = link.transport
+    try:
+        return _measure(shape, microbatches, link, reps, device, progress, keep)
+    finally:
+        if old is None:
+            os.environ.pop("OVERLAP_TRANSPORT", None)
+        else:
+            os.environ["OVERLAP_TRANSPORT"] = old
+
+
+def _measure(
+    shape: Shape,
+    microbatches: int,
+    link: Link,
+    reps: int,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    keep: bool = False,
+) -> dict:
     """Serial vs overlapped forward of the reference layer on this rank's group: one table row.
 
     Returns (every rank gets the same figures): the row of the module docstring's JSON, plus with
@@ -396,8 +420,6 @@ def measure(
     (`"_window"`: that repetition's start there, plus the table's overlapped time).
     """
     progress = progress or Progress(False)
-    if link.transport != "emulated":  # issue 20: the carrier the ranks' exchanges use
-        os.environ["OVERLAP_TRANSPORT"] = link.transport
     dev, group = _device_and_group(device)
     rank = dist.get_rank(group)
     with progress.step(f"building the layer {shape}"):

@@ -298,3 +298,20 @@ def test_demo_on_cuda_defaults_to_a_shape_that_gives_the_gpu_work(argv, expected
     with pytest.raises(SystemExit):
         cli.main(argv)
     assert seen == [expected]
+
+
+def _measure_on_gloo_then_the_default_kind() -> tuple[str, str | None, str]:
+    import os
+
+    from overlap.ops import staging
+
+    row = demo.measure(SMALL, 1, demo.Link("gloo"), reps=1)
+    group = torch.distributed.new_group(ranks=list(range(torch.distributed.get_world_size())))
+    return row["transport"], os.environ.get("OVERLAP_TRANSPORT"), staging.kind_for(group, torch.device("cpu"))
+
+
+def test_a_measurement_on_a_named_carrier_leaves_the_ranks_default_alone(rank_pools):
+    """`--transport gloo` forces the carrier for that measurement only: pooled ranks that go on to
+    other work (the next test, the next bench row) keep their default carrier."""
+    for transport, env, later in rank_pools(2).run(_measure_on_gloo_then_the_default_kind, timeout_s=240):
+        assert transport == "gloo" and env is None and later == "window", (transport, env, later)
