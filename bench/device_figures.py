@@ -84,6 +84,20 @@ def comm_equals_compute(rows: list[dict] | None, hidden: int) -> tuple[str, str]
     return (PASS if ok else FAIL), "; ".join(cells)
 
 
+def device_calls(rows: list[dict] | None) -> tuple[str, str]:
+    """Kernel launches and host syncs per overlapped forward (bench rows' profiler counts): every
+    row's forward must make 0 host syncs on its own thread; launches are reported."""
+    if not rows:
+        return PENDING, "no bench-h4096.json"
+    counted = [r for r in rows if r.get("host_syncs_per_forward") is not None]
+    if not counted:
+        errors = {r.get("device_calls_error") for r in rows} - {None}
+        return PENDING, f"no profiler counts in the rows{': ' + errors.pop() if errors else ''}"
+    worst = max(r["host_syncs_per_forward"] for r in counted)
+    launches = ", ".join(f"m={r['microbatches']}: {r['launches_per_forward']}" for r in counted)
+    return (PASS if worst == 0 else FAIL), f"host syncs per forward (caller) max {worst}; launches {launches}"
+
+
 def window(rows: list[dict] | None) -> tuple[str, str]:
     """Window transport, no emulation, T 4096 H 7168 E 64 K 8 I 2048 int8, 2 ranks: m = 2 faster
     than serial, its ideal printed beside it."""
@@ -132,6 +146,7 @@ def figures(log_dir: str) -> list[tuple[str, str, str]]:
         ("0 host syncs per overlapped forward", *host_syncs(tests)),
         ("comm = compute, H 4096", *comm_equals_compute(_rows(os.path.join(log_dir, "bench-h4096.json")), 4096)),
         ("comm = compute, H 7168", *comm_equals_compute(_rows(os.path.join(log_dir, "bench-h7168.json")), 7168)),
+        ("launches / host syncs", *device_calls(_rows(os.path.join(log_dir, "bench-h4096.json")))),
         ("window transport, T4096 H7168 E64 K8", *window(_rows(os.path.join(log_dir, "window.json")))),
         ("layout <= 50 us, kernels >= 60 % copy_", *kernels(_read(os.path.join(log_dir, "kernels-cuda.log")))),
     ]

@@ -32,6 +32,7 @@ import math
 import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -317,6 +318,45 @@ def _exchange_rates(group: dist.ProcessGroup, shape: Shape, dev: torch.device) -
     return {"exchange_GBps": r["exchange_GBps"], "copy_GBps": r["copy_GBps"]}
 
 
+# CUDA runtime calls that launch device work, and those that block the host until the device is done
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def count_device_calls(events: list[tuple[str, int]], caller_thread: int) -> dict[str, int]:
+    """Kernel launches and host syncs among profiler `events` (`(name, thread id)`): launches from
+    every thread (the layer's and the transport's), host syncs on `caller_thread` (the thread that
+    runs the forward; a staging transport thread syncs its own side stream by design) and on all."""
+    launches = sum(name in LAUNCH_CALLS for name, _ in events)
+    syncs = [thread for name, thread in events if name in SYNC_CALLS]
+    return {
+        "launches_per_forward": launches,
+        "host_syncs_per_forward": sum(thread == caller_thread for thread in syncs),
+        "host_syncs_per_forward_all_threads": len(syncs),
+    }
+
+
+def _device_calls(forward: Any, dev: torch.device) -> dict[str, Any]:
+    """`count_device_calls` over one overlapped forward under torch.profiler, on CUDA; None on CPU
+    (no launches to count). A profiler failure is reported in the row, never raised."""
+    empty: dict[str, Any] = dict.fromkeys(
+        ("launches_per_forward", "host_syncs_per_forward", "host_syncs_per_forward_all_threads")
+    )
+    if dev.type != "cuda":
+        return empty
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        _sync(dev)
+        caller = threading.get_native_id()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            forward()
+        _sync(dev)
+        return count_device_calls([(e.name, e.thread) for e in prof.events()], caller)
+    except Exception as exc:  # noqa: BLE001 - a bench field, never a failed bench
+        return {**empty, "device_calls_error": f"{type(exc).__name__}: {exc}"}
+
+
 def _microbatches_ran(sched: object) -> int:
     """How many microbatches the overlapped run's plan used (the scheduler may use fewer than asked)."""
     nodes = [n for n in sched.plan.nodes if n.op == "dispatch_setup"]  # type: ignore[attr-defined]
@@ -475,6 +515,12 @@ def _measure(
     finally:
         ops.configure(link=None)
 
+    def forward_only() -> None:  # one overlapped forward, without the bench's own device sync
+        with scheduler(group=group, microbatches=microbatches):
+            layer(x)
+
+    calls = _device_calls(forward_only, dev)
+
     # Combine ranks: a repetition takes as long as its slowest rank.
     serial_t = _max(times[0], group, dev=dev)
     over_t = _max(times[1], group, dev=dev)
@@ -526,6 +572,7 @@ def _measure(
         "report_speedup_estimate": estimate,
         "ideal_speedup": ideal,
         "verdict": _verdict(serial_t, over_t),
+        **calls,
         "link_bandwidth_GBps": None if emulated is None else emulated.bandwidth_bytes_per_s / 1e9,
         "link_latency_us": None if emulated is None else emulated.latency_s * 1e6,
         "worst_ulps_serial": worst_serial,

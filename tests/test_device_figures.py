@@ -79,3 +79,16 @@ def test_missing_logs_are_pending_and_failures_are_read(tmp_path):
     assert status["window transport, T4096 H7168 E64 K8"] == "PENDING"
     assert status["layout <= 50 us, kernels >= 60 % copy_"] == "FAIL"
     assert figs.main([str(tmp_path)]) == 1
+
+
+def test_launches_and_host_syncs_per_forward_are_read_from_the_bench_rows():
+    rows = [{"microbatches": m, "launches_per_forward": 40 * m, "host_syncs_per_forward": 0} for m in (1, 2, 4)]
+    status, text = figs.device_calls(rows)
+    assert status == figs.PASS and "m=4: 160" in text
+    rows[1]["host_syncs_per_forward"] = 3
+    assert figs.device_calls(rows)[0] == figs.FAIL
+    cpu_rows = [{"microbatches": 2, "launches_per_forward": None, "host_syncs_per_forward": None}]
+    assert figs.device_calls(cpu_rows)[0] == figs.PENDING
+    assert figs.device_calls(None)[0] == figs.PENDING
+    failed = [{**cpu_rows[0], "device_calls_error": "RuntimeError: no CUPTI"}]
+    assert "no CUPTI" in figs.device_calls(failed)[1]

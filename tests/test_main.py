@@ -315,3 +315,35 @@ def test_a_measurement_on_a_named_carrier_leaves_the_ranks_default_alone(rank_po
     other work (the next test, the next bench row) keep their default carrier."""
     for transport, env, later in rank_pools(2).run(_measure_on_gloo_then_the_default_kind, timeout_s=240):
         assert transport == "gloo" and env is None and later == "window", (transport, env, later)
+
+
+def test_device_calls_are_counted_per_thread_from_profiler_events():
+    """Launches from every thread; host syncs on the forward's thread apart from the others'."""
+    events = [
+        ("cudaLaunchKernel", 1),
+        ("aten::mm", 1),
+        ("cudaLaunchKernel", 2),
+        ("cuLaunchKernel", 1),
+        ("cudaStreamSynchronize", 2),  # a staging transport thread syncs its own side stream
+        ("cudaMemcpy", 1),  # a blocking copy on the caller's thread
+        ("cudaMemcpyAsync", 1),
+        ("cudaEventSynchronize", 1),
+    ]
+    assert demo.count_device_calls(events, caller_thread=1) == {
+        "launches_per_forward": 3,
+        "host_syncs_per_forward": 2,
+        "host_syncs_per_forward_all_threads": 3,
+    }
+    assert demo.count_device_calls([], caller_thread=1)["launches_per_forward"] == 0
+
+
+def test_cpu_rows_carry_no_device_counts():
+    """On cpu there is nothing to profile: the fields are there, null, and nothing runs."""
+    ran = []
+    calls = demo._device_calls(lambda: ran.append(1), torch.device("cpu"))
+    assert ran == [] and set(calls) == {
+        "launches_per_forward",
+        "host_syncs_per_forward",
+        "host_syncs_per_forward_all_threads",
+    }
+    assert all(v is None for v in calls.values())
