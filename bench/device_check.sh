@@ -14,10 +14,11 @@
 #      2 ranks, m = 2, HCCL_BUFFSIZE=4096 (a device setup's bound is its whole send buffer)
 #   5. python bench/bench_kernels.py --device cuda     (layout time, kernels % of copy_)
 #   6. python bench/bench_experts.py --device cuda     (grouped GEMM vs the expert loop)
-#   7. python -m overlap bench --device cpu            (this host's cores, for the many-core figures)
-#   8. python bench/bench_cpu_plan.py          (CPU plan and OpenMP environment, side by side)
-#   9. python bench/bench_exchange.py --device cuda, 2 and 4 ranks (issue 20: exchange vs copy_,
-#      setup host time behind a queued kernel, host syncs)
+#   7. python bench/bench_exchange.py --device cuda, 2 and 4 ranks (exchange vs copy_, setup host
+#      time behind a queued kernel, host syncs; window and gloo-staged)
+#   8. python -m overlap bench --device cpu, 2 and 4 ranks (this host's cores: the many-core figures)
+#   9. python bench/bench_cpu_plan.py          (CPU plan and OpenMP environment, side by side)
+#      (8 and 9 last; DEVICE_CHECK_CPU=0 skips them. Step limits add up to about 12 minutes.)
 # then prints a short summary: each step's status, time and last lines, and issue 21's figures
 # (bench/device_figures.py: PASS / FAIL / PENDING each).
 #
@@ -87,23 +88,28 @@ fi
 step kernels-cuda 40 python3 bench/bench_kernels.py --device cuda
 step experts-cuda 25 python3 bench/bench_experts.py --device cuda --experts 16 --rows 8192 --hidden 4096 \
     --inter 1536 --json "$LOG/experts-cuda.json"
-# --- cpuplan (issue 22): this host's cores, 2 and 4 ranks (m = 2 >= 1.3x, no row slower than serial),
-# and side by side in one run: the CPU plan on the caller's thread vs on comm workers, and the
-# ranks' OpenMP environment (as is / passive / passive + OMP_NUM_THREADS), 2 ranks of 7 threads.
-for R in 2 4; do
-    step "bench-cpu-r$R" 40 python3 -m overlap bench --device cpu --ranks "$R" --reps 3 --json "$LOG/bench-cpu-r$R.json"
-done
-step cpu-plan 40 python3 bench/bench_cpu_plan.py --reps 3 --rounds 2 --threads 7 --microbatches 2 4
-# --- end cpuplan
 
 # ---- issue 20 (transport helper): the window transport's GPU figures --------------------------
 # One exchange per rank of 4096 rows (512 tokens x top-8) of 7168
 # bf16 against copy_ of the same bytes, 2 and 4 ranks sharing the GPU; then the setup's host time
 # behind a queued 200 ms kernel (bound 100 us) and host syncs under set_sync_debug_mode("error")
 # (bound: none). Both carriers run: window (the CUDA IPC window, opt-in) and gloo (gloo-staged).
-step exchange-cuda-2 60 python3 bench/bench_exchange.py --device cuda --ranks 2 --reps 5 --host-checks
-step exchange-cuda-4 60 python3 bench/bench_exchange.py --device cuda --ranks 4 --reps 5
+step exchange-cuda-2 50 python3 bench/bench_exchange.py --device cuda --ranks 2 --reps 5 --host-checks
+step exchange-cuda-4 40 python3 bench/bench_exchange.py --device cuda --ranks 4 --reps 5
 # ---- end of issue 20's block -------------------------------------------------------------------
+
+# The CPU steps come last (the device figures first); DEVICE_CHECK_CPU=0 skips them when the lent
+# time is short.
+if [ "${DEVICE_CHECK_CPU:-1}" != 0 ]; then
+# --- cpuplan (issue 22): this host's cores, 2 and 4 ranks (m = 2 >= 1.3x, no row slower than serial),
+# and side by side in one run: the CPU plan on the caller's thread vs on comm workers, and the
+# ranks' OpenMP environment (as is / passive / passive + OMP_NUM_THREADS), 2 ranks of 7 threads.
+for R in 2 4; do
+    step "bench-cpu-r$R" 35 python3 -m overlap bench --device cpu --ranks "$R" --reps 3 --json "$LOG/bench-cpu-r$R.json"
+done
+step cpu-plan 30 python3 bench/bench_cpu_plan.py --reps 3 --rounds 2 --threads 7 --microbatches 2 4
+# --- end cpuplan
+fi
 
 echo
 echo "== device check summary ($(head -n 1 "$LOG/host.txt"))"
