@@ -503,6 +503,7 @@ def test_spawned_ranks_know_overlap_without_importing_the_integration(tmp_path):
             _check_fresh_rank(res)
 
 
+@pytest.mark.timeout(660)  # past the subprocess's own 600 s bound, so that bound reports a hang
 def test_torchrun_ranks_know_overlap_without_importing_the_integration(tmp_path):
     import json
     import os
@@ -511,7 +512,9 @@ def test_torchrun_ranks_know_overlap_without_importing_the_integration(tmp_path)
 
     path = save_model(qwen3_config(layers=1), str(tmp_path / "qwen3"))
     script = os.path.join(os.path.dirname(__file__), "spawned_hf.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # What the README asks of torchrun jobs: idle OpenMP threads must not spin (on a loaded host two
+    # spinning teams starve the ranks' start-up and their exchanges).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, path]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
