@@ -26,6 +26,7 @@ Owns process start-up only, in one place:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import tempfile
@@ -135,6 +136,7 @@ class RankPool:
         fd, init_file = tempfile.mkstemp(prefix="overlap-gloo-")
         os.close(fd)
         os.unlink(init_file)
+        self._init_file = init_file
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(self.world)]
         self._procs = [
@@ -209,6 +211,11 @@ class RankPool:
                 p.kill()
                 p.join(timeout=5)
         self._procs = []
+        # gloo's FileStore leaves its rendezvous file behind when ranks are stopped mid-way.
+        init_file, self._init_file = getattr(self, "_init_file", None), None
+        if init_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(init_file)
 
     def __enter__(self) -> RankPool:
         return self

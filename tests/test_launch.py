@@ -3,6 +3,9 @@ coming back with its traceback."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -52,6 +55,20 @@ def test_pool_runs_on_every_rank_and_reports_a_ranks_error():
             pool.run(_fail_on_rank_1)
         assert info.value.rank == 1 and "only rank 1" in info.value.message
         assert pool.run(_rank_and_size)[2] == (2, 3)  # the pool goes on after a rank's error
+
+
+def _hang() -> None:
+    time.sleep(3600)
+
+
+def test_a_pool_torn_down_on_timeout_leaves_no_rendezvous_file():
+    pool = RankPool(2, threads=1)
+    assert pool.run(_rank_and_size) == [(0, 2), (1, 2)]
+    init_file = pool._init_file
+    assert init_file and os.path.exists(init_file)
+    with pytest.raises(TimeoutError, match="did not finish _hang"):
+        pool.run(_hang, timeout_s=3)  # the pool kills its ranks
+    assert not os.path.exists(init_file)
 
 
 def _rank_env() -> tuple[str | None, str | None, str | None]:
