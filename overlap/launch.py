@@ -136,7 +136,7 @@ class RankPool:
         fd, init_file = tempfile.mkstemp(prefix="overlap-gloo-")
         os.close(fd)
         os.unlink(init_file)
-        self._init_file = init_file
+        self._init_file: str | None = init_file
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(self.world)]
         self._procs = [
@@ -212,7 +212,8 @@ class RankPool:
                 p.join(timeout=5)
         self._procs = []
         # gloo's FileStore leaves its rendezvous file behind when ranks are stopped mid-way.
-        init_file, self._init_file = getattr(self, "_init_file", None), None
+        init_file: str | None = getattr(self, "_init_file", None)
+        self._init_file = None
         if init_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(init_file)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from overlap.ops import EmulatedLink
 
@@ -25,6 +26,7 @@ SAFETY_S = 30.0
 class GatedLink(EmulatedLink):
     """An `EmulatedLink` that calls `on_exchange(index)` before modelling exchange `index`."""
 
+    blocking: ClassVar[bool] = True  # a gate blocks in `duration`: carriers ask it on their link thread
     on_exchange: Callable[[int], None] | None = field(default=None, compare=False)
     calls: list = field(default_factory=list, compare=False)
 

@@ -65,20 +65,27 @@ def test_grouped_gemm_equals_the_expert_loop(dtype, counts, rows):
 
 
 def test_the_layer_uses_the_grouped_gemm_and_reads_no_count_on_the_host(monkeypatch):
+    """Where a host read would wait for a device (`simulate_device()` stands in for one here)."""
+    from overlap.ops import staging
+
     from .test_staging import HostReads
 
     layer = _layer_without_group(monkeypatch, experts_implementation="auto")
     x = torch.randn(24, 1024, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     nums = torch.tensor([10, 0, 9, 5])
-    with HostReads() as reads:
-        grouped = layer.moe_experts(x, torch.ones(24), nums)
+    with staging.simulate_device():
+        assert moe.resolve_implementation("auto", x) == "grouped_mm"
+        with HostReads() as reads:
+            grouped = layer.moe_experts(x, torch.ones(24), nums)
     assert reads.log == []
     looped = moe.looped_gated_mlp(x, layer.gate, layer.up, layer.down, nums)
     assert torch.equal(grouped, looped)
 
 
 def test_without_a_grouped_gemm_the_layer_loops(monkeypatch):
-    """torch without grouped_mm (older than 2.8): "auto" takes the loop, "grouped_mm" refuses."""
+    """torch without grouped_mm (older than 2.8): "auto" takes the loop on a device, "grouped_mm" refuses."""
+    from overlap.ops import staging
+
     monkeypatch.setattr(moe, "_GROUPED_MM", None)
     layer = _layer_without_group(monkeypatch, experts_implementation="auto")
     x = torch.randn(12, 1024, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
@@ -86,10 +93,69 @@ def test_without_a_grouped_gemm_the_layer_loops(monkeypatch):
     calls = []
     real = moe.looped_gated_mlp
     monkeypatch.setattr(moe, "looped_gated_mlp", lambda *a: calls.append(1) or real(*a))
-    out = layer.moe_experts(x, torch.ones(12), nums)
+    with staging.simulate_device():
+        out = layer.moe_experts(x, torch.ones(12), nums)
     assert calls == [1] and out.shape == (12, 1024)
     with pytest.raises(ValueError, match="implementation 'grouped_mm' needs torch's grouped GEMM"):
         moe.expert_mlps(x, layer.gate, layer.up, layer.down, nums, implementation="grouped_mm")
+
+
+needs_packing = pytest.mark.skipif(not moe.can_pack(torch.bfloat16), reason="this CPU's oneDNN does not pack bf16")
+
+
+@needs_packing
+@pytest.mark.parametrize("counts,rows", COUNTS)
+@pytest.mark.parametrize("hidden,inter", [(64, 48), (1024, 1000), (1536, 96)])
+def test_packed_experts_equal_the_loop_bit_for_bit(counts, rows, hidden, inter):
+    """Prepacked oneDNN weights, [gate; up] as one GEMM, each expert on its own rows only: the same
+    bits as the loop (seen with torch 2.13 at several shapes); rows past the counts are 0."""
+    gate, up, down, _ = _weights(len(counts), hidden, inter, torch.bfloat16)
+    x = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x[sum(counts) :] = float("nan")
+    nums = torch.tensor(counts, dtype=torch.int64)
+    packed = moe.expert_mlps(x, gate, up, down, nums, implementation="packed")
+    looped = moe.expert_mlps(x, gate, up, down, nums, implementation="loop")
+    assert packed.shape == looped.shape == (rows, hidden) and packed.dtype == torch.bfloat16
+    assert torch.equal(packed, looped)
+    assert compare(packed, _dense(x, gate, up, down, counts), torch.bfloat16).ok
+
+
+@needs_packing
+def test_the_layer_packs_its_weights_once_and_again_when_they_change(monkeypatch):
+    layer = _layer_without_group(monkeypatch, experts_implementation="auto", num_shared_experts=2)
+    x = torch.randn(20, 1024, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    nums = torch.tensor([6, 0, 9, 5])
+    assert moe.resolve_implementation("auto", x) == "packed"
+    built = []
+    real = moe.PackedExperts.__init__
+    monkeypatch.setattr(moe.PackedExperts, "__init__", lambda self, *a, **k: built.append(1) or real(self, *a, **k))
+    with torch.no_grad():
+        first = layer.moe_experts(x, torch.ones(20), nums)
+        shared = layer.moe_shared(x)
+        assert torch.equal(layer.moe_experts(x, torch.ones(20), nums), first) and len(built) == 2  # kept
+        assert torch.equal(first, moe.looped_gated_mlp(x, layer.gate, layer.up, layer.down, nums))
+        w = list(layer.shared_experts)
+        plain = sum(moe.gated_mlp(x, *w[i : i + 3]).float() for i in (0, 3)).to(torch.bfloat16)
+        assert torch.equal(shared, plain)
+        layer.down.mul_(2)  # new values: the packed copy is stale
+        again = layer.moe_experts(x, torch.ones(20), nums)
+    assert len(built) == 3
+    assert torch.equal(again, moe.looped_gated_mlp(x, layer.gate, layer.up, layer.down, nums))
+
+
+def test_packed_is_refused_where_it_cannot_run_and_auto_loops_under_autograd():
+    gate, up, down, _ = _weights(2, 64, 32, torch.float16)
+    x = torch.randn(4, 64).to(torch.float16)
+    if not moe.can_pack(torch.float16):
+        with pytest.raises(ValueError, match="implementation 'packed' needs bf16 cpu tensors"):
+            moe.expert_mlps(x, gate, up, down, torch.tensor([2, 2]), implementation="packed")
+    gate, up, down, _ = _weights(2, 64, 32, torch.bfloat16)
+    gate.requires_grad_(True)
+    assert moe.resolve_implementation("auto", x.bfloat16(), gate, up, down) == "loop"  # no backward when packed
+    with torch.no_grad():
+        assert moe.resolve_implementation("auto", x.bfloat16(), gate, up, down) == (
+            "packed" if moe.can_pack(torch.bfloat16) else "loop"
+        )
 
 
 def test_bad_experts_implementation_is_refused(monkeypatch):

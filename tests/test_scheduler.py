@@ -21,19 +21,26 @@ def _linear_rounding_per_row_count(enabled: bool):
     one bf16 ulp up when its input has an odd number of rows (in this rank process, for the block)."""
     import torch.nn.functional as F
 
-    real = F.linear
+    from overlap import moe
 
-    def linear(x, w, b=None):
-        out = real(x, w, b)
-        if out.dtype == torch.bfloat16 and x.shape[0] % 2:
-            out = torch.nextafter(out, torch.full_like(out, float("inf")))
-        return out
+    real, real_packed = F.linear, moe._linear_pointwise
 
-    F.linear = linear if enabled else real
+    def perturbed(gemm):
+        def run(x, *args):
+            out = gemm(x, *args)
+            if out.dtype == torch.bfloat16 and x.shape[0] % 2:
+                out = torch.nextafter(out, torch.full_like(out, float("inf")))
+            return out
+
+        return run
+
+    # Both GEMM paths of the layer: F.linear, and the prepacked one of the CPU experts.
+    F.linear = perturbed(real) if enabled else real
+    moe._linear_pointwise = (lambda: perturbed(real_packed())) if enabled else real_packed  # type: ignore[assignment]
     try:
         yield
     finally:
-        F.linear = real
+        F.linear, moe._linear_pointwise = real, real_packed
 
 
 def _layer_case(

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -71,6 +71,9 @@ class EmulatedLink:
 
     latency_s: float = 20e-6
     bandwidth_bytes_per_s: float = 1e9
+    # True when `duration` may block (a test's gate holding an exchange open): the window carrier
+    # then asks it on its link thread, not on the thread that waits for the exchange.
+    blocking: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not self.latency_s >= 0:
@@ -260,6 +263,8 @@ class Transfer:
     issued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     finished_at: float | None = None
+    # Carriers that model the link where the exchange is waited for (window): when it completes.
+    link_done_at: float | None = None
     delivered: set[int] = field(default_factory=set)
     _done: threading.Event = field(default_factory=threading.Event)
     _result: tuple[Tensor, Tensor] | None = None
@@ -280,8 +285,11 @@ class Transfer:
 
     @property
     def is_complete(self) -> bool:
-        """True once the exchange has landed (or failed); never blocks."""
-        return self._done.is_set()
+        """True once the exchange has landed (or failed) and its modelled link time is over; never
+        blocks."""
+        if not self._done.is_set():
+            return False
+        return self.link_done_at is None or self._error is not None or time.perf_counter() >= self.link_done_at
 
     @property
     def nbytes(self) -> int:
@@ -308,6 +316,10 @@ class Transfer:
             )
         if self._error is not None:
             raise self._error
+        if self.link_done_at is not None:  # the rows are here; the modelled link is not done yet
+            delay = self.link_done_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
 
     def take(self, timeout_s: float | None = None) -> tuple[Tensor, Tensor]:
         """Wait, then hand over `(recv rows (M, row_bytes) uint8, recv counts (W, L_max) int64)`."""
@@ -411,9 +423,13 @@ class _InvalidInput(_ParameterMismatch, ValueError):
 
 
 def check_headers(transfer: Transfer, headers: dict[int, Tensor], me: int) -> None:
-    mine = transfer.header
+    tensors = headers
+    mine = transfer.header.tolist()  # host ints: one conversion per header, not one per field read
+    headers = {r: h.tolist() for r, h in tensors.items()}  # type: ignore[misc]
     aborters = {
-        r: decode_reason(h) for r, h in headers.items() if int(h[_H_MAGIC]) == MAGIC and int(h[_H_OP]) == OP_ABORT
+        r: decode_reason(tensors[r])
+        for r, h in headers.items()
+        if int(h[_H_MAGIC]) == MAGIC and int(h[_H_OP]) == OP_ABORT
     }
     if aborters:  # every rank sees the same aborts at this number: no payload moves anywhere
         ended = Ended(int(mine[_H_SEQ]), aborters)
@@ -461,14 +477,11 @@ def check_headers(transfer: Transfer, headers: dict[int, Tensor], me: int) -> No
 
 
 def make_header(op: str, params_values: dict[str, int], batch: int, lmax: int) -> Tensor:
-    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    header[_H_MAGIC] = MAGIC
-    header[_H_OP] = OP_CODES[op]
-    header[_H_LMAX] = lmax
-    header[_H_BATCH] = batch
+    words = [0] * HEADER_LEN  # built as a list: one tensor from it, not 30 element writes
+    words[_H_MAGIC], words[_H_OP], words[_H_LMAX], words[_H_BATCH] = MAGIC, OP_CODES[op], lmax, batch
     for i, name in enumerate(PARAM_FIELDS):
-        header[_H_PARAMS + i] = params_values[name]
-    return header
+        words[_H_PARAMS + i] = int(params_values[name])
+    return torch.tensor(words, dtype=torch.int64)
 
 
 def wire_device(group: dist.ProcessGroup, device: torch.device | None) -> torch.device:

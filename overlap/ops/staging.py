@@ -46,6 +46,7 @@ import contextlib
 import contextvars
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -150,10 +151,21 @@ def shm_has_room(world: int) -> bool:
 
     from .window import SHM_DIR, window_bytes
 
-    try:
-        return shutil.disk_usage(SHM_DIR).free >= world * window_bytes()
-    except OSError:
-        return False
+    now = time.monotonic()
+    free, read_at = _shm_free.get(SHM_DIR, (-1, -_SHM_FREE_TTL_S))
+    if now - read_at >= _SHM_FREE_TTL_S:
+        try:
+            free = shutil.disk_usage(SHM_DIR).free
+        except OSError:
+            free = -1
+        _shm_free[SHM_DIR] = (free, now)
+    return free >= 0 and free >= world * window_bytes()
+
+
+# A folder's free bytes and when they were read: a setup asks at every call, and `statvfs` cost
+# about as much as the rest of the carrier choice.
+_shm_free: dict[str, tuple[int, float]] = {}
+_SHM_FREE_TTL_S = 1.0
 
 
 def kind_for(group: dist.ProcessGroup, device: torch.device, *, probe: bool = False) -> str:

@@ -22,8 +22,12 @@ One exchange, number i of epoch e (id = e << 32 | i + 1), slot i mod S::
                         id, check every peer's header (`protocol.check_headers`: parameters, op
                         order, deferred input checks, abort), copy the rows out, check the counters
                         again, consumed[slot] := id
-    emulated link       the lane's link thread completes the exchange and sleeps out the modelled
-                        duration, as the gloo carrier's thread does
+    emulated link       CPU: no thread either. The setup models the exchange's start on the link
+                        (after the lane's previous exchange), its completion the end (+ the
+                        duration of the larger of the bytes sent and received); the teardown
+                        sleeps out what is left of it. CUDA windows, and a link whose
+                        `duration` may block (a test's gate), use the lane's link thread, as the
+                        gloo carrier's thread does
 
 While it waits, a rank also completes any other exchange of its own whose rows have all arrived,
 so that an exchange torn down out of order never holds a slot a peer needs. Memory order: a
@@ -551,7 +555,13 @@ class WindowLane(Lane):
         self.flavour.prepare(transfer)  # a device setup: its counts come to the host without a wait
         self.writes += [(transfer, r) for r in range(self.world) if r != self.rank]
         self._flush_writes()
-        if transfer.link is not None:  # the emulated link completes it on the lane's link thread
+        if transfer.link is not None and self._models_inline(transfer):
+            # The emulated link with no thread: its time is modelled here and at completion, and
+            # the teardown that finds the rows sleeps out the rest (`Transfer.wait`).
+            transfer.started_at = max(transfer.issued_at, self.link_free_at)
+            self.link_free_at = transfer.started_at + transfer.link.duration(self._bytes_out(transfer))
+            transfer.complete = self._complete_inline
+        elif transfer.link is not None:  # the emulated link completes it on the lane's link thread
             if self.link_queue is None:
                 self.link_queue = queue.SimpleQueue()
                 self.link_thread = threading.Thread(
@@ -562,6 +572,29 @@ class WindowLane(Lane):
             self.link_queue.put(transfer)
         else:
             transfer.complete = self._complete_inline
+
+    def _models_inline(self, transfer: Transfer) -> bool:
+        """True when the link of `transfer` is modelled without the link thread: host memory (a
+        CUDA window's teardown must not hold the host) and a link whose `duration` never blocks."""
+        assert transfer.link is not None
+        return type(self.flavour) is HostFlavour and not transfer.link.blocking
+
+    def _bytes_out(self, transfer: Transfer) -> int:
+        sent = transfer.send_rows or [0] * self.world
+        return (sum(sent) - sent[self.rank]) * transfer.send_buf.shape[1]
+
+    def _model_link(self, transfer: Transfer, counts: Tensor, landed_at: float | None) -> float:
+        """At completion of an inline-modelled exchange: when the link is done with it (its start +
+        the duration of the larger of the bytes sent and received), and the end of its `link`
+        interval: that, or the moment a teardown already waiting saw the rows land, if later (a
+        peer slower than the model)."""
+        assert transfer.link is not None and transfer.started_at is not None
+        own_rows = int(counts[self.rank].sum())
+        bytes_in = (int(counts.sum()) - own_rows) * transfer.send_buf.shape[1]
+        done_at = transfer.started_at + transfer.link.duration(max(self._bytes_out(transfer), bytes_in))
+        transfer.link_done_at = done_at
+        self.link_free_at = max(self.link_free_at, done_at)
+        return max(done_at, landed_at or 0.0)
 
     def close_epoch(self, epoch: int, reason: str, timeout_s: float) -> None:
         """Publish this rank's abort of `epoch`: where its stream stops, and why (no peer is waited
@@ -840,14 +873,20 @@ class WindowLane(Lane):
             if not t.cancelled and t.epoch == self.stream_epoch and self._landed(t) and self._resolved(t):
                 self._run(t)
 
-    def _run(self, transfer: Transfer, lend: bool = False) -> None:
-        """Receive an arrived transfer and finish it (with `io` held)."""
+    def _run(self, transfer: Transfer, lend: bool = False, landed_at: float | None = None) -> None:
+        """Receive an arrived transfer and finish it (with `io` held). `landed_at`: when a teardown
+        that was already waiting saw its rows land (for an inline-modelled link)."""
         result, error = None, None
         try:
             result = self._receive(transfer, lend)
         except BaseException as exc:
             error = self.outcome(transfer, exc)
+        link_end = None
+        if error is None and result is not None and transfer.link is not None and transfer.complete is not None:
+            link_end = self._model_link(transfer, result[1], landed_at)  # before `finish` wakes a waiter
         self.finish(transfer, result, error)
+        if link_end is not None:
+            transfer.finished_at = link_end
 
     def _await(
         self, transfer: Transfer, timeout_s: float, teardown: bool
@@ -858,6 +897,7 @@ class WindowLane(Lane):
         deadline = time.perf_counter() + timeout_s
         began = time.perf_counter()
         sleep = 20e-6
+        waited = False  # the rows were not there at the first look
         while True:
             if transfer._done.is_set():
                 return None, None
@@ -871,12 +911,14 @@ class WindowLane(Lane):
                 self._maybe_unlink()
                 if self._landed(transfer) and self._sent(transfer) and self._resolved(transfer):
                     if teardown:
-                        self._run(transfer, lend=transfer.wants_chunks)
+                        landed_at = time.perf_counter() if waited else None
+                        self._run(transfer, lend=transfer.wants_chunks, landed_at=landed_at)
                         return None, None
                     try:
                         return self._receive(transfer), None
                     except BaseException as exc:
                         return None, exc
+                waited = True
                 self._drain(transfer)
                 aborted = self._ended_for(transfer)
                 if aborted is not None:
