@@ -101,3 +101,52 @@ def test_exchanges_take_at_least_the_modelled_time_one_after_another(rank_pools,
         assert b["started"] >= a["finished"], (rank, a, b)
         assert b["finished"] - a["started"] >= 2 * modelled
         assert a["first_open"] and a["expired"] == []  # both were in flight together
+
+
+def _inline_link_case(case: Case, bandwidth: float) -> dict:
+    """Window carrier, a plain (non-blocking) link: two dispatches in flight, then both torn down."""
+    import time
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    p = build(case)
+    g = dist.group.WORLD.group_name
+    x, ids = p["x"][rank], p["ids"][rank]
+    ops.configure(link=ops.EmulatedLink(latency_s=LATENCY_S, bandwidth_bytes_per_s=bandwidth))
+    try:
+        first = ops.dispatch_setup(x, ids, g, world, rank, case.experts)
+        second = ops.dispatch_setup(x, ids, g, world, rank, case.experts)
+        handles = [ops.transfer_of(first[2]), ops.transfer_of(second[2])]
+        open_before = [not h.is_complete for h in handles]
+        returned = []
+        for y, _, cmd in (first, second):
+            ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, case.experts)
+            returned.append(time.perf_counter())
+    finally:
+        ops.configure(link=None)
+    return {
+        "kind": ops.transport_kind(g),
+        # `complete` set: the thread that waits completes the exchange (never the lane's link thread)
+        "inline": [h.complete is not None for h in handles],
+        "open_before": open_before,
+        "spans": [(h.issued_at, h.started_at, h.link_done_at, h.finished_at) for h in handles],
+        "returned": returned,
+    }
+
+
+def test_the_window_link_is_modelled_without_a_thread(rank_pools):
+    """On the CPU window the setup models when the link starts the exchange, its completion when it
+    ends, and the teardown sleeps out the rest: no link thread (it would need a core to wake on,
+    which a busy host hands out a scheduler slice late). The model is the same: lower bounds and
+    one exchange after another."""
+    case = Case(world=2, batches=(16, 16), experts=8, top_k=2, seed=21)
+    nbytes = [_payload_bytes(case, r) for r in range(case.world)]
+    bandwidth = max(nbytes) / MODEL_S
+    for rank, res in enumerate(rank_pools(2).run(on, "window", _inline_link_case, case, bandwidth)):
+        assert res["kind"] == "window" and res["inline"] == [True, True], res
+        assert res["open_before"] == [True, True]  # nothing completes before its modelled time
+        modelled = LATENCY_S + nbytes[rank] / bandwidth
+        (issued0, start0, done0, end0), (issued1, start1, done1, end1) = res["spans"]
+        assert start0 >= issued0 and done0 - start0 >= modelled and end0 >= done0
+        assert start1 >= done0 - 1e-9  # the second waits for the first on the one link
+        assert done1 - start1 >= modelled and end1 >= done1
+        assert res["returned"][0] >= done0 and res["returned"][1] >= done1  # each teardown slept it out

@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 from transformers.distributed.expert_parallel import EPImplementation, EPImplementationInterface
 
+from ..ops import staging
 from ..pipeline import Scheduler, current_scheduler, policy, scheduler
 from ..pipeline.protocol import active_executor
 from ..timeline import OverlapReport, Timeline
@@ -455,9 +456,18 @@ class OverlapEP(EPImplementation):
         the counts; rows past the received ones get the id `num_local_experts`, the sentinel that
         transformers' expert-parallel experts skip (its ``"grouped_mm"`` experts sort them last and
         leave them out of the GEMMs; ``"eager"`` skips that id), and come back as 0."""
-        num_rows = expand_x.shape[0]
         device = expand_x.device
         nums = expert_token_nums if expert_token_nums.device == device else expert_token_nums.to(device)
+        if not staging.defers_host_reads(expand_x):
+            # On the cpu reading the count is free: the experts see only the received rows, not the
+            # padded capacity (A is global_bs * min(L, K), often twice what arrived).
+            received = int(nums.sum())
+            if received < expand_x.shape[0]:
+                out = expand_x.new_zeros(expand_x.shape)
+                if received:
+                    out[:received] = self.moe_experts(expand_x[:received], dynamic_scales[:received], nums)
+                return out
+        num_rows = expand_x.shape[0]
         ends = torch.cumsum(nums, 0)  # (E_local,) end row of each local expert
         row = torch.arange(num_rows, device=device)
         local_ids = torch.searchsorted(ends, row, right=True)  # (A,) in [0, E_local]; E_local: not received

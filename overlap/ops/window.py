@@ -593,7 +593,18 @@ class WindowLane(Lane):
         bytes_in = (int(counts.sum()) - own_rows) * transfer.send_buf.shape[1]
         done_at = transfer.started_at + transfer.link.duration(max(self._bytes_out(transfer), bytes_in))
         transfer.link_done_at = done_at
-        self.link_free_at = max(self.link_free_at, done_at)
+        # Exchanges set up after it were placed on the link by their bytes sent: if this one ends
+        # later than that placed it (it received more than it sent), they start later too.
+        free = done_at
+        for later in sorted(
+            (t for t in self.pending if t.seq > transfer.seq and t.epoch == transfer.epoch and t.link_done_at is None),
+            key=lambda t: t.seq,
+        ):
+            if later.link is None or later.started_at is None or later.complete is None:
+                continue
+            later.started_at = max(later.started_at, free)
+            free = later.started_at + later.link.duration(self._bytes_out(later))
+        self.link_free_at = max(self.link_free_at, free)
         return max(done_at, landed_at or 0.0)
 
     def close_epoch(self, epoch: int, reason: str, timeout_s: float) -> None:
