@@ -152,8 +152,13 @@ class RankPool:
         saved = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)
         try:
-            for p in self._procs:
-                p.start()
+            for i, p in enumerate(self._procs):
+                try:
+                    p.start()
+                except BaseException:
+                    self._procs = self._procs[:i]  # only the started ones: `close` joins them
+                    self.close()
+                    raise
         finally:
             for k, v in saved.items():
                 if v is None:

@@ -173,3 +173,22 @@ def test_the_scheduler_warns_once_per_process(monkeypatch):
         assert policy.warn_if_spinning() == "3 threads spin"
     assert [str(w.message) for w in caught] == ["3 threads spin"]  # once per process
     assert caught[0].filename == __file__  # pointing at the caller's `with` line
+
+
+def test_a_pool_whose_rank_fails_to_start_stops_the_started_ones_and_raises(monkeypatch):
+    import multiprocessing.context as mpc
+
+    real = mpc.SpawnProcess.start
+    started = []
+
+    def start(self):
+        if started:
+            raise OSError("no more processes")
+        started.append(self)
+        real(self)
+
+    monkeypatch.setattr(mpc.SpawnProcess, "start", start)
+    pool = RankPool(3, threads=1)
+    with pytest.raises(OSError, match="no more processes"):
+        pool.run(_rank_and_size, timeout_s=5)
+    assert pool._procs == [] and not started[0].is_alive()
