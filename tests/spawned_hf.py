@@ -35,4 +35,7 @@ if __name__ == "__main__":  # under torchrun
     try:
         print(json.dumps(load_and_run(sys.argv[1])), flush=True)
     finally:
+        from overlap import ops
+
+        ops.shutdown()  # as docs/faults.md asks: the lanes go before the groups they hold
         dist.destroy_process_group()

@@ -516,7 +516,13 @@ def test_torchrun_ranks_know_overlap_without_importing_the_integration(tmp_path)
     # spinning teams starve the ranks' start-up and their exchanges).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, path]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    env["PYTHONFAULTHANDLER"] = "1"  # a rank that dies or hangs says where
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        err = (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        pytest.fail(f"torchrun job did not end within 600 s\nstdout: {out[-2000:]}\nstderr: {err[-4000:]}")
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert sorted(r["rank"] for r in results) == [0, 1], done.stdout

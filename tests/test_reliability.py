@@ -490,7 +490,8 @@ _side_group = None
 def _side_barrier() -> None:
     """A barrier on a group of its own, never the ops' group."""
     global _side_group
-    if _side_group is None:
+    # (conftest destroys the groups a test made once it ends: make it again then)
+    if _side_group is None or _side_group not in dist.distributed_c10d._world.pg_map:
         _side_group = dist.new_group(list(range(dist.get_world_size())), backend="gloo")
     dist.barrier(group=_side_group)
 

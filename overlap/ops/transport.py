@@ -51,6 +51,7 @@ header, or an abort header in its place), so the streams between ranks never fal
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import zlib
@@ -223,9 +224,29 @@ def _default_lane(group: dist.ProcessGroup, group_name: str) -> Lane:
     return _lane_for(group, group_name, staging.kind_for(group, device, probe=True))
 
 
+def release(group: dist.ProcessGroup | str) -> None:
+    """Stop the lanes of one group (its transport thread, its shared-memory window) and forget its
+    handles, as `shutdown` does for every group: call it on every rank once the group carries
+    nothing more, before `dist.destroy_process_group(group)`. A job that makes groups as it goes
+    (per phase, per test) otherwise keeps each one's lanes, and gloo its threads, for good."""
+    _, group_name = _group_and_name(group)
+    with _workers_lock:
+        lanes = list(_workers.pop(group_name, {}).values())
+    for lane in lanes:
+        lane.stop()
+    for lane in lanes:
+        lane.join(5.0)
+    with _registry_lock:
+        for ticket in [k for k, t in _registry.items() if t.group_name == group_name]:
+            del _registry[ticket]
+
+
 def shutdown() -> None:
     """Stop every group's lanes (call before destroying process groups). In-flight transfers fail;
-    the window carrier's shared memory is released."""
+    the window carrier's shared memory is released. Also run at interpreter exit (`atexit`), so
+    that no lane still holds a process group when Python tears its modules down: a gloo group
+    destroyed that late, its threads still joinable, aborted a torchrun worker at exit
+    ("terminate called without an active exception", then SIGSEGV) on a loaded host."""
     with _workers_lock:
         lanes = [lane for group in _workers.values() for lane in group.values()]
         _workers.clear()
@@ -236,6 +257,9 @@ def shutdown() -> None:
     with _registry_lock:
         _registry.clear()
         _cancelled.clear()
+
+
+atexit.register(shutdown)
 
 
 def start(
