@@ -277,3 +277,32 @@ def test_the_default_takes_the_window_only_where_shared_memory_could_hold_every_
     assert not staging.shm_has_room(8)
     monkeypatch.setattr(window, "SHM_DIR", str(tmp_path / "missing"))
     assert not staging.shm_has_room(2)
+
+
+def _release_case() -> dict:
+    from overlap import ops
+    from overlap.ops import transport
+
+    from .carriers import forced
+
+    case = Case(world=dist.get_world_size(), batches=(8,) * dist.get_world_size(), experts=4, top_k=2, seed=3)
+    p = build(case)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(list(range(world)), backend="gloo")
+    g = group.group_name
+    x, ids = p["x"][rank], p["ids"][rank]
+    with forced("window"):
+        y, _, cmd = ops.dispatch_setup(x, ids, g, world, rank, case.experts)
+        ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, case.experts)
+    lanes = transport._lanes_of(g)
+    path = lanes[0].path
+    dist.barrier()  # every rank is done with the group
+    ops.release(group)
+    left = transport._lanes_of(g)
+    dist.destroy_process_group(group)
+    return {"lanes_before": len(lanes), "lanes_after": len(left), "file_left": os.path.exists(path)}
+
+
+def test_release_retires_a_groups_lanes_before_it_is_destroyed(rank_pools):
+    for res in rank_pools(2).run(_release_case):
+        assert res == {"lanes_before": 1, "lanes_after": 0, "file_left": False}
