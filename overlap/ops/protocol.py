@@ -63,10 +63,11 @@ class EmulatedLink:
     """A modelled link: an exchange completes `latency_s + bytes / bandwidth_bytes_per_s` after it
     starts, where bytes is the larger of what this rank sends to and receives from its peers.
 
-    The data itself still moves at once (over gloo); the worker then *sleeps* until the modelled
-    completion, so the wait uses no compute core, like the NPU's SDMA engine. Exchanges of one
-    group run one after another, as on one link. If the real transfer is slower than the model,
-    the real time stands.
+    The data itself still moves at once; the exchange then completes no earlier than the model
+    says, and what waits for it *sleeps*, so the wait uses no compute core, like the NPU's SDMA
+    engine: the gloo carrier's worker thread, or, on the CPU window (which has no thread), the
+    teardown itself (`Transfer.wait`). Exchanges of one group run one after another, as on one
+    link. If the real transfer is slower than the model, the real time stands.
     """
 
     latency_s: float = 20e-6
