@@ -28,7 +28,9 @@ that waits for its transfer; tokens reversed within each (expert, source rank) b
 `(W + 1) // 2`; the header check ignoring the exchange number; comm busy summing overlapping
 transfers; the combine's shared rows at block-relative offsets; the microbatch rule rounding
 `T / min_tokens` up; int8 rounding half away from zero), and one or more per layer: kernels,
-params, pipeline policy, graph passes, timeline and report, the transformers integration, the CLI.
+params, pipeline policy, graph passes, timeline and report, the transformers integration, the CLI;
+and for the CPU overlap work: a window teardown that does not sleep out the modelled link time,
+packed CPU experts that leave the padding rows unset.
 """
 
 from __future__ import annotations
@@ -297,6 +299,23 @@ def check_same_order(plans):
         'return state in (b"Z", b"X")',
         "return False",
         (("tests/test_window.py", "dead_peer"),),
+    ),
+    edit(
+        "window teardown returns before the modelled link time",
+        "transport",
+        "Transfer.wait",
+        "time.sleep(delay)",
+        "pass",
+        (("tests/test_link.py", "without_a_thread"),),
+    ),
+    # ---- the reference layer's experts (overlap/moe.py) -----------------------------------------
+    edit(
+        "packed experts leave the rows past the counts unset",
+        "layer",
+        "packed_gated_mlp",
+        "out[start:].zero_()",
+        "pass",
+        (("tests/test_moe.py", "packed"),),
     ),
     Mutant(
         "EmulatedLink.duration ignores bandwidth",
