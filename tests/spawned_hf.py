@@ -6,6 +6,7 @@ prints one JSON line per rank."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -33,7 +34,9 @@ def load_and_run(path: str) -> dict:
 if __name__ == "__main__":  # under torchrun
     dist.init_process_group("gloo")
     try:
-        print(json.dumps(load_and_run(sys.argv[1])), flush=True)
+        # One write(2) per line, under PIPE_BUF: the ranks share torchrun's stdout, and print's
+        # separate writes of the text and the newline interleaved two ranks' lines under load.
+        os.write(1, (json.dumps(load_and_run(sys.argv[1])) + "\n").encode())
     finally:
         from overlap import ops
 
