@@ -135,6 +135,10 @@ def _slot_reuse_case(steps: int) -> dict:
             deferred += len(transport._workers[g]["window"].writes)
             order = [1, 0] if rank == 1 else [0, 1]
             for i in order:
+                if rank == 1 and i == 0:
+                    # Between its two reads: rank 0, done with this pair, sets up the next one and
+                    # its dispatch finds this slot unread (a guard that let it write would corrupt it).
+                    time.sleep(0.03)
                 rows, counts = pair[i].take()
                 ok.append(torch.equal(rows, _expected(2 * step + i, rank, world)) and int(counts.sum()) == 3 * world)
                 with transport._registry_lock:  # a teardown's claim: the budget is free again
