@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .carriers import CPU_CARRIERS, on
-from .ranks import RankPool
+from .ranks import RankPool, exit_once_all_arrived
 from .reference import Case, affine, build, common_kwargs, dense_reference, run_case
 
 RUN_S = 60.0  # bound of one multi-rank call
@@ -279,8 +279,7 @@ def _dying_rank_case(dead_rank: int, timeout_s: float) -> tuple[str, str, float]
     start = time.perf_counter()
     with ops.comm_options(timeout_s=timeout_s):
         y, _, cmd = ops.dispatch_setup(x, ids, group, world, rank, 6)
-        if rank == dead_rank:
-            os._exit(17)
+        exit_once_all_arrived(group, rank == dead_rank, 17)  # every rank has made the group and set up
         try:
             ops.dispatch_teardown(x, y, ids, cmd, group, world, rank, 6)
             for _ in range(3):
