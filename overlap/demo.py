@@ -239,16 +239,26 @@ class Progress:
 def _device_and_group(device: str) -> tuple[torch.device, dist.ProcessGroup]:
     """This rank's device and the EP group for it: rank r uses cuda:(r % G) (LOCAL_RANK % G under
     torchrun); the group is NCCL when every rank of this host has its own GPU, else gloo (cpu, or
-    ranks sharing a GPU, whose exchanges are staged through pinned host buffers) — a new group where
-    the default group's backend differs."""
+    ranks sharing a GPU, whose exchanges are staged through pinned host buffers) — a group of its
+    own where the default group's backend differs, made once per default group and backend (every
+    rank calls this at the same points, so every rank makes it at the same call)."""
     dev = rank_device(device, int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
     backend = ops.staging.backend_for(dev, local_world)
     world = dist.group.WORLD
-    group = world if world is not None and dist.get_backend() == backend else dist.new_group(backend=backend)
+    if world is not None and dist.get_backend() == backend:
+        return dev, world
+    key = (id(world), backend)
+    group = _OWN_GROUPS.get(key)
+    if group is None or group not in dist.distributed_c10d._world.pg_map:  # destroyed since: make another
+        group = _OWN_GROUPS[key] = dist.new_group(backend=backend)
     return dev, group
+
+
+_OWN_GROUPS: dict[tuple[int, str], dist.ProcessGroup] = {}
+"""`_device_and_group`'s groups by (default group, backend)."""
 
 
 def _sync(dev: torch.device) -> None:
@@ -419,6 +429,24 @@ def _median_index(values: list[float]) -> int:
     return order[(len(values) - 1) // 2]
 
 
+@contextlib.contextmanager
+def _carrier(transport: str) -> Iterator[None]:
+    """The exchanges on `transport`'s carrier for the block when it names one (`OVERLAP_TRANSPORT` set
+    for the block only: ranks that go on to other work keep their default); "emulated" changes nothing."""
+    if transport == "emulated":
+        yield
+        return
+    old = os.environ.get("OVERLAP_TRANSPORT")
+    os.environ["OVERLAP_TRANSPORT"] = transport
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OVERLAP_TRANSPORT", None)
+        else:
+            os.environ["OVERLAP_TRANSPORT"] = old
+
+
 def measure(
     shape: Shape,
     microbatches: int,
@@ -428,178 +456,158 @@ def measure(
     progress: Progress | None = None,
     keep: bool = False,
 ) -> dict:
-    """`_measure` with the exchanges on `link.transport`'s carrier when it names one
-    (`OVERLAP_TRANSPORT` set for the call only: ranks that go on to other work keep their default)."""
-    if link.transport == "emulated":
-        return _measure(shape, microbatches, link, reps, device, progress, keep)
-    old = os.environ.get("OVERLAP_TRANSPORT")
-    os.environ["OVERLAP_TRANSPORT"] = link.transport
-    try:
-        return _measure(shape, microbatches, link, reps, device, progress, keep)
-    finally:
-        if old is None:
-            os.environ.pop("OVERLAP_TRANSPORT", None)
-        else:
-            os.environ["OVERLAP_TRANSPORT"] = old
-
-
-def _measure(
-    shape: Shape,
-    microbatches: int,
-    link: Link,
-    reps: int,
-    device: str = "cpu",
-    progress: Progress | None = None,
-    keep: bool = False,
-) -> dict:
-    """Serial vs overlapped forward of the reference layer on this rank's group: one table row.
+    """Serial vs overlapped forward of the reference layer on this rank's group: one table row, the
+    exchanges on `link.transport`'s carrier (`_carrier`).
 
     Returns (every rank gets the same figures): the row of the module docstring's JSON, plus with
     `keep` the overlapped scheduler of the median repetition (`"_sched"`) and the pictured
     timeline (`"_timeline"`, that of the rank that hid least) on rank 0, with its time axis
     (`"_window"`: that repetition's start there, plus the table's overlapped time).
     """
-    progress = progress or Progress(False)
-    dev, group = _device_and_group(device)
-    rank = dist.get_rank(group)
-    with progress.step(f"building the layer {shape}"):
-        layer = MoELayer(
-            shape.hidden,
-            shape.experts,
-            shape.top_k,
-            shape.intermediate,
-            group=group,
-            num_shared_experts=shape.shared,
-            quant_mode=shape.quant,
-            seed=1,
-        ).to(dev)
-    g = torch.Generator().manual_seed(100 + rank)
-    x = torch.randn(shape.tokens, shape.hidden, generator=g).to(torch.bfloat16).to(dev)
+    with _carrier(link.transport):
+        progress = progress or Progress(False)
+        dev, group = _device_and_group(device)
+        rank = dist.get_rank(group)
+        with progress.step(f"building the layer {shape}"):
+            layer = MoELayer(
+                shape.hidden,
+                shape.experts,
+                shape.top_k,
+                shape.intermediate,
+                group=group,
+                num_shared_experts=shape.shared,
+                quant_mode=shape.quant,
+                seed=1,
+            ).to(dev)
+        g = torch.Generator().manual_seed(100 + rank)
+        x = torch.randn(shape.tokens, shape.hidden, generator=g).to(torch.bfloat16).to(dev)
 
-    def serial() -> tuple[torch.Tensor, Scheduler]:
-        with scheduler(group=group) as s:  # records the op calls; runs them as written
-            out = serial_forward(layer, x)
-        _sync(dev)
-        return out, s
+        def serial() -> tuple[torch.Tensor, Scheduler]:
+            with scheduler(group=group) as s:  # records the op calls; runs them as written
+                out = serial_forward(layer, x)
+            _sync(dev)
+            return out, s
 
-    def overlapped() -> tuple[torch.Tensor, Scheduler]:
-        with scheduler(group=group, microbatches=microbatches) as s:
-            out = layer(x)
-        _sync(dev)
-        return out, s
+        def overlapped() -> tuple[torch.Tensor, Scheduler]:
+            with scheduler(group=group, microbatches=microbatches) as s:
+                out = layer(x)
+            _sync(dev)
+            return out, s
 
-    ops.configure(link=None)
-    with progress.step("warming up (serial and overlapped once, link calibration)"):
-        _, s = serial()
-        overlapped()
-        compute0 = _max([s.report().compute_busy], group, dev=dev)[0]
-        emulated = _calibrate(layer, x, link, group, dev, serial, compute0)
-
-    times: tuple[list[float], list[float]] = ([], [])
-    starts: list[float] = []  # the overlapped repetitions' start on this rank (the picture's time axis)
-    scheds: tuple[list[Scheduler], list[Scheduler]] = ([], [])
-    outs: list[torch.Tensor] = [x, x]
-    ops.configure(link=emulated)
-    try:
-        with progress.step(f"timing {reps} reps of serial and overlapped, m={microbatches}", total=2 * reps) as tick:
-            for _ in range(reps):
-                for i, fn in enumerate((serial, overlapped)):
-                    dist.barrier(group)
-                    t0 = time.perf_counter()
-                    if i:
-                        starts.append(t0)
-                    outs[i], sched = fn()
-                    times[i].append(time.perf_counter() - t0)
-                    scheds[i].append(sched)
-                    tick()
-    finally:
         ops.configure(link=None)
+        with progress.step("warming up (serial and overlapped once, link calibration)"):
+            _, s = serial()
+            overlapped()
+            compute0 = _max([s.report().compute_busy], group, dev=dev)[0]
+            emulated = _calibrate(layer, x, link, group, dev, serial, compute0)
 
-    def forward_only() -> None:  # one overlapped forward, without the bench's own device sync
-        with scheduler(group=group, microbatches=microbatches):
-            layer(x)
+        times: tuple[list[float], list[float]] = ([], [])
+        starts: list[float] = []  # the overlapped repetitions' start on this rank (the picture's time axis)
+        scheds: tuple[list[Scheduler], list[Scheduler]] = ([], [])
+        outs: list[torch.Tensor] = [x, x]
+        ops.configure(link=emulated)
+        try:
+            with progress.step(
+                f"timing {reps} reps of serial and overlapped, m={microbatches}", total=2 * reps
+            ) as tick:
+                for _ in range(reps):
+                    for i, fn in enumerate((serial, overlapped)):
+                        dist.barrier(group)
+                        t0 = time.perf_counter()
+                        if i:
+                            starts.append(t0)
+                        outs[i], sched = fn()
+                        times[i].append(time.perf_counter() - t0)
+                        scheds[i].append(sched)
+                        tick()
+        finally:
+            ops.configure(link=None)
 
-    calls = _device_calls(forward_only, dev)
+        def forward_only() -> None:  # one overlapped forward, without the bench's own device sync
+            with scheduler(group=group, microbatches=microbatches):
+                layer(x)
 
-    # Combine ranks: a repetition takes as long as its slowest rank.
-    serial_t = _max(times[0], group, dev=dev)
-    over_t = _max(times[1], group, dev=dev)
-    s_rep, o_rep = _median_index(serial_t), _median_index(over_t)
-    s_report = scheds[0][s_rep].report()
-    compute, comm = _max([s_report.compute_busy, s_report.comm_busy], group, dev=dev)
-    o_sched = scheds[1][o_rep]
-    o_report = o_sched.report()
-    hidden_here = o_report.hidden_fraction
-    # `s.report()`'s own estimate of the speedup (no serial run): kept beside the measured one.
-    hidden, estimate = _max([hidden_here, o_report.speedup], group, op=dist.ReduceOp.MIN, dev=dev)
+        calls = _device_calls(forward_only, dev)
 
-    with progress.step("checking against the dense fp32 reference"):
-        dense = layer.dense_forward(x, dtype=torch.float32).cpu()
-        worst = [compare(out.cpu(), dense).worst_ulps for out in outs]
-    worst_serial, worst_overlapped = _max(worst, group, dev=dev)
-    tolerance = compare(dense[:0], dense[:0], dtype=torch.bfloat16).max_ulps
+        # Combine ranks: a repetition takes as long as its slowest rank.
+        serial_t = _max(times[0], group, dev=dev)
+        over_t = _max(times[1], group, dev=dev)
+        s_rep, o_rep = _median_index(serial_t), _median_index(over_t)
+        s_report = scheds[0][s_rep].report()
+        compute, comm = _max([s_report.compute_busy, s_report.comm_busy], group, dev=dev)
+        o_sched = scheds[1][o_rep]
+        o_report = o_sched.report()
+        hidden_here = o_report.hidden_fraction
+        # `s.report()`'s own estimate of the speedup (no serial run): kept beside the measured one.
+        hidden, estimate = _max([hidden_here, o_report.speedup], group, op=dist.ReduceOp.MIN, dev=dev)
 
-    serial_s, overlapped_s = statistics.median(serial_t), statistics.median(over_t)
-    paired = paired_speedups(serial_t, over_t)
-    paired_low, paired_high, paired_coverage = median_interval(paired)
-    ideal = (compute + comm) / max(compute, comm) if max(compute, comm) > 0 else 1.0
-    row = {
-        "shape": str(shape),
-        **{f"shape_{k}": v for k, v in asdict(shape).items()},
-        "ranks": dist.get_world_size(group),
-        "device": device,
-        "link": str(link),
-        "transport": ops.transport_kind(group.group_name),
-        **_exchange_rates(group, shape, dev),
-        "microbatches": _microbatches_ran(o_sched),
-        "microbatches_requested": microbatches,
-        "reps": reps,
-        "serial_s": serial_s,
-        "serial_min_s": min(serial_t),
-        "serial_max_s": max(serial_t),
-        "overlapped_s": overlapped_s,
-        "overlapped_min_s": min(over_t),
-        "overlapped_max_s": max(over_t),
-        "compute_s": compute,
-        "comm_s": comm,
-        "comm_ratio": comm / compute if compute > 0 else 0.0,
-        "hidden_fraction": hidden,
-        "speedup": serial_s / overlapped_s,
-        "speedup_paired": statistics.median(paired),
-        "speedup_low": paired_low,
-        "speedup_high": paired_high,
-        "speedup_coverage": paired_coverage,
-        "report_speedup_estimate": estimate,
-        "ideal_speedup": ideal,
-        "verdict": _verdict(serial_t, over_t),
-        **calls,
-        "link_bandwidth_GBps": None if emulated is None else emulated.bandwidth_bytes_per_s / 1e9,
-        "link_latency_us": None if emulated is None else emulated.latency_s * 1e6,
-        "worst_ulps_serial": worst_serial,
-        "worst_ulps_overlapped": worst_overlapped,
-        "tolerance_ulps": tolerance,
-        "within_tolerance": max(worst_serial, worst_overlapped) <= tolerance,
-    }
-    if keep:
-        # The picture: the median overlapped repetition on the rank that hid least (ties: lowest rank).
-        candidate = torch.tensor([rank if hidden_here <= hidden else dist.get_world_size(group)], device=dev)
-        dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
-        pictured = int(candidate.item())
-        payload: list[Any] = [
-            ([(iv.track, iv.name, iv.start, iv.end, iv.kind) for iv in o_sched.timeline.intervals], starts[o_rep])
-            if rank == pictured
-            else None
-        ]
-        dist.broadcast_object_list(payload, src=dist.get_global_rank(group, pictured), group=group)
-        timeline = Timeline(o_sched.timeline.tracks)
-        rows, started = payload[0]
-        for track, name, start, end, kind in rows:
-            timeline.add(track, name, start, end, kind)
-        # The picture's time axis: from the repetition's start on the pictured rank, as long as the
-        # table's overlapped time (this repetition on its slowest rank).
-        window = (started, started + over_t[o_rep])
-        row.update(_sched=o_sched, _timeline=timeline, _window=window, pictured_rank=pictured, pictured_rep=o_rep)
-    return row
+        with progress.step("checking against the dense fp32 reference"):
+            dense = layer.dense_forward(x, dtype=torch.float32).cpu()
+            worst = [compare(out.cpu(), dense).worst_ulps for out in outs]
+        worst_serial, worst_overlapped = _max(worst, group, dev=dev)
+        tolerance = compare(dense[:0], dense[:0], dtype=torch.bfloat16).max_ulps
+
+        serial_s, overlapped_s = statistics.median(serial_t), statistics.median(over_t)
+        paired = paired_speedups(serial_t, over_t)
+        paired_low, paired_high, paired_coverage = median_interval(paired)
+        ideal = (compute + comm) / max(compute, comm) if max(compute, comm) > 0 else 1.0
+        row = {
+            "shape": str(shape),
+            **{f"shape_{k}": v for k, v in asdict(shape).items()},
+            "ranks": dist.get_world_size(group),
+            "device": device,
+            "link": str(link),
+            "transport": ops.transport_kind(group.group_name),
+            **_exchange_rates(group, shape, dev),
+            "microbatches": _microbatches_ran(o_sched),
+            "microbatches_requested": microbatches,
+            "reps": reps,
+            "serial_s": serial_s,
+            "serial_min_s": min(serial_t),
+            "serial_max_s": max(serial_t),
+            "overlapped_s": overlapped_s,
+            "overlapped_min_s": min(over_t),
+            "overlapped_max_s": max(over_t),
+            "compute_s": compute,
+            "comm_s": comm,
+            "comm_ratio": comm / compute if compute > 0 else 0.0,
+            "hidden_fraction": hidden,
+            "speedup": serial_s / overlapped_s,
+            "speedup_paired": statistics.median(paired),
+            "speedup_low": paired_low,
+            "speedup_high": paired_high,
+            "speedup_coverage": paired_coverage,
+            "report_speedup_estimate": estimate,
+            "ideal_speedup": ideal,
+            "verdict": _verdict(serial_t, over_t),
+            **calls,
+            "link_bandwidth_GBps": None if emulated is None else emulated.bandwidth_bytes_per_s / 1e9,
+            "link_latency_us": None if emulated is None else emulated.latency_s * 1e6,
+            "worst_ulps_serial": worst_serial,
+            "worst_ulps_overlapped": worst_overlapped,
+            "tolerance_ulps": tolerance,
+            "within_tolerance": max(worst_serial, worst_overlapped) <= tolerance,
+        }
+        if keep:
+            # The picture: the median overlapped repetition on the rank that hid least (ties: lowest rank).
+            candidate = torch.tensor([rank if hidden_here <= hidden else dist.get_world_size(group)], device=dev)
+            dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
+            pictured = int(candidate.item())
+            payload: list[Any] = [
+                ([(iv.track, iv.name, iv.start, iv.end, iv.kind) for iv in o_sched.timeline.intervals], starts[o_rep])
+                if rank == pictured
+                else None
+            ]
+            dist.broadcast_object_list(payload, src=dist.get_global_rank(group, pictured), group=group)
+            timeline = Timeline(o_sched.timeline.tracks)
+            rows, started = payload[0]
+            for track, name, start, end, kind in rows:
+                timeline.add(track, name, start, end, kind)
+            # The picture's time axis: from the repetition's start on the pictured rank, as long as the
+            # table's overlapped time (this repetition on its slowest rank).
+            window = (started, started + over_t[o_rep])
+            row.update(_sched=o_sched, _timeline=timeline, _window=window, pictured_rank=pictured, pictured_rep=o_rep)
+        return row
 
 
 def demo_rank(shape: Shape, microbatches: int, link: Link, reps: int, device: str, out_dir: str) -> dict:

@@ -342,21 +342,21 @@ class MoELayer(nn.Module):
     def moe_experts(self, expand_x: Tensor, dynamic_scales: Tensor, expert_token_nums: Tensor) -> Tensor:
         if expand_x.dtype == torch.int8:  # int8 dispatch: dequantise per row
             expand_x = (expand_x.float() * dynamic_scales[:, None]).to(self.dtype)
+        weights = [self.gate, self.up, self.down]
+        chosen = resolve_implementation(self.experts_implementation, expand_x, *weights)  # once per call
         return expert_mlps(
             expand_x,
-            self.gate,
-            self.up,
-            self.down,
+            *weights,
             expert_token_nums,
-            implementation=self.experts_implementation,
-            packed=self._packed("routed", expand_x, [self.gate, self.up, self.down]),
+            implementation=chosen,
+            packed=self._packed("routed", expand_x, chosen, weights),
         )
 
-    def _packed(self, name: str, x: Tensor, weights: list[Tensor]) -> PackedExperts | None:
+    def _packed(self, name: str, x: Tensor, chosen: str, weights: list[Tensor]) -> PackedExperts | None:
         """The kept `PackedExperts` of `name` (`weights`: gate, up, down stacked over experts, or
-        each shared expert's gate, up, down in turn) where `x` takes the "packed" path, rebuilt
-        when a weight changed; else None."""
-        if not x.shape[0] or resolve_implementation(self.experts_implementation, x, *weights) != "packed":
+        each shared expert's gate, up, down in turn) where `x` takes the "packed" path (`chosen`,
+        by `resolve_implementation`), rebuilt when a weight changed; else None."""
+        if not x.shape[0] or chosen != "packed":
             return None
         key = weights_key(*weights)
         kept = self._packs.get(name)
@@ -370,7 +370,9 @@ class MoELayer(nn.Module):
             return None
         w = list(self.shared_experts)
         gates, ups, downs = w[0::3], w[1::3], w[2::3]
-        packed = self._packed("shared", x, w) if self.experts_implementation in ("auto", "packed") else None
+        packed = None
+        if self.experts_implementation in ("auto", "packed"):
+            packed = self._packed("shared", x, resolve_implementation(self.experts_implementation, x, *w), w)
 
         def mlp(i: int) -> Tensor:
             return packed.mlp(i, x) if packed is not None else gated_mlp(x, gates[i], ups[i], downs[i])
