@@ -342,11 +342,13 @@ class MoELayer(nn.Module):
     def moe_experts(self, expand_x: Tensor, dynamic_scales: Tensor, expert_token_nums: Tensor) -> Tensor:
         if expand_x.dtype == torch.int8:  # int8 dispatch: dequantise per row
             expand_x = (expand_x.float() * dynamic_scales[:, None]).to(self.dtype)
-        weights = [self.gate, self.up, self.down]
+        weights: list[Tensor] = [self.gate, self.up, self.down]
         chosen = resolve_implementation(self.experts_implementation, expand_x, *weights)  # once per call
         return expert_mlps(
             expand_x,
-            *weights,
+            self.gate,
+            self.up,
+            self.down,
             expert_token_nums,
             implementation=chosen,
             packed=self._packed("routed", expand_x, chosen, weights),

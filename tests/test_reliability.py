@@ -303,6 +303,50 @@ def test_dead_rank_gives_every_survivor_a_clear_error_quickly(scratch_pool, carr
     scratch_pool.close()  # the next user gets fresh ranks
 
 
+def _late_survivor_case(timeout_s: float) -> tuple[str, str, float]:
+    """Rank 2 exits before anyone sets up; rank 1 sets up only once rank 2's process is gone and
+    its gloo connection has had time to close. gloo then refuses to post anything to rank 2 on
+    rank 1: rank 1's rows must still reach rank 0, so that rank 0 too names rank 2 at once instead
+    of waiting out the timeout for rank 1."""
+    from overlap import ops
+    from overlap.ops.window import _process_gone
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(list(range(world)), backend="gloo").group_name
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 2:
+        store.set(f"tests/pid/{group}", str(os.getpid()))
+    pid = int(store.get(f"tests/pid/{group}"))
+    exit_once_all_arrived(group, rank == 2, 17)
+    if rank == 1:
+        while not _process_gone(pid):
+            time.sleep(0.01)
+        time.sleep(0.5)  # gloo's loop sees the closed connection
+    case = Case(world=world, batches=(4,) * world, experts=6)
+    p = build(case)
+    x, ids = p["x"][rank], p["ids"][rank]
+    start = time.perf_counter()
+    with ops.comm_options(timeout_s=timeout_s):
+        y, _, cmd = ops.dispatch_setup(x, ids, group, world, rank, 6)
+        try:
+            ops.dispatch_teardown(x, y, ids, cmd, group, world, rank, 6)
+        except Exception as exc:
+            return type(exc).__name__, str(exc), time.perf_counter() - start
+    return "", "", time.perf_counter() - start
+
+
+def test_a_survivor_that_sets_up_after_the_death_still_delivers_to_the_others(scratch_pool):
+    timeout_s = 30.0
+    outcomes = _run_survivors(scratch_pool, on, "gloo", _late_survivor_case, timeout_s, timeout_s=RUN_S)
+    scratch_pool.close()  # a rank is gone: the next user gets fresh ranks
+    assert set(outcomes) == {0, 1}, outcomes
+    for rank in (0, 1):
+        ok, (type_name, message, elapsed) = outcomes[rank]
+        assert ok and type_name == "CommError", (rank, type_name, message)
+        assert "rank 2" in message and "ranks [1" not in message, (rank, message)
+        assert elapsed < timeout_s / 2, (rank, elapsed)  # named from the closed connection, not waited out
+
+
 # --------------------------------------------------------------------------------------------
 # 3. Ranks disagree
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,9 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -70,6 +72,7 @@ class P2PLane(Lane):
         super().__init__(group, group_name)
         self.queue: queue.SimpleQueue[Transfer | AbortMarker | threading.Event | None] = queue.SimpleQueue()
         self.side_stream: torch.cuda.Stream | None = None
+        self.posts_each = dist.get_backend(group) == "gloo"  # see `_post`
         self.thread = threading.Thread(target=self._loop, name=f"overlap-comm-{group_name}", daemon=True)
         self.thread.start()
 
@@ -171,12 +174,29 @@ class P2PLane(Lane):
 
     # -- phases --
 
+    def _post(self, sends: dict[int, Tensor], recvs: dict[int, Tensor]) -> list[Any]:
+        """Post the receives and sends; their works (receives first), in the order of `recvs`, then
+        `sends`. On gloo each is posted on its own, sends first, and a post that raises (gloo
+        refuses to post to a peer whose connection already closed) becomes that op's outcome: the
+        other peers still get this rank's rows, so a dead rank is named as such by every survivor
+        instead of stalling the live ones. NCCL posts them as one batch (its ordering needs it)."""
+        if not self.posts_each:
+            ops = [dist.P2POp(dist.irecv, buf, self.peers[r], self.group) for r, buf in recvs.items()]
+            ops += [dist.P2POp(dist.isend, buf, self.peers[r], self.group) for r, buf in sends.items()]
+            return dist.batch_isend_irecv(ops) if ops else []
+
+        def post(fn: Callable[..., Any], buf: Tensor, peer: int) -> Any:
+            try:
+                return fn(buf, self.peers[peer], group=self.group)
+            except Exception as exc:  # noqa: BLE001 - raised at its wait, naming the peer
+                return exc
+
+        sent = [post(dist.isend, buf, r) for r, buf in sends.items()]
+        received = [post(dist.irecv, buf, r) for r, buf in recvs.items()]
+        return received + sent
+
     def _p2p(self, sends: dict[int, Tensor], recvs: dict[int, Tensor], transfer: Transfer, deadline: float) -> None:
-        ops = [dist.P2POp(dist.irecv, buf, self.peers[r], self.group) for r, buf in recvs.items()]
-        ops += [dist.P2POp(dist.isend, buf, self.peers[r], self.group) for r, buf in sends.items()]
-        if not ops:
-            return
-        works = dist.batch_isend_irecv(ops)
+        works = self._post(sends, recvs)
         recv_peers = list(recvs)
         send_peers = list(sends)
         where = f" ({transfer.label})" if transfer.label else ""
@@ -185,6 +205,8 @@ class P2PLane(Lane):
             peer = recv_peers[i] if i < len(recv_peers) else None
             missing = sorted(set(recv_peers) - transfer.delivered)
             try:
+                if isinstance(work, Exception):
+                    raise work
                 ok = work.wait(timedelta(seconds=max(remaining, 0.001)))
             except Exception as exc:
                 if time.perf_counter() >= deadline - 0.01:  # gloo raises when its wait times out (ms granularity)
