@@ -15,6 +15,7 @@ import gc
 import os
 import queue
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -269,20 +270,34 @@ def test_timeout_of_a_queued_exchange_says_it_is_queued(scratch_pool):
 def _dying_rank_case(dead_rank: int, timeout_s: float) -> tuple[str, str, float]:
     """Everyone sets up a dispatch; `dead_rank` then exits its process. The survivors tear down
     and keep running full steps until one raises (the dead rank cannot take part in a combine)."""
+    rank = dist.get_rank()
+    group = dist.new_group(list(range(dist.get_world_size())), backend="gloo").group_name
+
+    def after_setup() -> None:  # every rank has made the group and set up
+        exit_once_all_arrived(group, rank == dead_rank, 17)
+
+    return _dispatch_outcome(group, timeout_s, after_setup=after_setup, chains=3)
+
+
+def _dispatch_outcome(
+    group: str, timeout_s: float, *, after_setup: Callable[[], None] = lambda: None, chains: int = 0
+) -> tuple[str, str, float]:
+    """One dispatch of a 6-expert case on `group` (setup, `after_setup()`, teardown), then `chains`
+    full steps, under `timeout_s`: `(exception type name, message, seconds)` of the first call that
+    raised, `("", "", seconds)` if none did."""
     from overlap import ops
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    group = dist.new_group(list(range(world)), backend="gloo").group_name
     case = Case(world=world, batches=(4,) * world, experts=6)
     p = build(case)
     x, ids = p["x"][rank], p["ids"][rank]
     start = time.perf_counter()
     with ops.comm_options(timeout_s=timeout_s):
         y, _, cmd = ops.dispatch_setup(x, ids, group, world, rank, 6)
-        exit_once_all_arrived(group, rank == dead_rank, 17)  # every rank has made the group and set up
+        after_setup()
         try:
             ops.dispatch_teardown(x, y, ids, cmd, group, world, rank, 6)
-            for _ in range(3):
+            for _ in range(chains):
                 _chain(case, group=group)
         except Exception as exc:
             return type(exc).__name__, str(exc), time.perf_counter() - start
@@ -308,7 +323,6 @@ def _late_survivor_case(timeout_s: float) -> tuple[str, str, float]:
     its gloo connection has had time to close. gloo then refuses to post anything to rank 2 on
     rank 1: rank 1's rows must still reach rank 0, so that rank 0 too names rank 2 at once instead
     of waiting out the timeout for rank 1."""
-    from overlap import ops
     from overlap.ops.window import _process_gone
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -319,20 +333,11 @@ def _late_survivor_case(timeout_s: float) -> tuple[str, str, float]:
     pid = int(store.get(f"tests/pid/{group}"))
     exit_once_all_arrived(group, rank == 2, 17)
     if rank == 1:
-        while not _process_gone(pid):
+        gone_by = time.monotonic() + 30.0
+        while not _process_gone(pid) and time.monotonic() < gone_by:  # rank 2 exits at once
             time.sleep(0.01)
         time.sleep(0.5)  # gloo's loop sees the closed connection
-    case = Case(world=world, batches=(4,) * world, experts=6)
-    p = build(case)
-    x, ids = p["x"][rank], p["ids"][rank]
-    start = time.perf_counter()
-    with ops.comm_options(timeout_s=timeout_s):
-        y, _, cmd = ops.dispatch_setup(x, ids, group, world, rank, 6)
-        try:
-            ops.dispatch_teardown(x, y, ids, cmd, group, world, rank, 6)
-        except Exception as exc:
-            return type(exc).__name__, str(exc), time.perf_counter() - start
-    return "", "", time.perf_counter() - start
+    return _dispatch_outcome(group, timeout_s)
 
 
 def test_a_survivor_that_sets_up_after_the_death_still_delivers_to_the_others(scratch_pool):

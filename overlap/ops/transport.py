@@ -232,10 +232,7 @@ def release(group: dist.ProcessGroup | str) -> None:
     _, group_name = _group_and_name(group)
     with _workers_lock:
         lanes = list(_workers.pop(group_name, {}).values())
-    for lane in lanes:
-        lane.stop()
-    for lane in lanes:
-        lane.join(5.0)
+    _retire(lanes)
     with _registry_lock:
         for ticket in [k for k, t in _registry.items() if t.group_name == group_name]:
             del _registry[ticket]
@@ -250,13 +247,18 @@ def shutdown() -> None:
     with _workers_lock:
         lanes = [lane for group in _workers.values() for lane in group.values()]
         _workers.clear()
+    _retire(lanes)
+    with _registry_lock:
+        _registry.clear()
+        _cancelled.clear()
+
+
+def _retire(lanes: list[Lane]) -> None:
+    """Stop `lanes` (all asked first, so their threads wind down together), then join each (bounded)."""
     for lane in lanes:
         lane.stop()
     for lane in lanes:
         lane.join(5.0)
-    with _registry_lock:
-        _registry.clear()
-        _cancelled.clear()
 
 
 atexit.register(shutdown)
