@@ -321,8 +321,8 @@ def test_dead_rank_gives_every_survivor_a_clear_error_quickly(scratch_pool, carr
 def _late_survivor_case(timeout_s: float) -> tuple[str, str, float]:
     """Rank 2 exits before anyone sets up; rank 1 sets up only once rank 2's process is gone and
     its gloo connection has had time to close. gloo then refuses to post anything to rank 2 on
-    rank 1: rank 1's rows must still reach rank 0, so that rank 0 too names rank 2 at once instead
-    of waiting out the timeout for rank 1."""
+    rank 1: rank 1 must still name rank 2 at once, and so must rank 0, whose exchange with rank 1
+    is never completed (rank 1 gave up), instead of waiting out the timeout on rank 1."""
     from overlap.ops.window import _process_gone
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -340,7 +340,7 @@ def _late_survivor_case(timeout_s: float) -> tuple[str, str, float]:
     return _dispatch_outcome(group, timeout_s)
 
 
-def test_a_survivor_that_sets_up_after_the_death_still_delivers_to_the_others(scratch_pool):
+def test_a_survivor_that_sets_up_after_the_death_and_its_peers_name_the_dead_rank_at_once(scratch_pool):
     timeout_s = 30.0
     outcomes = _run_survivors(scratch_pool, on, "gloo", _late_survivor_case, timeout_s, timeout_s=RUN_S)
     scratch_pool.close()  # a rank is gone: the next user gets fresh ranks
@@ -348,8 +348,40 @@ def test_a_survivor_that_sets_up_after_the_death_still_delivers_to_the_others(sc
     for rank in (0, 1):
         ok, (type_name, message, elapsed) = outcomes[rank]
         assert ok and type_name == "CommError", (rank, type_name, message)
-        assert "rank 2" in message and "ranks [1" not in message, (rank, message)
+        assert "rank 2 failed" in message, (rank, message)
         assert elapsed < timeout_s / 2, (rank, elapsed)  # named from the closed connection, not waited out
+
+
+def _silent_survivor_case(timeout_s: float) -> tuple[str, str, float] | None:
+    """One full step on all ranks; then rank 2 exits, rank 0 stays alive but sets up nothing (as
+    a survivor does that gave up at a failure the others did not see), and rank 1 sets up a
+    dispatch. Rank 1 must name the dead rank 2 at once, not wait out its timeout on rank 0 first."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(list(range(world)), backend="gloo").group_name
+    store = dist.distributed_c10d._get_default_store()
+    _chain(Case(world=world, batches=(4,) * world, experts=6), group=group)
+    exit_once_all_arrived(group, rank == 2, 17)
+    if rank == 0:  # alive and silent until rank 1 is done
+        gone_by = time.monotonic() + 2 * timeout_s
+        while not store.check([f"tests/done/{group}"]) and time.monotonic() < gone_by:
+            time.sleep(0.01)
+        return None
+    try:
+        return _dispatch_outcome(group, timeout_s)
+    finally:
+        store.set(f"tests/done/{group}", "1")
+
+
+@pytest.mark.parametrize("carrier", CPU_CARRIERS)
+def test_a_dead_rank_is_named_at_once_while_another_peer_is_silent(scratch_pool, carrier):
+    timeout_s = 30.0
+    outcomes = _run_survivors(scratch_pool, on, carrier, _silent_survivor_case, timeout_s, timeout_s=RUN_S)
+    scratch_pool.close()  # a rank is gone: the next user gets fresh ranks
+    assert set(outcomes) == {0, 1}, outcomes
+    ok, (type_name, message, elapsed) = outcomes[1]
+    assert ok and type_name == "CommError", (type_name, message)
+    assert "rank 2" in message or "ranks [2]" in message, message
+    assert elapsed < timeout_s / 2, elapsed  # seen from the closed connection, not after rank 0's timeout
 
 
 # --------------------------------------------------------------------------------------------

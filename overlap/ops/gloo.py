@@ -56,6 +56,55 @@ from .protocol import (
 )
 
 
+class _Waiters:
+    """Daemon threads that each wait on one posted gloo op at a time, for `P2PLane._wait_all`.
+
+    gloo waits on one op per call, a wait cannot be cut short, and a wait that times out closes every
+    connection of the group: so a lane waits on all the ops of an exchange at once, each for the
+    whole time left. Threads are made as needed (never fewer than the ops being waited on) and kept.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.jobs: queue.SimpleQueue[tuple[Any, float, Callable[[BaseException | None], None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self.lock = threading.Lock()
+        self.threads = 0
+        self.busy = 0  # jobs queued or being waited on
+
+    def start(self, work: Any, timeout_s: float, report: Callable[[BaseException | None], None]) -> None:
+        with self.lock:
+            self.busy += 1
+            grow = self.busy > self.threads
+            self.threads += int(grow)
+        if grow:
+            threading.Thread(target=self._run, name=f"{self.name}-wait", daemon=True).start()
+        self.jobs.put((work, timeout_s, report))
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            work, timeout_s, report = job
+            outcome: BaseException | None = None
+            try:
+                if work.wait(timedelta(seconds=timeout_s)) is False:
+                    outcome = TimeoutError("the wait returned False")
+            except Exception as exc:  # noqa: BLE001 - handed to the lane, which names the peer
+                outcome = exc
+            with self.lock:
+                self.busy -= 1
+            report(outcome)
+
+    def stop(self) -> None:
+        with self.lock:
+            threads = self.threads
+        for _ in range(threads):
+            self.jobs.put(None)
+
+
 class P2PLane(Lane):
     """Carries one group's exchanges, in order, on one daemon thread.
 
@@ -73,6 +122,8 @@ class P2PLane(Lane):
         self.queue: queue.SimpleQueue[Transfer | AbortMarker | threading.Event | None] = queue.SimpleQueue()
         self.side_stream: torch.cuda.Stream | None = None
         self.posts_each = dist.get_backend(group) == "gloo"  # see `_post`
+        self.lingering: list[tuple[list[Any], dict[int, Tensor], dict[int, Tensor]]] = []  # see `_p2p`
+        self.waiters = _Waiters(f"overlap-comm-{group_name}")
         self.thread = threading.Thread(target=self._loop, name=f"overlap-comm-{group_name}", daemon=True)
         self.thread.start()
 
@@ -196,40 +247,90 @@ class P2PLane(Lane):
         return received + sent
 
     def _p2p(self, sends: dict[int, Tensor], recvs: dict[int, Tensor], transfer: Transfer, deadline: float) -> None:
+        """Post the sends and receives and wait for them until `deadline`; raise on the first that
+        fails, naming its peer and the ranks that have not delivered. On gloo all ops are waited on
+        at once (`_wait_all`), so a dead peer is named the moment its connection closes, whatever
+        the order of the ops. The works and buffers of a failed exchange stay referenced by the lane
+        (`lingering`): the backend may still write into or read from them."""
         works = self._post(sends, recvs)
-        recv_peers = list(recvs)
-        send_peers = list(sends)
-        where = f" ({transfer.label})" if transfer.label else ""
-        for i, work in enumerate(works):
-            remaining = deadline - time.perf_counter()
-            peer = recv_peers[i] if i < len(recv_peers) else None
-            missing = sorted(set(recv_peers) - transfer.delivered)
-            try:
-                if isinstance(work, Exception):
-                    raise work
-                ok = work.wait(timedelta(seconds=max(remaining, 0.001)))
-            except Exception as exc:
-                if time.perf_counter() >= deadline - 0.01:  # gloo raises when its wait times out (ms granularity)
-                    raise CommTimeoutError(
-                        f"{transfer.op} exchange{where} on group {self.group_name!r} timed out after "
-                        f"{transfer.timeout_s:g} s: ranks {missing} have not delivered ({exc})"
-                    ) from exc
-                who = (
-                    f"receiving from rank {peer}"
-                    if peer is not None
-                    else f"sending to rank {send_peers[i - len(recv_peers)]}"
-                )
-                raise CommError(
-                    f"{transfer.op} exchange{where} on group {self.group_name!r}: {who} failed ({exc}); "
-                    f"ranks {missing} have not delivered"
-                ) from exc
-            if ok is False:
-                raise CommTimeoutError(
-                    f"{transfer.op} exchange{where} on group {self.group_name!r} timed out after "
-                    f"{transfer.timeout_s:g} s: ranks {missing} have not delivered"
-                )
-            if peer is not None:
+        ops = [(r, True) for r in recvs] + [(r, False) for r in sends]
+
+        def landed(i: int) -> None:  # as each lands: a teardown that times out meanwhile names the rest
+            peer, receiving = ops[i]
+            if receiving:
                 transfer.delivered.add(peer)
+
+        # (op index, cause, timed out?) of the ops that failed, in the order they failed
+        failures: list[tuple[int, BaseException, bool]] = []
+        if self.posts_each:
+            failures = self._wait_all(works, deadline, landed)
+        else:
+            for i, work in enumerate(works):
+                try:
+                    ok = work.wait(timedelta(seconds=max(deadline - time.perf_counter(), 0.001)))
+                    if ok is False:
+                        raise TimeoutError("the wait returned False")
+                except Exception as exc:
+                    failures.append((i, exc, time.perf_counter() >= deadline - 0.01))
+                    break
+                landed(i)
+        if not failures:
+            return
+        self.lingering.append((works, sends, recvs))
+        index, cause, timed_out = failures[0]
+        peer, receiving = ops[index]
+        missing = sorted(set(recvs) - transfer.delivered)
+        where = f" ({transfer.label})" if transfer.label else ""
+        error: CommError | CommTimeoutError
+        if timed_out:
+            error = CommTimeoutError(
+                f"{transfer.op} exchange{where} on group {self.group_name!r} timed out after "
+                f"{transfer.timeout_s:g} s: ranks {missing} have not delivered ({cause})"
+            )
+        else:
+            who = f"receiving from rank {peer}" if receiving else f"sending to rank {peer}"
+            error = CommError(
+                f"{transfer.op} exchange{where} on group {self.group_name!r}: {who} failed ({cause}); "
+                f"ranks {missing} have not delivered"
+            )
+        raise error from cause
+
+    def _wait_all(
+        self, works: list[Any], deadline: float, landed: Callable[[int], None]
+    ) -> list[tuple[int, BaseException, bool]]:
+        """gloo: wait for all `works` at once (each on a waiter thread, for the whole time left)
+        until every one completed or one failed, calling `landed(index)` as each completes: the
+        failures as (index, cause, timed out?), in the order they happened. A dead peer is thus seen the moment
+        its connection closes, even while an op with a live but silent peer is pending (a survivor
+        that gave up at an earlier exchange, which the dead peer had completed with this rank)."""
+        cond = threading.Condition()
+        outcomes: dict[int, BaseException | None] = {}
+        failures: list[tuple[int, BaseException, bool]] = []
+
+        def report(index: int) -> Callable[[BaseException | None], None]:
+            def done(outcome: BaseException | None) -> None:
+                with cond:
+                    outcomes[index] = outcome
+                    if outcome is None:
+                        landed(index)
+                    else:
+                        failures.append((index, outcome, time.perf_counter() >= deadline - 0.01))
+                    cond.notify()
+
+            return done
+
+        for i, work in enumerate(works):
+            if isinstance(work, Exception):  # refused at its post
+                report(i)(work)
+            else:
+                self.waiters.start(work, max(deadline - time.perf_counter(), 0.001), report(i))
+        with cond:
+            while len(outcomes) < len(works) and not failures:
+                # the waits themselves end at the deadline: the slack only guards against a lost report
+                if not cond.wait(timeout=max(deadline - time.perf_counter(), 0.0) + 5.0):
+                    lost = next(i for i in range(len(works)) if i not in outcomes)
+                    failures.append((lost, TimeoutError("the backend's wait did not return"), True))
+            return list(failures)
 
     def _exchange(self, transfer: Transfer) -> tuple[Tensor, Tensor]:
         deadline = time.perf_counter() + transfer.timeout_s
@@ -302,6 +403,7 @@ class P2PLane(Lane):
 
     def stop(self) -> None:
         self.queue.put(None)  # its thread may still sit in a backend wait; it is a daemon
+        self.waiters.stop()
 
     def join(self, timeout_s: float) -> None:
         self.thread.join(timeout=timeout_s)
