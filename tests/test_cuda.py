@@ -557,3 +557,59 @@ def test_overlapped_forward_over_the_cuda_window_makes_no_host_sync(rank_pools, 
         assert res["caller_syncs"] == [] and res["other_syncs"] == [], res
         assert res["error"] is None, f"rank {rank}: a host sync with the window transport: {res['error']}"
         assert res["vs_dense"].ok, str(res["vs_dense"])
+
+
+# --------------------------------------------------------------------------------------------
+# The emulated link on a device: the transport's stream is held, not the host
+# --------------------------------------------------------------------------------------------
+
+
+def _device_link_case(latency_s: float, carrier: str) -> dict:
+    """A dispatch under a link of `latency_s`: host time of setup + teardown, and when a kernel the
+    caller's stream queues after the teardown has run."""
+    from overlap import ops
+    from overlap.ops import transport
+
+    from .carriers import forced
+
+    dev = _device()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    case = Case(world=world, batches=(8,) * world)
+    p = build(case)
+    g = dist.group.WORLD.group_name
+    x, ids = p["x"][rank].to(dev), p["ids"][rank].to(dev)
+    try:
+        with forced(carrier):
+            link = ops.EmulatedLink(latency_s=latency_s, bandwidth_bytes_per_s=1e12)
+            with ops.comm_options(link=link):
+                y, _, cmd = ops.dispatch_setup(x, ids, g, world, rank, case.experts)  # warm up, calibrate
+                ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, case.experts)
+                torch.cuda.synchronize()
+                dist.barrier()
+                t0 = time.perf_counter()
+                y, _, cmd = ops.dispatch_setup(x, ids, g, world, rank, case.experts)
+                expand_x, *_ = ops.dispatch_teardown(x, y, ids, cmd, g, world, rank, case.experts)
+                host_s = time.perf_counter() - t0
+                kind = ops.transport_kind(g)
+                after = torch.cuda.Event()
+                expand_x.float().sum()  # a kernel on the caller's stream, ordered after the exchange
+                after.record()
+                while not after.query():
+                    time.sleep(1e-4)
+                device_s = time.perf_counter() - t0
+        return {"host_s": host_s, "device_s": device_s, "kind": kind}
+    finally:
+        transport.shutdown()
+
+
+@pytest.mark.parametrize("carrier", ["gloo", "window"])
+def test_the_emulated_link_holds_the_transport_stream_not_the_host(rank_pools, carrier):
+    """`--comm-ratio` on cuda: the teardown returns long before the modelled time (the host is not
+    held), and what the caller's stream queues after it runs only once the model says the rows
+    arrived (the transport's stream is held by a spin kernel, the done event recorded after it)."""
+    latency_s = 0.3
+    results = rank_pools(2).run(_device_link_case, latency_s, carrier, timeout_s=300)
+    for rank, res in enumerate(results):
+        print(f"rank {rank} ({res['kind']}): host {res['host_s'] * 1e3:.1f} ms, device {res['device_s'] * 1e3:.1f} ms")
+        assert res["host_s"] < latency_s / 2, (rank, res)
+        assert res["device_s"] >= 0.9 * latency_s, (rank, res)

@@ -5,10 +5,16 @@ and orderings are asserted: they hold however loaded the machine is."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
+import torch
 import torch.distributed as dist
 
 from overlap import ops
+from overlap.ops import staging
+from overlap.ops.protocol import Lane, Transfer
 
 from .carriers import CPU_CARRIERS, on
 from .gates import LinkGates
@@ -151,3 +157,69 @@ def test_the_window_link_is_modelled_without_a_thread(rank_pools):
         assert start1 >= done0 - eps  # the second waits for the first on the one link
         assert done1 - start1 >= modelled - eps and end1 >= done1
         assert res["returned"][0] >= done0 and res["returned"][1] >= done1  # each teardown slept it out
+
+
+# --------------------------------------------------------------------------------------------
+# On a device: the model holds the transport's stream, not the host (CPU twin of the CUDA path)
+# --------------------------------------------------------------------------------------------
+
+
+class _ClockOnlyLane(Lane):
+    """A lane with only the link clock and what `finish` touches."""
+
+    def __init__(self) -> None:
+        self.link_free_at = 0.0
+        self.lock = threading.Lock()
+        self.pending: set[Transfer] = set()
+
+
+def _transfer(link: ops.EmulatedLink) -> Transfer:
+    return Transfer(
+        ticket=0,
+        op="dispatch",
+        group_name="g",
+        seq=0,
+        header=torch.zeros(1, dtype=torch.int64),
+        send_buf=torch.zeros(1, 1, dtype=torch.uint8),
+        send_rows=[0],
+        block_counts=torch.zeros(1, 1, dtype=torch.int64),
+        link=link,
+        started_at=time.perf_counter(),
+    )
+
+
+def test_on_a_stream_the_link_is_a_hold_of_that_stream_and_the_host_returns_at_once(monkeypatch):
+    held: list[tuple[object, float]] = []
+    events = iter(["done-0", "done-1"])
+
+    def hold_stream(stream, seconds):
+        held.append((stream, seconds))
+        return next(events)
+
+    monkeypatch.setattr(staging, "hold_stream", hold_stream)
+    lane = _ClockOnlyLane()
+    link = ops.EmulatedLink(latency_s=0.0, bandwidth_bytes_per_s=1000.0)
+    first, second = _transfer(link), _transfer(link)
+    t0 = time.perf_counter()
+    lane.hold_on_link(first, 300, stream="side")  # 0.3 s modelled
+    lane.hold_on_link(second, 200, stream="side")  # 0.2 s more, after the first on the same link
+    host_s = time.perf_counter() - t0
+    assert host_s < 0.1, host_s  # neither call slept for the model
+    assert [stream for stream, _ in held] == ["side", "side"]
+    assert 0.3 - host_s - 0.01 <= held[0][1] <= 0.3
+    assert 0.5 - host_s - 0.01 <= held[1][1] <= 0.5  # queued behind the first exchange's modelled time
+    assert (first.done_event, second.done_event) == ("done-0", "done-1")  # what the teardown waits on
+    assert lane.link_free_at == pytest.approx(first.started_at + 0.5)
+    # the link intervals (timeline, report, --comm-ratio calibration) end at the modelled times
+    for transfer, end in ((first, 0.3), (second, 0.5)):
+        lane.finish(transfer, None, None)
+        assert transfer.finished_at == pytest.approx(first.started_at + end)
+
+
+def test_without_a_stream_the_link_sleeps_the_carrier_thread(monkeypatch):
+    monkeypatch.setattr(staging, "hold_stream", lambda *a: pytest.fail("a host exchange held a stream"))
+    lane = _ClockOnlyLane()
+    transfer = _transfer(ops.EmulatedLink(latency_s=0.05, bandwidth_bytes_per_s=1e12))
+    lane.hold_on_link(transfer, 1000)
+    assert time.perf_counter() - transfer.started_at >= 0.05
+    assert transfer.done_event is None

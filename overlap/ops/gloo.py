@@ -217,11 +217,15 @@ class P2PLane(Lane):
     def _run_on_device(self, transfer: Transfer) -> tuple[Tensor, Tensor]:
         """CPU: exchange on this thread. CUDA: on a side stream that first waits for the setup's
         staging (`ready_event`), then records `done_event` for the teardown's stream to wait on;
-        staged through pinned host buffers over gloo (see `staging.run`)."""
+        staged through pinned host buffers over gloo (see `staging.run`). Then the emulated link
+        (`hold_on_link`): a sleep of this thread on cpu, a hold of the side stream on cuda."""
         if self.side_stream is None and transfer.send_buf.device.type == "cuda":
             self.side_stream = torch.cuda.Stream(device=transfer.send_buf.device)
         side_stream = self.side_stream if transfer.send_buf.device.type == "cuda" else None
-        return staging.run(transfer, self._exchange, side_stream)
+        result = staging.run(transfer, self._exchange, side_stream)
+        # the emulated link: on cuda a hold of the side stream (after the rows landed there), else a sleep
+        self.hold_on_link(transfer, transfer.link_bytes, stream=side_stream)
+        return result
 
     # -- phases --
 
@@ -387,7 +391,7 @@ class P2PLane(Lane):
 
         out_bytes = sum(s.numel() for s in sends.values())
         in_bytes = sum(b.numel() for b in recvs.values())
-        self.hold_on_link(transfer, max(out_bytes, in_bytes))
+        transfer.link_bytes = max(out_bytes, in_bytes)  # held by `_run_on_device`
         return recv_rows, recv_counts
 
     def submit(self, transfer: Transfer) -> None:

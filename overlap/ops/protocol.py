@@ -266,6 +266,10 @@ class Transfer:
     finished_at: float | None = None
     # Carriers that model the link where the exchange is waited for (window): when it completes.
     link_done_at: float | None = None
+    link_bytes: int = 0  # threaded carriers: the larger of the bytes sent and received, for the link model
+    # A link modelled on a device stream (`Lane.hold_on_link`): its modelled end, on the host clock,
+    # where its link interval ends (the host moved on before the stream got there).
+    device_link_end: float | None = None
     delivered: set[int] = field(default_factory=set)
     _done: threading.Event = field(default_factory=threading.Event)
     _result: tuple[Tensor, Tensor] | None = None
@@ -610,22 +614,35 @@ class Lane:
 
     def finish(self, transfer: Transfer, result: tuple[Tensor, Tensor] | None, error: BaseException | None) -> None:
         """Hand the outcome to the transfer (unless `abort` cancelled it) and retire it."""
-        transfer.finished_at = time.perf_counter()
+        transfer.finished_at = max(time.perf_counter(), transfer.device_link_end or 0.0)
         with self.lock:
             if not transfer.cancelled and not transfer._done.is_set():
                 transfer._result, transfer._error = result, error
                 transfer._done.set()
             self.pending.discard(transfer)
 
-    def hold_on_link(self, transfer: Transfer, nbytes: int) -> None:
-        """The emulated link: return no earlier than the transfer's start + the modelled duration of
-        `nbytes`, one exchange after another on this lane (sleeping: no core is used)."""
+    def hold_on_link(self, transfer: Transfer, nbytes: int, stream: Any = None) -> None:
+        """The emulated link: the exchange completes no earlier than its start + the modelled
+        duration of `nbytes`, one exchange after another on this lane.
+
+        Without `stream` (host memory) this returns only then, sleeping (no core is used). With the
+        transport's CUDA `stream`, it returns at once: the rest of the modelled time is a spin
+        kernel queued on that stream (`staging.hold_stream`), and the transfer's done event, which
+        the teardown's stream waits on, is recorded after it. So neither the host nor the compute
+        stream is held by the model: only what the teardown orders after the exchange waits, on
+        the device, as it would for a real link's transfer.
+        """
         link = transfer.link
         if link is None:
             return
         start = max(transfer.started_at or 0.0, self.link_free_at)
         done_at = start + link.duration(nbytes)
         delay = done_at - time.perf_counter()
+        if stream is not None:
+            transfer.done_event = staging.hold_stream(stream, delay)
+            transfer.device_link_end = done_at
+            self.link_free_at = done_at
+            return
         if delay > 0:
             time.sleep(delay)
         self.link_free_at = max(done_at, time.perf_counter())

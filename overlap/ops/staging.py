@@ -298,6 +298,45 @@ def protect(tensors: Sequence[Tensor | None], stream: Any) -> None:
             t.record_stream(stream)
 
 
+_CYCLES_PER_S: dict[int, float] = {}
+
+
+def cycles_per_second(device: torch.device) -> float:
+    """Clock cycles per second of `torch.cuda._sleep`'s spin on `device`, measured once per process:
+    timing events around a 2^22-cycle spin on a private stream, polled (`Event.query`, never a host
+    sync, so it is allowed under `torch.cuda.set_sync_debug_mode("error")`). The device properties'
+    clock rate is gone with CUDA 13, and a guessed one was 25 % off on an H200."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    rate = _CYCLES_PER_S.get(index)
+    if rate is None:
+        cycles = 1 << 22
+        with torch.cuda.device(index):
+            stream = torch.cuda.Stream()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(stream):
+                start.record(stream)
+                torch.cuda._sleep(cycles)
+                end.record(stream)
+            while not end.query():
+                time.sleep(50e-6)
+            rate = cycles / max(start.elapsed_time(end) * 1e-3, 1e-9)
+        _CYCLES_PER_S[index] = rate
+    return rate
+
+
+def hold_stream(stream: Any, seconds: float) -> Any:
+    """Keep the CUDA `stream` busy for about `seconds` with a one-thread spin kernel, and return an
+    event recorded on it after the spin: work that waits on the event (or is queued on `stream`)
+    waits; the host and every other stream do not (the emulated link on a device)."""
+    cycles = int(seconds * cycles_per_second(stream.device)) if seconds > 0 else 0
+    with torch.cuda.stream(stream):
+        if cycles > 0:
+            torch.cuda._sleep(cycles)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return done
+
+
 def hand_over(transfer: Transfer) -> None:
     """Teardown side, on the caller's thread: order the caller's current stream after the exchange
     (its done event) and mark the received tensors as used by that stream."""

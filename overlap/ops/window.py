@@ -1005,8 +1005,10 @@ class WindowLane(Lane):
                 sent = transfer.send_rows or [0] * self.world
                 out_bytes = (sum(sent) - sent[self.rank]) * row_bytes
                 in_bytes = (rows.shape[0] - sent[self.rank]) * row_bytes
+                # a CUDA window holds its stream (the reader's copies and done event are queued there)
+                stream = self.flavour.stream if isinstance(self.flavour, CudaFlavour) else None
                 try:
-                    self.hold_on_link(transfer, max(out_bytes, in_bytes))
+                    self.hold_on_link(transfer, max(out_bytes, in_bytes), stream=stream)
                 except BaseException as exc:
                     error = exc
             if error is not None:
