@@ -13,7 +13,8 @@
 #   4. the window transport (the CUDA IPC window), no emulation: T4096 H7168 E64 K8 I2048 int8,
 #      2 ranks, m = 2, HCCL_BUFFSIZE=4096 (a device setup's bound is its whole send buffer)
 #   5. python bench/bench_kernels.py --device cuda     (layout time, kernels % of copy_)
-#   6. python bench/bench_experts.py --device cuda     (grouped GEMM vs the expert loop)
+#   6. python bench/bench_experts.py --device cuda     (grouped GEMM vs the expert loop; the CUDA-graph
+#                                                      replay of the grouped path, at 8192 and 256 rows)
 #   7. python bench/bench_exchange.py --device cuda, 2 and 4 ranks (exchange vs copy_, setup host
 #      time behind a queued kernel, host syncs; window and gloo-staged)
 #   8. python -m overlap bench --device cpu, 2 and 4 ranks (this host's cores: the many-core figures)
@@ -87,7 +88,10 @@ fi
 # --- end devlayer ---
 step kernels-cuda 40 python3 bench/bench_kernels.py --device cuda
 step experts-cuda 25 python3 bench/bench_experts.py --device cuda --experts 16 --rows 8192 --hidden 4096 \
-    --inter 1536 --json "$LOG/experts-cuda.json"
+    --inter 1536 --cuda-graph --json "$LOG/experts-cuda.json"
+# issue 21's CUDA-graphs trial at a microbatch's size (128 tokens x top-2 on 2 ranks): launch-bound
+step experts-graph-cuda 15 python3 bench/bench_experts.py --device cuda --experts 8 --rows 256 --hidden 4096 \
+    --inter 1536 --cuda-graph --repeat 20 --json "$LOG/experts-graph-cuda.json"
 
 # ---- issue 20 (transport helper): the window transport's GPU figures --------------------------
 # One exchange per rank of 4096 rows (512 tokens x top-8) of 7168

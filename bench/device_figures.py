@@ -4,7 +4,8 @@
 
 Reads, in LOG_DIR: `cuda-tests.log` (pytest's output, run with -s), `bench-h4096.json` and
 `bench-h7168.json` (`python -m overlap bench --device cuda --comm-ratio 1 --json`), `window.json`
-(the window-transport run) and `kernels-cuda.log` (`bench/bench_kernels.py --device cuda`). A
+(the window-transport run), `kernels-cuda.log` (`bench/bench_kernels.py --device cuda`) and
+`experts-graph-cuda.json` (`bench/bench_experts.py --cuda-graph`, the CUDA-graphs trial). A
 missing file makes its figure PENDING, never PASS. Exit status 0 when every figure passed.
 """
 
@@ -139,6 +140,45 @@ def kernels(log: str | None) -> tuple[str, str]:
     return (PASS if ok else FAIL), text
 
 
+def device_link(log: str | None) -> tuple[str, str]:
+    """The emulated link on cuda holds the transport's stream, not the host: the test passed and
+    printed each rank's host and device times (gloo-staged and the CUDA window)."""
+    if log is None:
+        return PENDING, "no cuda-tests.log"
+    name = "test_the_emulated_link_holds_the_transport_stream_not_the_host"
+    times = re.findall(r"rank \d \((\S+)\): host ([\d.]+) ms, device ([\d.]+) ms", log)
+    failed = re.findall(rf"FAILED \S*{name}\S*", log)
+    if failed:
+        return FAIL, ", ".join(failed)
+    if not times:
+        return FAIL, f"no times printed by {name} (not run, or run without -s?)"
+    return PASS, "; ".join(f"{kind}: host {host} ms, device {dev} ms" for kind, host, dev in times)
+
+
+def cuda_graphs(result: dict | None) -> tuple[str, str]:
+    """The CUDA-graphs trial of a microbatch's routed experts: ran, and the replay bit-equal to the
+    eager calls (PASS says the measurement stands; whether graphs win is the ratio in the text)."""
+    if result is None:
+        return PENDING, "no experts-graph-cuda.json"
+    if "eager_over_graph" not in result:
+        return FAIL, "no CUDA-graph timing in the result"
+    ratio = float(result["eager_over_graph"])
+    verdict = "graphs win" if ratio > 1.05 else "graphs do not win"
+    text = f"eager / graph replay {ratio:.2f}x ({verdict}); bit-equal: {result.get('graph_bit_equal')}"
+    return (PASS if result.get("graph_bit_equal") else FAIL), text
+
+
+def _object(path: str) -> dict | None:
+    text = _read(path)
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def figures(log_dir: str) -> list[tuple[str, str, str]]:
     tests = _read(os.path.join(log_dir, "cuda-tests.log"))
     return [
@@ -149,6 +189,8 @@ def figures(log_dir: str) -> list[tuple[str, str, str]]:
         ("launches / host syncs", *device_calls(_rows(os.path.join(log_dir, "bench-h4096.json")))),
         ("window transport, T4096 H7168 E64 K8", *window(_rows(os.path.join(log_dir, "window.json")))),
         ("layout <= 50 us, kernels >= 60 % copy_", *kernels(_read(os.path.join(log_dir, "kernels-cuda.log")))),
+        ("emulated link holds the stream, not host", *device_link(tests)),
+        ("CUDA graphs trial, 256 rows", *cuda_graphs(_object(os.path.join(log_dir, "experts-graph-cuda.json")))),
     ]
 
 

@@ -47,14 +47,19 @@ def test_everything_met(tmp_path):
     tests = "0 host syncs per overlapped forward (m=1, quant_mode=0)\n" + "".join(
         f"0 host syncs per overlapped forward (m={m}, quant_mode={q})\n" for m in (1, 2, 4) for q in (0, 2)
     )
-    (tmp_path / "cuda-tests.log").write_text(tests + "===== 21 passed, 0 skipped in 100.0s =====\n")
+    link = "rank 0 (gloo-staged): host 12.0 ms, device 305.1 ms\nrank 1 (window): host 3.0 ms, device 301.0 ms\n"
+    (tmp_path / "cuda-tests.log").write_text(tests + link + "===== 21 passed, 0 skipped in 100.0s =====\n")
+    (tmp_path / "experts-graph-cuda.json").write_text(json.dumps({"eager_over_graph": 1.4, "graph_bit_equal": True}))
     for h in (4096, 7168):
         rows = [_row(1, 1.1, 0.5, h), _row(2, 1.7, 0.93, h), _row(4, 1.8, 0.95, h)]
         (tmp_path / f"bench-h{h}.json").write_text(json.dumps(rows))
     (tmp_path / "window.json").write_text(json.dumps([_row(2, 1.2, 0.6, 7168)]))
     (tmp_path / "kernels-cuda.log").write_text(KERNELS.format(pct=70))
     result = figs.figures(str(tmp_path))
-    assert [s for _, s, _ in result] == ["PASS"] * len(result) and len(result) == 7, result
+    assert [s for _, s, _ in result] == ["PASS"] * len(result) and len(result) == 9, result
+    text = {name: t for name, _, t in result}
+    assert "graphs win" in text["CUDA graphs trial, 256 rows"] and "1.40x" in text["CUDA graphs trial, 256 rows"]
+    assert "window: host 3.0 ms, device 301.0 ms" in text["emulated link holds the stream, not host"]
     assert figs.main([str(tmp_path)]) == 0
 
 
@@ -81,7 +86,16 @@ def test_missing_logs_are_pending_and_failures_are_read(tmp_path):
     assert status["comm = compute, H 4096"] == "PENDING"
     assert status["window transport, T4096 H7168 E64 K8"] == "PENDING"
     assert status["layout <= 50 us, kernels >= 60 % copy_"] == "FAIL"
+    assert status["emulated link holds the stream, not host"] == "FAIL"  # its times were never printed
+    assert status["CUDA graphs trial, 256 rows"] == "PENDING"
     assert figs.main([str(tmp_path)]) == 1
+
+
+def test_the_cuda_graphs_trial_fails_where_the_replay_differs_and_says_when_graphs_lose():
+    assert figs.cuda_graphs({"eager_over_graph": 1.5, "graph_bit_equal": False})[0] == figs.FAIL
+    status, text = figs.cuda_graphs({"eager_over_graph": 0.97, "graph_bit_equal": True})
+    assert status == figs.PASS and "graphs do not win" in text
+    assert figs.cuda_graphs({"grouped_mm": {}})[0] == figs.FAIL
 
 
 def test_launches_and_host_syncs_per_forward_are_read_from_the_bench_rows():
