@@ -214,7 +214,9 @@ class RankPool:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
-                p.join(timeout=5)
+                # SIGKILL cannot be refused, but a loaded machine took over 5 s to reap a rank
+                # killed while it was still starting (a suite run beside two CPU burners)
+                p.join(timeout=60)
         self._procs = []
         # gloo's FileStore leaves its rendezvous file behind when ranks are stopped mid-way.
         init_file: str | None = getattr(self, "_init_file", None)
