@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+from typing import Any
 
 PASS, FAIL, PENDING = "PASS", "FAIL", "PENDING"
 
@@ -27,15 +28,21 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _rows(path: str) -> list[dict] | None:
+def _json(path: str, kind: type) -> Any:
+    """The JSON document at `path` if it is a `kind` (list or dict), else None (missing, unreadable
+    or another shape)."""
     text = _read(path)
     if text is None:
         return None
     try:
-        rows = json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
         return None
-    return rows if isinstance(rows, list) else None
+    return value if isinstance(value, kind) else None
+
+
+def _rows(path: str) -> list[dict] | None:
+    return _json(path, list)
 
 
 def cuda_tests(log: str | None) -> tuple[str, str]:
@@ -168,17 +175,6 @@ def cuda_graphs(result: dict | None) -> tuple[str, str]:
     return (PASS if result.get("graph_bit_equal") else FAIL), text
 
 
-def _object(path: str) -> dict | None:
-    text = _read(path)
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def figures(log_dir: str) -> list[tuple[str, str, str]]:
     tests = _read(os.path.join(log_dir, "cuda-tests.log"))
     return [
@@ -190,7 +186,7 @@ def figures(log_dir: str) -> list[tuple[str, str, str]]:
         ("window transport, T4096 H7168 E64 K8", *window(_rows(os.path.join(log_dir, "window.json")))),
         ("layout <= 50 us, kernels >= 60 % copy_", *kernels(_read(os.path.join(log_dir, "kernels-cuda.log")))),
         ("emulated link holds the stream, not host", *device_link(tests)),
-        ("CUDA graphs trial, 256 rows", *cuda_graphs(_object(os.path.join(log_dir, "experts-graph-cuda.json")))),
+        ("CUDA graphs trial, 256 rows", *cuda_graphs(_json(os.path.join(log_dir, "experts-graph-cuda.json"), dict))),
     ]
 
 

@@ -62,6 +62,8 @@ class _Waiters:
     gloo waits on one op per call, a wait cannot be cut short, and a wait that times out closes every
     connection of the group: so a lane waits on all the ops of an exchange at once, each for the
     whole time left. Threads are made as needed (never fewer than the ops being waited on) and kept.
+    Not a `ThreadPoolExecutor`: its threads are joined at interpreter exit, so a wait left pending
+    on a dead or silent peer would hold the process's exit for the rest of the timeout.
     """
 
     def __init__(self, name: str) -> None:
